@@ -1,0 +1,5 @@
+import sys
+
+from perflow.cli import main
+
+sys.exit(main())
