@@ -79,7 +79,8 @@ def window_bounds(t: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tens
     """Start and end ``(t_s, t_e)`` of the window holding each ``t`` (same shape and dtype as ``t``)."""
     j = window_index(t, boundaries)
     b = boundaries.to(device=t.device, dtype=t.dtype if t.is_floating_point() else torch.float64)
-    return b[j], b[j + 1]
+    # torch.take, not b[j]: indexing with a 0-d tensor would convert it to a Python int (a host sync)
+    return torch.take(b, j), torch.take(b, j + 1)
 
 
 def timestep_index(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
@@ -91,7 +92,7 @@ def timestep_index(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
 def abar_at(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """``abar(t) = abar[i(t)]``, gathered on ``t``'s device in ``alphas_cumprod``'s dtype."""
     ac = alphas_cumprod.to(t.device)
-    return ac[timestep_index(t, ac.numel())]
+    return torch.take(ac, timestep_index(t, ac.numel()))  # not ac[i]: see window_bounds
 
 
 def window_coefficients(

@@ -1,0 +1,170 @@
+"""``perflow delta``: extract, merge, export as LoRA, inspect a plug-and-play PeRFlow delta."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "delta",
+        help="plug-and-play deltas: extract, merge, to-lora, info",
+        description="delta = student - teacher: extract it, merge it into other models of the same base, "
+        "export it as a LoRA.",
+    )
+    sub = p.add_subparsers(dest="delta_command", metavar="ACTION", required=True)
+
+    e = sub.add_parser("extract", help="delta = student - teacher (fp32) with metadata, as .safetensors")
+    e.add_argument("--student", required=True, help="student: diffusers UNet folder, pipeline or teacher folder")
+    e.add_argument("--teacher", required=True, help="teacher the student was trained from (same layouts)")
+    e.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    e.add_argument("--num-time-windows", type=int, help="K (only if the student has no PeRFlow scheduler/)")
+    e.add_argument("--prediction-type", choices=("diff_eps", "ddim_eps", "velocity"),
+                   help="the student's parameterization (only if the student has no PeRFlow scheduler/)")
+    e.add_argument("--window-boundaries", type=_floats, help="explicit boundaries, e.g. 1,0.6,0.3,0")
+    e.add_argument("--cfg-mode", choices=("sync", "fixed"), help="how the teacher was guided in training")
+    e.add_argument("--base-name", help="name of the base model to record (default: the teacher path)")
+    e.add_argument("--float64", action="store_true",
+                   help="store the exact fp64 difference (2x size; merging into the teacher is then bit-exact)")
+    e.set_defaults(func=_extract)
+
+    m = sub.add_parser("merge", help="add scale * delta to a UNet folder, pipeline folder or single-file checkpoint")
+    m.add_argument("--delta", required=True, help="delta .safetensors or released delta folder")
+    m.add_argument("--into", required=True, help="diffusers UNet folder, pipeline folder or single-file .safetensors")
+    m.add_argument("-o", "--output", required=True, help="output folder (or .safetensors for a single file)")
+    m.add_argument("--scale", type=float, default=1.0, help="multiplier of the delta (default 1.0)")
+    m.add_argument("--allow-partial", action="store_true",
+                   help="skip delta keys the model lacks or whose shapes differ (listed) instead of refusing")
+    m.add_argument("--extra", action="append", default=[],
+                   help="another delta file to add as well (e.g. the non-LoRA rest of a LoRA export)")
+    m.add_argument("--unet-config", help="UNet folder or config.json, for a single file when the delta has none")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    m.set_defaults(func=_merge)
+
+    lo = sub.add_parser("to-lora", help="low-rank (SVD) LoRA export loadable by pipe.load_lora_weights")
+    lo.add_argument("--delta", required=True, help="delta .safetensors or released delta folder")
+    lo.add_argument("--rank", type=int, required=True, help="LoRA rank r")
+    lo.add_argument("-o", "--output", required=True, help="output LoRA .safetensors")
+    lo.add_argument("--rest", help="where to store the tensors a LoRA cannot carry (default: OUTPUT with .rest)")
+    lo.add_argument("--no-rest", action="store_true", help="drop them (their share of the norm is printed)")
+    lo.add_argument("--report-ranks", type=_ints, default=None, help="ranks for the error table (default: 1,4,16,64,r)")
+    lo.add_argument("--per-layer", action="store_true", help="print the error of every layer, not only the totals")
+    lo.set_defaults(func=_to_lora)
+
+    i = sub.add_parser("info", help="print a delta's metadata and size")
+    i.add_argument("delta", help="delta .safetensors or released delta folder")
+    i.set_defaults(func=_info)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _extract(args) -> int:
+    import torch
+
+    from perflow.checkpoint_formats import extract_from_folders
+
+    delta, meta = extract_from_folders(
+        args.student, args.teacher, args.output,
+        num_time_windows=args.num_time_windows, prediction_type=args.prediction_type,
+        window_boundaries=args.window_boundaries, cfg_mode=args.cfg_mode, base_name=args.base_name,
+        dtype=torch.float64 if args.float64 else torch.float32,
+    )
+    norm = sum(float(v.double().pow(2).sum()) for v in delta.values()) ** 0.5
+    print(f"wrote {args.output}: {len(delta)} tensors, ||delta|| = {norm:.6g}, K = {meta.get('num_time_windows')}, "
+          f"prediction_type = {meta.get('prediction_type')}")
+    return 0
+
+
+def _merge(args) -> int:
+    from perflow.checkpoint_formats import merge_into_path
+    from perflow.delta import load_delta
+
+    delta, meta = load_delta(args.delta)
+    for extra in args.extra:
+        more, _ = load_delta(extra)
+        clash = sorted(set(more) & set(delta))
+        if clash:
+            raise ValueError(f"--extra {extra} repeats keys of the delta: {clash[:5]}")
+        delta.update(more)
+    report = merge_into_path(args.into, delta, args.output, args.scale, metadata=meta,
+                             strict=not args.allow_partial, unet_config=args.unet_config, overwrite=args.overwrite)
+    print(f"merged {report.merged} tensors (scale {args.scale}) into {args.into} -> {args.output}")
+    if report.skipped:
+        print("SKIPPED (--allow-partial): " + report.skipped.describe("delta", "model"))
+    if report.untouched_addons:
+        print(f"left {len(report.untouched_addons)} adapter tensors unchanged")
+    if report.uncovered:
+        print(f"the delta is partial by design; {len(report.uncovered)} model tensors not in it were left unchanged")
+    return 0
+
+
+def _to_lora(args) -> int:
+    from pathlib import Path
+
+    from perflow.delta import load_delta, save_delta
+    from perflow.lora import delta_to_lora, error_table, save_lora
+
+    delta, meta = load_delta(args.delta)
+    model = _skeleton(meta)
+    if model is None:
+        print("note: no UNet config in the delta's metadata; LoRA targets guessed from tensor shapes (2-D, 4-D)")
+    export = delta_to_lora(delta, args.rank, model=model)
+    ranks = args.report_ranks or sorted({1, 4, 16, 64, args.rank})
+    print(error_table(export, ranks, per_layer=args.per_layer))
+    print(f"{len(export.ranks)} linear/conv weights as LoRA; {len(export.rest)} other tensors (biases, norms, ...) "
+          f"hold {100 * export.rest_share:.2f}% of ||delta||")
+    lora_meta = {k: meta[k] for k in ("base_model", "num_time_windows", "prediction_type", "window_boundaries",
+                                      "scheduler_config", "cfg_mode") if k in meta}
+    save_lora(export, args.output, lora_meta)
+    print(f"wrote {args.output} (rank {args.rank}; load with pipe.load_lora_weights)")
+    if args.no_rest:
+        print(f"dropped the non-LoRA tensors (--no-rest): {100 * export.rest_share:.2f}% of ||delta|| is lost")
+    elif export.rest:
+        out = Path(args.output)
+        rest_path = Path(args.rest) if args.rest else out.with_name(out.stem + ".rest.safetensors")
+        save_delta(export.rest, rest_path, {**lora_meta, "part": "non-LoRA rest of a LoRA export", "partial": True})
+        print(f"wrote {rest_path} (merge it with merge_delta or `perflow delta merge --delta {rest_path}`)")
+    return 0
+
+
+def _skeleton(meta: dict):
+    """The teacher's UNet built on the meta device from the recorded config (module types only), or None."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    base = meta.get("base_model") or {}
+    config = base.get("config") if isinstance(base, dict) else None
+    config = config or meta.get("unet_config")
+    cls = getattr(diffusers, (base.get("class") if isinstance(base, dict) else None) or "UNet2DConditionModel", None)
+    if not config or cls is None or not hasattr(cls, "from_config"):
+        return None
+    with init_empty_weights():
+        return cls.from_config(config)
+
+
+def _info(args) -> int:
+    from perflow.delta import load_delta
+
+    delta, meta = load_delta(args.delta)
+    norm = sum(float(v.double().pow(2).sum()) for v in delta.values()) ** 0.5
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in delta.values()})
+    print(f"{len(delta)} tensors ({', '.join(dtypes)}), {sum(v.numel() for v in delta.values())} values, "
+          f"||delta|| = {norm:.6g}")
+    shown = {k: v for k, v in meta.items() if k not in ("unet_config",)}
+    if isinstance(shown.get("base_model"), dict):
+        shown["base_model"] = {k: v for k, v in shown["base_model"].items() if k != "config"}
+    print(json.dumps(shown, indent=2, sort_keys=True, default=str))
+    return 0

@@ -1,0 +1,549 @@
+"""The plug-and-play accelerator: ``delta = student - teacher`` (``METHOD.md`` section 5).
+
+The student starts as a copy of the teacher; after training
+
+    delta[name] = student[name] - teacher[name]        (fp32, tensor by tensor, whole denoiser)
+
+and adding ``scale * delta`` to another model of the same architecture and
+lineage (a fine-tune, the UNet of a ControlNet or IP-Adapter pipeline) makes it
+a few-step PeRFlow model, sampled with the PeRFlow scheduler of the same ``K``
+and prediction type:
+
+    merged[name] = cast_to_model_dtype(fp32(target[name]) + scale * delta[name])
+
+Files are safetensors; the header metadata records what the delta was learned
+on (a fingerprint of the teacher's config, key set and weights), ``K``, the
+prediction type, the CFG mode and the PeRFlow scheduler config, each value a
+JSON-encoded string. :func:`load_delta` also reads the released SD1.5 format (a
+diffusers UNet folder whose weights are the deltas).
+
+Bit-exactness: merging an fp32 delta into the teacher reproduces the student
+exactly when ``student - teacher`` is exact in fp32, which holds for every
+weight with ``teacher/2 <= student <= 2 teacher`` (Sterbenz), and in general
+whenever any fp32 delta can (the rounded difference is the fp32 number nearest the
+exact one). The few weights left (one that shrinks towards zero or changes sign,
+so ``|delta| > |student|`` and ``teacher + delta`` lies on a coarser grid than
+``student``) come back within half an ulp of the delta. An fp64 delta
+(``dtype=torch.float64``) is exact for every weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+from torch import nn
+
+FORMAT = "perflow.delta.v1"
+StateDict = Mapping[str, torch.Tensor]
+ModelLike = Union[nn.Module, StateDict]
+
+# Keys that adapters add on top of a base UNet (IP-Adapter processors and projection,
+# unfused peft LoRA layers): the delta leaves them alone instead of calling them "extra".
+_ADDON_PATTERNS = (
+    re.compile(r"(^|\.)processor\."),
+    re.compile(r"^encoder_hid_proj\."),
+    re.compile(r"\.lora_(A|B|magnitude_vector|embedding_A|embedding_B)\."),
+)
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "_diffusers_version", "_use_default_values", "_commit_hash"}
+_MAX_LISTED = 12
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+
+def _denoiser(model: Any) -> Any:
+    """The denoiser of ``model``: a pipeline's ``unet`` (or ``transformer``), else ``model`` itself."""
+    if isinstance(model, Mapping) or isinstance(model, nn.Module):
+        return model
+    for name in ("unet", "transformer"):
+        sub = getattr(model, name, None)
+        if isinstance(sub, nn.Module):
+            return sub
+    raise TypeError(
+        f"expected an nn.Module, a state dict or a diffusers pipeline with a UNet, got {type(model).__name__}"
+    )
+
+
+def state_dict_of(model: Any) -> dict[str, torch.Tensor]:
+    """The denoiser's tensors by name (a module's ``state_dict()``, a mapping as is)."""
+    model = _denoiser(model)
+    if isinstance(model, nn.Module):
+        return dict(model.state_dict())
+    bad = [k for k, v in model.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"state dict values must be tensors; not tensors: {_listing(bad)}")
+    return dict(model)
+
+
+def _listing(keys: list[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return f"{shown} ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else shown
+
+
+def _is_addon(key: str) -> bool:
+    return any(p.search(key) for p in _ADDON_PATTERNS)
+
+
+def _base_key(key: str) -> str:
+    """``a.to_q.base_layer.weight -> a.to_q.weight`` (a peft-wrapped layer's base weight)."""
+    return key.replace(".base_layer.", ".")
+
+
+@dataclass
+class KeyReport:
+    """How two key sets compare: keys only in the delta, only in the model, and shape mismatches."""
+
+    missing: list[str] = field(default_factory=list)  # in the delta/student, not in the model/teacher
+    extra: list[str] = field(default_factory=list)  # in the model/teacher, not in the delta/student
+    shape: list[str] = field(default_factory=list)  # "key: (a, b) vs (c, d)"
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.extra or self.shape)
+
+    def describe(self, left: str, right: str) -> str:
+        lines = []
+        if self.missing:
+            lines.append(f"{len(self.missing)} key(s) in the {left} but not in the {right}: {_listing(self.missing)}")
+        if self.extra:
+            lines.append(f"{len(self.extra)} key(s) in the {right} but not in the {left}: {_listing(self.extra)}")
+        if self.shape:
+            lines.append(f"{len(self.shape)} shape mismatch(es): {_listing(self.shape)}")
+        return "; ".join(lines)
+
+
+def compare_keys(left: StateDict, right: StateDict) -> KeyReport:
+    """Keys of ``left`` missing from ``right``, keys of ``right`` missing from ``left``, shape mismatches."""
+    report = KeyReport(
+        missing=[k for k in left if k not in right],
+        extra=[k for k in right if k not in left],
+    )
+    for k in left:
+        if k in right and tuple(left[k].shape) != tuple(right[k].shape):
+            report.shape.append(f"{k}: {tuple(left[k].shape)} vs {tuple(right[k].shape)}")
+    return report
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def extract_delta(student: Any, teacher: Any, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """``delta[name] = student[name] - teacher[name]`` in fp32 over every floating-point tensor.
+
+    ``student`` and ``teacher`` are modules, state dicts or pipelines (their ``unet``).
+    Key sets and shapes must match exactly; otherwise a ``ValueError`` lists the
+    missing and extra keys and the shape mismatches. Integer buffers must be equal
+    and are left out. ``fl32(student - teacher)`` is the fp32 number nearest the
+    exact difference, so whenever some fp32 delta reproduces a student weight under
+    ``teacher + delta``, this one does (see the module docstring).
+    ``dtype=torch.float64`` stores the exact difference of fp32 weights (twice the
+    size): merging it into the teacher then returns the fp32 student bit for bit.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"a delta is stored in float32 or float64, got {dtype}")
+    s_sd, t_sd = state_dict_of(student), state_dict_of(teacher)
+    report = compare_keys(s_sd, t_sd)
+    if report:
+        raise ValueError(
+            "student and teacher do not share an architecture: "
+            + report.describe("student", "teacher")
+            + ". The student must be a trained copy of the teacher (same class and config)."
+        )
+    delta: dict[str, torch.Tensor] = {}
+    for name, s in s_sd.items():
+        t = t_sd[name]
+        if not s.is_floating_point():
+            if not torch.equal(s, t.to(s.device)):
+                raise ValueError(f"non-floating tensor {name!r} differs between student and teacher")
+            continue
+        delta[name] = s.detach().cpu().to(dtype) - t.detach().cpu().to(dtype)
+    return delta
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """SHA-256 (16 hex digits) of a diffusers model config, ignoring paths and library versions."""
+    clean = {k: v for k, v in dict(config).items() if k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps(clean, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def keys_fingerprint(sd: StateDict) -> str:
+    """SHA-256 (16 hex digits) of the sorted ``name:shape`` list: the architecture as the weights see it."""
+    blob = "\n".join(f"{k}:{tuple(sd[k].shape)}" for k in sorted(sd)).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def weights_sha256(sd: StateDict) -> str:
+    """SHA-256 (16 hex digits) over names, dtypes, shapes and bytes of every tensor, in sorted name order."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        v = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def base_model_info(teacher: Any, name: str | None = None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Identity of the teacher for the delta's metadata.
+
+    ``{"name", "class", "config_fingerprint", "config", "keys_fingerprint", "weights_sha256"}``;
+    ``teacher`` is a module, pipeline or state dict (then pass its ``config`` if known).
+    """
+    model = _denoiser(teacher)
+    sd = state_dict_of(model)
+    info: dict[str, Any] = {"keys_fingerprint": keys_fingerprint(sd), "weights_sha256": weights_sha256(sd)}
+    if config is None and isinstance(model, nn.Module):
+        config = getattr(model, "config", None)
+    if config is not None:
+        config = dict(config)
+        info["class"] = config.get("_class_name") or type(model).__name__
+        info["config_fingerprint"] = config_fingerprint(config)
+        info["config"] = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+        name = name or config.get("_name_or_path")
+    if name:
+        info["name"] = str(name)
+    return info
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """safetensors metadata must be ``str -> str``: every value is JSON-encoded."""
+    return {str(k): json.dumps(v, sort_keys=True, default=str) for k, v in (metadata or {}).items()}
+
+
+def decode_metadata(raw: Mapping[str, str] | None) -> dict[str, Any]:
+    """Inverse of :func:`encode_metadata`; a value that is not JSON is kept as the string it is."""
+    out: dict[str, Any] = {}
+    for k, v in (raw or {}).items():
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out
+
+
+def save_delta(delta: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``delta`` (fp32) to a ``.safetensors`` file atomically, metadata values JSON-encoded.
+
+    Recommended metadata keys: ``base_model`` (see :func:`base_model_info`),
+    ``num_time_windows``, ``prediction_type``, ``cfg_mode``, ``window_boundaries``,
+    ``scheduler_config`` (the ``PeRFlowScheduler`` config dict); ``format`` and
+    ``perflow_version`` are filled in.
+    """
+    from perflow import __version__
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"a delta is written as safetensors: give a path ending in .safetensors, got {str(path)!r}")
+    bad = [k for k, v in delta.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point()]
+    if bad:
+        raise ValueError(f"delta values must be floating-point tensors; offending keys: {_listing(bad)}")
+    meta = {"format": FORMAT, "perflow_version": __version__}
+    meta.update(metadata or {})
+    keep = (torch.float32, torch.float64)
+    tensors = {k: v if v.dtype in keep else v.float() for k, v in delta.items()}
+    _atomic_save_safetensors(tensors, path, encode_metadata(meta))
+    return path
+
+
+def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a delta and its metadata.
+
+    Accepts a ``.safetensors`` file written by :func:`save_delta` (or any
+    safetensors file of deltas), or a released-format folder: a diffusers UNet
+    folder whose weights are the deltas (``config.json`` +
+    ``diffusion_pytorch_model.safetensors``), or a folder holding such a
+    ``unet/``. For folders the metadata holds ``format``, the UNet ``config`` and,
+    when a ``scheduler/`` folder is present, its config as ``scheduler_config``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no delta at {str(path)!r}")
+    if path.is_dir():
+        return _load_delta_folder(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file; perflow never unpickles weights. "
+            "Convert it to .safetensors first (e.g. with safetensors.torch.save_file after a weights_only load)."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata()
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    return tensors, decode_metadata(raw)
+
+
+def _load_delta_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    root = path
+    if not (path / "config.json").is_file() and (path / "unet").is_dir():
+        path = path / "unet"
+    weights = sorted(path.glob("diffusion_pytorch_model*.safetensors"))
+    if not (path / "config.json").is_file() or not weights:
+        bins = list(path.glob("*.bin"))
+        hint = " (only pickled .bin weights found; perflow never unpickles: convert them to safetensors)" if bins else ""
+        raise ValueError(
+            f"{str(root)!r} is not a released delta folder: expected config.json and "
+            f"diffusion_pytorch_model.safetensors in it or in its unet/ subfolder{hint}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for w in weights:  # sharded or not
+        tensors.update(load_file(str(w)))
+    meta: dict[str, Any] = {"format": "diffusers_unet_delta", "source": str(root)}
+    meta["unet_config"] = json.loads((path / "config.json").read_text())
+    for sched_dir in (root / "scheduler", path.parent / "scheduler"):
+        cfg = sched_dir / "scheduler_config.json"
+        if cfg.is_file():
+            meta.update(_scheduler_metadata(json.loads(cfg.read_text())))
+            break
+    return tensors, meta
+
+
+def _scheduler_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Delta metadata (``scheduler_config``, ``num_time_windows``, ``prediction_type``, ...) from a scheduler config."""
+    meta: dict[str, Any] = {"scheduler_config": dict(config)}
+    if "PeRFlow" in str(config.get("_class_name", "")):
+        for key in ("num_time_windows", "prediction_type", "window_boundaries"):
+            if config.get(key) is not None:
+                meta[key] = config[key]
+    return meta
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: tensors changed, delta keys skipped (``strict=False`` only), model keys left alone."""
+
+    merged: int = 0
+    skipped: KeyReport = field(default_factory=KeyReport)
+    untouched_addons: list[str] = field(default_factory=list)
+    uncovered: list[str] = field(default_factory=list)  # model keys a partial delta leaves alone
+
+
+def plan_merge(
+    model_sd: StateDict, delta: StateDict, partial: bool = False
+) -> tuple[dict[str, str], KeyReport, list[str], list[str]]:
+    """Match delta keys to model keys.
+
+    Returns ``(mapping delta key -> model key, problems, add-on keys, uncovered keys)``.
+    A model tensor the delta does not cover is a problem ("extra") unless the delta is
+    ``partial`` by design (the non-LoRA rest of a LoRA export), then it is listed as
+    uncovered. Model keys of
+    adapters (IP-Adapter processors, ``encoder_hid_proj``, unfused LoRA layers) are
+    add-ons the delta does not touch; a peft-wrapped ``x.base_layer.weight`` takes
+    the delta of ``x.weight``.
+    """
+    by_base: dict[str, str] = {}
+    addons: list[str] = []
+    for k in model_sd:
+        if _is_addon(k):
+            addons.append(k)
+        else:
+            by_base[_base_key(k)] = k
+    mapping: dict[str, str] = {}
+    report = KeyReport()
+    for k, d in delta.items():
+        mk = by_base.get(k)
+        if mk is None:
+            report.missing.append(k)
+        elif tuple(model_sd[mk].shape) != tuple(d.shape):
+            report.shape.append(f"{k}: delta {tuple(d.shape)} vs model {tuple(model_sd[mk].shape)}")
+        else:
+            mapping[k] = mk
+    covered = {by_base[k] for k in delta if k in by_base}
+    uncovered = [
+        mk for mk, v in model_sd.items() if mk not in covered and mk not in addons and v.is_floating_point()
+    ]
+    if not partial:
+        report.extra, uncovered = uncovered, []
+    return mapping, report, addons, uncovered
+
+
+def _check_plan(report: KeyReport, strict: bool) -> None:
+    if report and strict:
+        raise ValueError(
+            "the delta does not fit this model: "
+            + report.describe("delta", "model")
+            + ". Apply it to a model of the architecture it was extracted from; "
+            "to skip the mismatched tensors on purpose pass strict=False (CLI: --allow-partial)."
+        )
+    if report:
+        warnings.warn("partial merge (strict=False), skipped: " + report.describe("delta", "model"), stacklevel=3)
+
+
+def merge_state_dict(
+    model_sd: StateDict, delta: StateDict, scale: float = 1.0, strict: bool = True, partial: bool = False
+) -> tuple[dict[str, torch.Tensor], MergeReport]:
+    """``merged = cast(fp32(model) + scale * delta)`` for every matched tensor; others copied unchanged."""
+    mapping, report, addons, uncovered = plan_merge(model_sd, delta, partial)
+    _check_plan(report, strict)
+    out = dict(model_sd)
+    for dk, mk in mapping.items():
+        w = model_sd[mk]
+        out[mk] = _add(w, delta[dk], scale)
+    return out, MergeReport(len(mapping), report, addons, uncovered)
+
+
+def _add(w: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
+    """``cast(w + scale d)`` computed in fp32, or in fp64 for an fp64 delta."""
+    acc = torch.promote_types(torch.float32, d.dtype)
+    d_ = d.to(device=w.device, dtype=acc)
+    merged = w.to(acc) + d_ if scale == 1.0 else w.to(acc) + scale * d_
+    return merged.to(w.dtype)
+
+
+def merge_into_module(
+    module: nn.Module, delta: StateDict, scale: float = 1.0, strict: bool = True, partial: bool = False
+) -> MergeReport:
+    """Add ``scale * delta`` to ``module``'s parameters and buffers in place (fp32 sum, cast back)."""
+    sd = module.state_dict(keep_vars=True)
+    mapping, report, addons, uncovered = plan_merge(sd, delta, partial)
+    _check_plan(report, strict)
+    with torch.no_grad():
+        for dk, mk in mapping.items():
+            p = sd[mk]
+            p.copy_(_add(p.detach(), delta[dk], scale))
+    return MergeReport(len(mapping), report, addons, uncovered)
+
+
+def merge_delta(
+    target: Any,
+    delta: Mapping[str, torch.Tensor] | str | os.PathLike,
+    scale: float = 1.0,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    strict: bool = True,
+    set_scheduler: bool = True,
+) -> Any:
+    """Make ``target`` a PeRFlow model: ``target[name] += scale * delta[name]`` (fp32 sum, model dtype kept).
+
+    ``target`` is a module (changed in place and returned), a state dict (a new
+    merged dict is returned) or a diffusers pipeline: the delta goes into
+    ``pipe.unet`` only (a ControlNet or IP-Adapter stays as it is) and, with
+    ``set_scheduler``, ``pipe.scheduler`` becomes a ``PeRFlowScheduler`` built from
+    the delta's metadata. ``delta`` is a tensor dict or a path for :func:`load_delta`
+    (whose metadata is then used). ``strict=False`` skips mismatched keys with a
+    warning listing them; the default refuses any mismatch. A delta whose metadata
+    says ``"partial": true`` (the non-LoRA rest of a LoRA export) may leave model
+    tensors uncovered.
+    """
+    if isinstance(delta, (str, os.PathLike)):
+        delta, file_meta = load_delta(delta)
+        metadata = {**file_meta, **(metadata or {})}
+    metadata = dict(metadata or {})
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a number, got {scale!r}")
+    partial = bool(metadata.get("partial", False))
+    if isinstance(target, Mapping):
+        merged, _ = merge_state_dict(target, delta, scale, strict, partial)
+        return merged
+    module = _denoiser(target)
+    _check_base(module, metadata)
+    merge_into_module(module, delta, scale, strict, partial)
+    if module is not target and set_scheduler:
+        target.scheduler = perflow_scheduler_from_metadata(metadata, base_config=dict(target.scheduler.config))
+    return target
+
+
+def _check_base(module: nn.Module, metadata: Mapping[str, Any]) -> None:
+    """Warn when the model's config differs from the teacher's recorded config in any field."""
+    base = metadata.get("base_model") or {}
+    recorded = base.get("config") if isinstance(base, Mapping) else None
+    config = getattr(module, "config", None)
+    if not recorded or config is None:
+        return
+    ours = {k: v for k, v in dict(config).items() if k not in _VOLATILE_CONFIG_KEYS}
+    diff = [k for k in set(recorded) | set(ours) if json.dumps(recorded.get(k), default=str) != json.dumps(ours.get(k), default=str)]
+    if diff:
+        warnings.warn(
+            f"the model's config differs from the delta's teacher in {sorted(diff)}; "
+            "the delta is meant for models of the same architecture and lineage",
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+
+SD15_RELEASE_DEFAULTS = {"num_time_windows": 4, "prediction_type": "diff_eps"}
+
+
+def perflow_scheduler_from_metadata(metadata: Mapping[str, Any], base_config: Mapping[str, Any] | None = None):
+    """A ``PeRFlowScheduler`` for a merged model.
+
+    Uses the delta's ``scheduler_config`` when it is a PeRFlow config; else the
+    beta schedule of ``base_config`` (the pipeline's current scheduler) with the
+    metadata's ``num_time_windows`` / ``prediction_type`` / ``window_boundaries``.
+    A delta with neither (the released SD1.5 delta folder) gets the released SD1.5
+    recipe (``K = 4``, ``diff_eps``), with a warning saying so.
+    """
+    from perflow.scheduler import PeRFlowScheduler
+
+    sched = metadata.get("scheduler_config")
+    if isinstance(sched, Mapping) and "PeRFlow" in str(sched.get("_class_name", "")):
+        return PeRFlowScheduler.from_config(dict(sched))
+    keys = ("num_time_windows", "prediction_type", "window_boundaries")
+    settings = {k: metadata[k] for k in keys if metadata.get(k) is not None}
+    if "num_time_windows" not in settings or "prediction_type" not in settings:
+        missing = {k: v for k, v in SD15_RELEASE_DEFAULTS.items() if k not in settings}
+        warnings.warn(
+            f"the delta's metadata does not name its PeRFlow scheduler settings {sorted(missing)}; "
+            f"using the released SD1.5 recipe's {missing}. Pass metadata={{...}} to override.",
+            stacklevel=3,
+        )
+        settings = {**missing, **settings}
+    base = dict(sched if isinstance(sched, Mapping) else base_config or {})
+    beta_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "set_alpha_to_one")
+    config = {k: base[k] for k in beta_keys if k in base}
+    config.update(settings)
+    return PeRFlowScheduler(**config)
+
+
+def load_pipeline(path: str | os.PathLike, **kwargs: Any):
+    """Load a merged or released PeRFlow pipeline folder; see :func:`perflow.checkpoint_formats.load_pipeline`."""
+    from perflow.checkpoint_formats import load_pipeline as _load
+
+    return _load(path, **kwargs)
+
+
+def delta_to_lora(delta: Mapping[str, torch.Tensor], rank: int, model: nn.Module | None = None, progress: bool = True):
+    """Rank-``rank`` LoRA of a delta by truncated SVD; see :func:`perflow.lora.delta_to_lora`."""
+    from perflow.lora import delta_to_lora as _to_lora
+
+    return _to_lora(delta, rank, model=model, progress=progress)

@@ -1,0 +1,211 @@
+"""Adapters that turn a teacher (a UNet plus its conditioning) into the solver's denoiser callable.
+
+:func:`perflow.teacher.solve_window` takes ``denoiser(z, i) -> model_output`` with ``z``
+``(B, ...)`` and ``i`` the teacher's discrete timestep index ``(B,)``. This module builds
+that callable for
+
+- a diffusers UNet under a :class:`Condition` (SD1.5/2.1 text embeddings, SDXL's added
+  text embeds and time ids, a class-conditional teacher's label embedding), with
+  classifier-free guidance ``guided = uncond + w (cond - uncond)`` (``METHOD.md`` section 2):
+
+  - **CFG-sync**: ``w = 1`` on the student's own condition, so a dropped caption means the
+    teacher sees the null condition too;
+  - **CFG-fixed**: ``w = w*`` on ``(condition, null)``; for a sample whose caption was
+    dropped the teacher runs unconditionally (``w`` irrelevant), never the guided target;
+
+- an analytic teacher of Gaussian data ``N(mu, s^2 I)`` whose exact prediction is known in
+  closed form (for tests and examples).
+
+The teacher models themselves (loading from folders, text/label/VAE encoding) live in
+:mod:`perflow.training.teachers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .parameterization import _bcast
+from .teacher import Denoiser
+
+CFG_MODES = ("sync", "fixed")
+
+
+@dataclass
+class Condition:
+    """What a conditional UNet sees besides ``(z, timestep)``; every tensor has batch size ``B`` first.
+
+    ``encoder_hidden_states`` ``(B, L, D)``: text (or label) embeddings. SDXL adds ``text_embeds``
+    ``(B, D2)`` (pooled text embedding) and ``time_ids`` ``(B, 6)`` (original size, crop top-left,
+    target size).
+    """
+
+    encoder_hidden_states: torch.Tensor
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.encoder_hidden_states.shape[0]
+
+    def _tensors(self) -> dict[str, torch.Tensor | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def unet_kwargs(self) -> dict:
+        """Keyword arguments for ``UNet2DConditionModel.forward``."""
+        kwargs: dict = {"encoder_hidden_states": self.encoder_hidden_states}
+        if self.text_embeds is not None or self.time_ids is not None:
+            if self.text_embeds is None or self.time_ids is None:
+                raise ValueError("SDXL conditioning needs both text_embeds and time_ids")
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        return kwargs
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Condition":
+        """Move every tensor; ``dtype`` applies to floating tensors only."""
+        out = {}
+        for name, x in self._tensors().items():
+            if x is not None:
+                x = x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None)
+            out[name] = x
+        return Condition(**out)
+
+    def cat(self, other: "Condition") -> "Condition":
+        """Concatenate along the batch: ``[self; other]``."""
+        out = {}
+        for name, x in self._tensors().items():
+            y = getattr(other, name)
+            if (x is None) != (y is None):
+                raise ValueError(f"cannot concatenate conditions: {name} is missing on one side")
+            out[name] = None if x is None else torch.cat([x, y.to(x.dtype)])
+        return Condition(**out)
+
+    def where(self, mask: torch.Tensor, other: "Condition") -> "Condition":
+        """Row ``b`` from ``other`` where ``mask[b]`` is true, else from ``self``."""
+        out = {}
+        for name, x in self._tensors().items():
+            y = getattr(other, name)
+            if x is None or y is None:
+                out[name] = x if y is None else y
+                continue
+            m = mask.to(x.device).reshape((-1,) + (1,) * (x.dim() - 1))
+            out[name] = torch.where(m, y.to(x.dtype).expand_as(x), x)
+        return Condition(**out)
+
+    def repeat(self, batch_size: int) -> "Condition":
+        """Expand a batch-1 condition (e.g. the null condition) to ``batch_size`` rows."""
+        if len(self) != 1:
+            raise ValueError(f"repeat expects a batch-1 condition, got batch {len(self)}")
+        return Condition(**{n: None if x is None else x.expand(batch_size, *x.shape[1:]) for n, x in self._tensors().items()})
+
+
+def unet_denoiser(
+    unet: torch.nn.Module,
+    cond: Condition,
+    uncond: Condition | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+) -> Denoiser:
+    """``denoiser(z, i)`` for a diffusers UNet, in the UNet's own dtype.
+
+    Without ``uncond`` the output is ``unet(z, i, cond)``. With it, one batched call evaluates
+    ``[cond; uncond]`` and returns ``uncond + w (cond - uncond)``, ``w`` a scalar or per-sample ``(B,)``.
+    """
+    dtype = next(unet.parameters()).dtype
+    device = next(unet.parameters()).device
+    cond = cond.to(device, dtype)
+    both = None
+    if uncond is not None:
+        if len(uncond) != len(cond):
+            raise ValueError(f"uncond has batch {len(uncond)}, cond has {len(cond)}")
+        both = cond.cat(uncond.to(device, dtype)).unet_kwargs()
+    single = cond.unet_kwargs()
+
+    def denoiser(z: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        zin = z.to(device=device, dtype=dtype)
+        if both is None:
+            return unet(zin, i.to(device), **single, return_dict=False)[0]
+        out = unet(torch.cat([zin, zin]), torch.cat([i, i]).to(device), **both, return_dict=False)[0]
+        out_c, out_u = out.float().chunk(2)
+        w = _bcast(torch.as_tensor(guidance_scale, dtype=torch.float32), out_c)
+        return out_u + w * (out_c - out_u)
+
+    return denoiser
+
+
+def guided_teacher_denoiser(
+    unet: torch.nn.Module,
+    cond: Condition,
+    uncond: Condition,
+    dropped: torch.Tensor | None,
+    cfg_mode: str,
+    guidance_scale: float,
+) -> Denoiser:
+    """The teacher's denoiser for a training batch whose student condition is ``cond``.
+
+    ``cond`` is the condition the student sees (captions already dropped to the null condition
+    where ``dropped`` is true); ``uncond`` is the null condition for the same batch (for SDXL it
+    keeps each sample's size time ids).
+
+    - ``sync``: ``w = 1`` on ``cond`` (a dropped caption gives the unconditional teacher).
+    - ``fixed``: ``uncond + w* (cond - uncond)``, except ``w = 0`` (the unconditional teacher)
+      on rows with a dropped caption, so their target matches the student's null input.
+    """
+    if cfg_mode not in CFG_MODES:
+        raise ValueError(f"unknown cfg_mode {cfg_mode!r}; expected one of {CFG_MODES}")
+    if cfg_mode == "sync" or guidance_scale == 1.0:
+        return unet_denoiser(unet, cond)
+    batch = len(cond)
+    w = torch.full((batch,), float(guidance_scale))
+    if dropped is not None:
+        if bool(dropped.all()):
+            return unet_denoiser(unet, uncond)
+        w = torch.where(dropped.cpu(), torch.zeros_like(w), w)
+    return unet_denoiser(unet, cond, uncond, w)
+
+
+def gaussian_denoiser(
+    mu: torch.Tensor | float,
+    s: float,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str = "epsilon",
+) -> Denoiser:
+    """Exact teacher of Gaussian data ``x0 ~ N(mu, s^2 I)`` at the discrete noise levels ``abar[i]``.
+
+    ``eps(z) = sqrt(1 - abar) (z - sqrt(abar) mu) / (abar s^2 + 1 - abar)``; for ``v_prediction``
+    ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` with ``x0 = (z - sqrt(1 - abar) eps) / sqrt(abar)``.
+    Computed in float64, returned in ``z``'s dtype.
+    """
+    ac = alphas_cumprod.to(torch.float64)
+
+    def denoiser(z: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        z64 = z.to(torch.float64)
+        a = _bcast(ac.to(z.device)[i.to(z.device)], z64)
+        m = torch.as_tensor(mu, dtype=torch.float64, device=z.device)
+        eps = (1 - a).sqrt() * (z64 - a.sqrt() * m) / (a * s**2 + 1 - a)
+        if prediction_type == "epsilon":
+            return eps.to(z.dtype)
+        if prediction_type == "v_prediction":
+            x0 = (z64 - (1 - a).sqrt() * eps) / a.sqrt()
+            return (a.sqrt() * eps - (1 - a).sqrt() * x0).to(z.dtype)
+        raise ValueError(f"gaussian_denoiser supports 'epsilon' and 'v_prediction', got {prediction_type!r}")
+
+    return denoiser
+
+
+def gaussian_flow(z: torch.Tensor, abar_a: torch.Tensor, abar_b: torch.Tensor, mu: torch.Tensor | float, s: float) -> torch.Tensor:
+    """Exact probability-flow map of ``N(mu, s^2 I)`` data from noise level ``abar_a`` to ``abar_b``:
+    ``z -> sqrt(abar_b) mu + sqrt((abar_b s^2 + 1 - abar_b) / (abar_a s^2 + 1 - abar_a)) (z - sqrt(abar_a) mu)``."""
+    z64 = z.to(torch.float64)
+    a, b = _bcast(abar_a, z64), _bcast(abar_b, z64)
+    m = torch.as_tensor(mu, dtype=torch.float64, device=z.device)
+    ratio = ((b * s**2 + 1 - b) / (a * s**2 + 1 - a)).sqrt()
+    return b.sqrt() * m + ratio * (z64 - a.sqrt() * m)
+
+
+__all__ = [
+    "CFG_MODES",
+    "Condition",
+    "unet_denoiser",
+    "guided_teacher_denoiser",
+    "gaussian_denoiser",
+    "gaussian_flow",
+]

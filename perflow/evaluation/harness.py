@@ -1,0 +1,273 @@
+"""The comparison harness: several samplers, the same noise and conditions, equal model evaluations.
+
+:func:`compare_samplers` is model-agnostic: it takes :class:`Sampler` objects (a model
+callable plus a scheduler factory), initial noise, a reference sampler (the teacher at
+100+ steps) and metric hooks, and returns one row per (sampler, steps):
+
+- ``fd``: Fréchet distance of the samples' features to the real reference features;
+- ``paired_mse``: mean squared distance to the reference sampler's output from the same noise;
+- ``accuracy``: for class-conditional models, the classifier's agreement with the labels.
+
+:func:`evaluate_digits` specialises it to the built-in digits teacher and classifier.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from . import metrics
+from .samplers import BASELINE_SAMPLERS, ModelFn, baseline_scheduler, sample
+
+DEFAULT_STEPS = (1, 2, 4, 8)
+
+
+@dataclass
+class Sampler:
+    """A named way to sample: ``model_fn(z, timestep) -> output`` stepped by ``make_scheduler()``."""
+
+    name: str
+    model_fn: ModelFn
+    make_scheduler: Callable[[], object]
+    kind: str = "baseline"  # "perflow", "reflow", "baseline" or "reference"
+
+
+@dataclass
+class EvalResult:
+    """Rows of metrics, run metadata, and the first few samples of every run (for pictures)."""
+
+    rows: list[dict]
+    meta: dict
+    previews: dict[str, torch.Tensor] = field(default_factory=dict)
+    trajectories: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def row(self, sampler: str, steps: int) -> dict:
+        for r in self.rows:
+            if r["sampler"] == sampler and r["steps"] == steps:
+                return r
+        raise KeyError(f"no result for sampler {sampler!r} at {steps} steps")
+
+    def to_json_dict(self) -> dict:
+        return {"meta": self.meta, "rows": self.rows}
+
+
+def _measure(
+    extra: dict[str, Callable[[torch.Tensor], float]] | None,
+    out: torch.Tensor,
+    reference: torch.Tensor | None,
+    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    real_features: torch.Tensor | None,
+    classify_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    labels: torch.Tensor | None,
+) -> dict:
+    row: dict = {name: fn(out) for name, fn in (extra or {}).items()}
+    if feature_fn is not None and real_features is not None:
+        row["fd"] = metrics.frechet_distance_features(feature_fn(out), real_features)
+    if reference is not None:
+        row["paired_mse"] = metrics.paired_mse(out, reference)
+    if classify_fn is not None and labels is not None:
+        row["accuracy"] = metrics.label_accuracy(classify_fn(out), labels)
+    return row
+
+
+def compare_samplers(
+    samplers: Sequence[Sampler],
+    reference: Sampler,
+    noise: torch.Tensor,
+    steps: Sequence[int] = DEFAULT_STEPS,
+    reference_steps: int = 100,
+    decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: z,
+    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    real_features: torch.Tensor | None = None,
+    classify_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    labels: torch.Tensor | None = None,
+    extra_metrics: dict[str, Callable[[torch.Tensor], float]] | None = None,
+    num_previews: int = 20,
+    keep_trajectories: int = 0,
+    flow_boundaries: torch.Tensor | None = None,
+    flow_steps: int = 32,
+    progress: bool = True,
+) -> EvalResult:
+    """Sample every sampler at every step count from the same ``noise`` and measure it.
+
+    The reference sampler runs once at ``reference_steps``; every other output is compared
+    with it pixel by pixel (``paired_mse``, on decoded samples). ``decode`` maps final
+    latents to the space the metrics see (identity for pixel-space models). ``extra_metrics``
+    maps a column name to ``fn(decoded samples) -> float`` (e.g. a sliced Wasserstein distance).
+    ``keep_trajectories > 0`` keeps that many trajectories per run in ``result.trajectories``.
+
+    Flow straightness (``result.meta["straightness"]``): for the teacher (its reference
+    trajectory) and for every student (sampled again with ``flow_steps`` steps), the
+    :func:`~perflow.evaluation.metrics.straightness` over the whole range and within the windows
+    ``flow_boundaries`` (default: PeRFlow's 4 equal windows). Baseline solvers share the teacher's flow.
+    """
+    from perflow.windows import equal_boundaries
+
+    if flow_boundaries is None:
+        flow_boundaries = equal_boundaries(4)
+    from tqdm.auto import tqdm
+
+    if reference_steps < max(steps):
+        raise ValueError(f"reference_steps={reference_steps} must be at least the largest step count {max(steps)}")
+    runs = [(s, n) for s in samplers for n in steps]
+    bar = tqdm(total=len(runs) + 1, desc="evaluating samplers", unit="run", disable=not progress)
+    bar.set_postfix_str(f"{reference.name} x{reference_steps}")
+    ref = sample(reference.model_fn, reference.make_scheduler(), noise, reference_steps, return_trajectory=True)
+    ref_out = decode(ref.samples)
+    bar.update()
+    rows = [{
+        "sampler": reference.name, "kind": "reference", "steps": reference_steps, "nfe": ref.num_model_evals,
+        **_measure(extra_metrics, ref_out, None, feature_fn, real_features, classify_fn, labels),
+        "paired_mse": 0.0,
+    }]
+    previews = {f"{reference.name}@{reference_steps}": ref_out[:num_previews].cpu()}
+    trajectories = {}
+    if keep_trajectories:
+        trajectories[f"{reference.name}@{reference_steps}"] = (ref.trajectory[:, :keep_trajectories].cpu(), ref.times)
+    for s, n in runs:
+        bar.set_postfix_str(f"{s.name} x{n}")
+        res = sample(s.model_fn, s.make_scheduler(), noise, n, return_trajectory=True)
+        out = decode(res.samples)
+        rows.append({
+            "sampler": s.name, "kind": s.kind, "steps": n, "nfe": res.num_model_evals,
+            **_measure(extra_metrics, out, ref_out, feature_fn, real_features, classify_fn, labels),
+        })
+        previews[f"{s.name}@{n}"] = out[:num_previews].cpu()
+        if keep_trajectories:
+            trajectories[f"{s.name}@{n}"] = (res.trajectory[:, :keep_trajectories].cpu(), res.times)
+        bar.update()
+    bar.close()
+
+    def flow(traj: torch.Tensor, times: torch.Tensor) -> dict:
+        return {
+            "whole_range": metrics.straightness(traj, times),
+            "within_windows": metrics.straightness(traj, times, flow_boundaries),
+        }
+
+    straight = {f"{reference.name} ({reference_steps} steps)": flow(ref.trajectory, ref.times)}
+    for s in samplers:
+        if s.kind in ("perflow", "reflow"):
+            res = sample(s.model_fn, s.make_scheduler(), noise, flow_steps, return_trajectory=True)
+            straight[f"{s.name} ({flow_steps} steps)"] = flow(res.trajectory, res.times)
+    meta = {
+        "steps": list(steps), "reference_steps": reference_steps, "straightness": straight,
+        "straightness_windows": [float(b) for b in flow_boundaries],
+    }
+    return EvalResult(rows=rows, meta=meta, previews=previews, trajectories=trajectories)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+@dataclass
+class DigitsEvalConfig:
+    """What :func:`evaluate_digits` compares. ``perflow``/``reflow``: trained student folders
+    (``perflow train`` outputs); either may be ``None`` to compare the baselines only."""
+
+    perflow: str | None = None
+    reflow: str | None = None
+    teacher: str = "digits"
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    baselines: tuple[str, ...] = BASELINE_SAMPLERS
+    num_samples: int = 1000
+    reference_steps: int = 100
+    guidance_scale: float = 1.0
+    seed: int = 0
+    classifier: str | None = None
+
+
+def class_model_fn(unet, label_encoder, labels: torch.Tensor, guidance_scale: float) -> ModelFn:
+    """``model(z, timestep)`` of a label-conditioned UNet with classifier-free guidance
+    ``out_u + w (out_c - out_u)`` (one batched call; plain conditional output when ``w = 1``)."""
+    from perflow.denoisers import Condition, unet_denoiser
+
+    with torch.no_grad():
+        cond = Condition(label_encoder(labels.long()))
+        if guidance_scale == 1.0:
+            return unet_denoiser(unet, cond)
+        uncond = Condition(label_encoder(torch.full_like(labels.long(), label_encoder.null_label)))
+    return unet_denoiser(unet, cond, uncond, guidance_scale)
+
+
+def evaluate_digits(config: DigitsEvalConfig, progress: bool = True) -> EvalResult:
+    """Compare PeRFlow, whole-range reflow and the teacher's diffusers solvers on the digits.
+
+    Labels are balanced (``i mod 10``); noise is seeded; the real reference set is the held-out
+    test split; features and accuracy come from the shipped digit classifier.
+    """
+    from perflow.builtin.classifier import accuracy, load_digit_classifier
+    from perflow.builtin.digits import digits_tensors
+    from perflow.training.teachers import load_teacher
+
+    from .students import load_student
+
+    if config.num_samples < 20:
+        raise ValueError(f"num_samples={config.num_samples} is too few for a Fréchet distance; use at least 20")
+    teacher = load_teacher(config.teacher)
+    if teacher.kind != "class" or teacher.vae is not None:
+        raise ValueError(f"evaluate_digits needs a pixel-space class-conditional teacher, got {teacher.kind!r}")
+    classifier = load_digit_classifier(config.classifier)
+    unet, label_encoder = teacher.unet, teacher.label_encoder
+    size = unet.config.sample_size
+    gen = torch.Generator().manual_seed(config.seed)
+    noise = torch.randn(config.num_samples, unet.config.in_channels, size, size, generator=gen)
+    labels = torch.arange(config.num_samples) % 10
+    teacher_fn = class_model_fn(unet, label_encoder, labels, config.guidance_scale)
+    sched_cfg = _teacher_scheduler_config(config.teacher)
+
+    samplers: list[Sampler] = []
+    for kind, path in (("perflow", config.perflow), ("reflow", config.reflow)):
+        if path is None:
+            continue
+        student = load_student(path, teacher)
+        name = f"{kind} (K={student.scheduler.config.num_time_windows})"
+        fn = class_model_fn(student.unet, student.label_encoder or label_encoder, labels, config.guidance_scale)
+        samplers.append(Sampler(name, fn, student.make_scheduler, kind))
+    for b in config.baselines:
+        samplers.append(Sampler(f"teacher {b}", teacher_fn, lambda b=b: baseline_scheduler(b, sched_cfg), "baseline"))
+    reference = Sampler("teacher ddim", teacher_fn, lambda: baseline_scheduler("ddim", sched_cfg), "reference")
+
+    def to_classifier(x: torch.Tensor) -> torch.Tensor:
+        x = x.float().clamp(-1, 1)
+        csize = classifier.config.image_size
+        if x.shape[-1] != csize:
+            x = torch.nn.functional.interpolate(x, size=(csize, csize), mode="bilinear", align_corners=False)
+        return x
+
+    with torch.no_grad():
+        real_test, _ = digits_tensors("test", classifier.config.image_size)
+        real_train, _ = digits_tensors("train", classifier.config.image_size)
+        real_features = classifier.features(real_test)
+        floor = metrics.frechet_distance_features(classifier.features(real_train), real_features)
+        feature_fn = lambda x: classifier.features(to_classifier(x))  # noqa: E731
+        classify_fn = lambda x: classifier(to_classifier(x))  # noqa: E731
+        result = compare_samplers(
+            samplers, reference, noise, config.steps, config.reference_steps,
+            decode=lambda z: z.float().clamp(-1, 1), feature_fn=feature_fn, real_features=real_features,
+            classify_fn=classify_fn, labels=labels, progress=progress,
+        )
+        test_images, test_labels = digits_tensors("test", classifier.config.image_size)
+        classifier_acc = accuracy(classifier, test_images, test_labels)
+    result.meta.update({
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "fd_real_train_vs_test": floor,
+        "classifier_test_accuracy": classifier_acc,
+        "num_real_reference": int(real_features.shape[0]),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "",
+    })
+    return result
+
+
+def _teacher_scheduler_config(teacher: str) -> dict:
+    """The ``scheduler/scheduler_config.json`` of a class-conditional teacher folder (or built-in name)."""
+    import json
+    from pathlib import Path
+
+    from perflow.training.teachers import BUILTIN_TEACHERS, _builtin_path
+
+    path = _builtin_path(teacher) if teacher in BUILTIN_TEACHERS else Path(teacher)
+    return json.loads((path / "scheduler" / "scheduler_config.json").read_text())

@@ -1,0 +1,353 @@
+"""Typed training configuration: nested dataclasses, loaded from YAML/TOML, overridable by flags.
+
+A config file has up to five sections (``model``, ``data``, ``perflow``, ``training``,
+``output``); every field has a documented default. Field names are unique across sections,
+so a flag may name a field with or without its section: ``--training.max_steps 100`` and
+``--max_steps 100`` are the same. Recipes shipped in ``perflow/recipes/`` are found by name
+(``--config digits``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """The teacher, and how the student is built from it."""
+
+    teacher: str = "digits"
+    """Teacher: a diffusers SD1.5/2.1/SDXL pipeline folder, a class-conditional folder
+    (unet/, scheduler/, label_encoder/) or a built-in name (``digits``)."""
+    teacher_dtype: str = "auto"
+    """Teacher dtype: ``auto`` (the mixed-precision dtype, else float32), float32, float16, bfloat16."""
+    gradient_checkpointing: bool = False
+    """Recompute student activations in the backward pass (less memory, ~30 % slower)."""
+
+
+@dataclass
+class DataConfig:
+    """Training images."""
+
+    source: str = "digits"
+    """``digits`` (built-in), ``imagefolder`` (images + metadata.jsonl) or ``webdataset`` (tar shards)."""
+    path: str | None = None
+    """Image folder, or tar shards: a folder of ``*.tar``, a glob, or a brace list ``shard-{000..009}.tar``."""
+    resolution: int = 8
+    """Training resolution (images are resized on the short side, then cropped to a square)."""
+    center_crop: bool = True
+    """Centre crop (``true``) or a seeded random crop (``false``)."""
+    random_flip: bool = False
+    """Seeded horizontal flips."""
+    caption_column: str = "text"
+    """Caption field in metadata.jsonl / the ``.json`` of a shard sample (``.txt`` is also read)."""
+    caption_free: bool = False
+    """Ignore captions/labels: train an unconditional student (every sample gets the null condition)."""
+    caption_dropout: float = 0.1
+    """Probability that a sample's caption/label is replaced by the null one (for CFG)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class PeRFlowConfig:
+    """The piecewise-reflow objective (``METHOD.md`` sections 1-3)."""
+
+    num_time_windows: int = 4
+    """K, the number of time windows (equal windows unless ``window_boundaries`` is given)."""
+    window_boundaries: list[float] | None = None
+    """Explicit decreasing boundaries ``[1, ..., 0]`` (K + 1 values), overriding equal windows."""
+    num_solver_steps: int = 8
+    """n, DDIM teacher steps per window."""
+    prediction_type: str = "diff_eps"
+    """Student parameterization: ``diff_eps``, ``ddim_eps`` or ``velocity``."""
+    cfg_mode: str = "sync"
+    """``sync`` (teacher at guidance 1 on the student's condition) or ``fixed`` (teacher guided at guidance_scale)."""
+    guidance_scale: float = 7.5
+    """Teacher guidance w* in CFG-fixed mode (unused in sync mode)."""
+    time_sampling: str = "uniform"
+    """``uniform`` t in [0, 1), or ``u_shaped``: uniform window, then a U-shaped position inside it."""
+    u_shape_a: float = 4.0
+    """Sharpness a of the U-shaped density ``p(u) ~ cosh(a (u - 1/2))`` within a window."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation (section ``training``)."""
+
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Samples per process per micro-step (global batch = batch_size x processes x accumulation)."""
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "constant"
+    """A diffusers scheduler name: constant, linear, cosine, ... (all with warm-up)."""
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
+    loss: str = "mse"
+    """``mse`` or ``huber`` (pseudo-Huber ``sqrt(d^2 + c^2) - c`` per element)."""
+    huber_c: float = 0.001
+    loss_weighting: str = "none"
+    """``none``, or ``window_end``: weight each sample so the loss measures the error of its predicted window end."""
+    mixed_precision: str = "no"
+    """``no``, ``fp16`` or ``bf16``; the student's master weights stay float32."""
+    ema_decay: float = 0.999
+    """EMA decay of the student's weights (0 disables EMA)."""
+    seed: int = 0
+
+
+@dataclass
+class OutputConfig:
+    """Outputs, checkpoints, validation and logging."""
+
+    output_dir: str = "perflow-output"
+    checkpoint_every: int = 500
+    """Save a resumable checkpoint every N steps (0 disables)."""
+    keep_checkpoints: int = 2
+    """Keep the last M checkpoints."""
+    resume: str | None = None
+    """``latest`` (the newest checkpoint in output_dir, if any) or a checkpoint folder."""
+    validation_every: int = 0
+    """Write a grid of samples from the EMA weights every N steps (0 disables)."""
+    validation_prompts: list[str] | None = None
+    """Prompts (or class labels for a class-conditional teacher) for the validation grid; default: a few."""
+    validation_steps: int = 4
+    """PeRFlow sampling steps for validation."""
+    validation_guidance_scale: float | None = None
+    """CFG scale for validation samples; default 7.5 for cfg_mode sync, 1.0 for fixed."""
+    tracker: str = "tensorboard"
+    """An accelerate tracker (tensorboard, wandb, ...) or ``none``."""
+    log_every: int = 10
+    """Log loss and learning rate every N steps."""
+    save_pipeline: bool = True
+    """For SD/SDXL teachers also save the full pipeline with the student UNet and the PeRFlow scheduler."""
+    save_delta: bool = True
+    """Save ``delta = student - teacher`` as ``delta.safetensors``."""
+    save_ema: bool = True
+    """Save the EMA weights (if EMA is on) as the final student, else the raw weights."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a PeRFlow training run needs (see ``perflow train --help``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    perflow: PeRFlowConfig = field(default_factory=PeRFlowConfig)
+    training: OptimConfig = field(default_factory=OptimConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        """Raise a ``ValueError`` naming the field and the fix for any inconsistent value."""
+        from ..windows import PREDICTION_TYPES, check_boundaries
+
+        p, t, d, o = self.perflow, self.training, self.data, self.output
+        _choice("perflow.prediction_type", p.prediction_type, PREDICTION_TYPES)
+        _choice("perflow.cfg_mode", p.cfg_mode, ("sync", "fixed"))
+        _choice("perflow.time_sampling", p.time_sampling, ("uniform", "u_shaped"))
+        _choice("training.loss", t.loss, ("mse", "huber"))
+        _choice("training.loss_weighting", t.loss_weighting, ("none", "window_end"))
+        _choice("training.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
+        _choice("model.teacher_dtype", self.model.teacher_dtype, ("auto", "float32", "float16", "bfloat16"))
+        _choice("data.source", d.source, ("digits", "imagefolder", "webdataset"))
+        for name, value, low in (
+            ("perflow.num_time_windows", p.num_time_windows, 1),
+            ("perflow.num_solver_steps", p.num_solver_steps, 1),
+            ("training.max_steps", t.max_steps, 1),
+            ("training.batch_size", t.batch_size, 1),
+            ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+            ("data.resolution", d.resolution, 4),
+            ("output.validation_steps", o.validation_steps, 1),
+            ("output.keep_checkpoints", o.keep_checkpoints, 1),
+        ):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if p.window_boundaries is not None:
+            b = check_boundaries(p.window_boundaries)
+            if b.numel() - 1 != p.num_time_windows:
+                p.num_time_windows = b.numel() - 1
+        if not 0.0 <= d.caption_dropout < 1.0:
+            raise ValueError(f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ValueError(f"training.ema_decay must be in [0, 1) (0 disables EMA), got {t.ema_decay}")
+        if d.source != "digits" and not d.path:
+            raise ValueError(f"data.source {d.source!r} needs data.path (an image folder or tar shards)")
+        if p.cfg_mode == "fixed" and p.guidance_scale < 1.0:
+            raise ValueError(f"perflow.guidance_scale must be >= 1 in cfg_mode fixed, got {p.guidance_scale}")
+        return self
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def field_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """``{"section.field": (section, Field, type)}`` for every config field."""
+    out = {}
+    for section, cls in _section_classes().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f"{section}.{f.name}"] = (section, f, hints[f.name])
+    return out
+
+
+def field_docs() -> dict[str, str]:
+    """``{"section.field": docstring}`` parsed from this module's source (the attribute docstrings)."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for section, cls in _section_classes().items():
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                doc = ""
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    doc = " ".join(str(nxt.value.value).split())
+                docs[f"{section}.{node.target.id}"] = doc
+    return docs
+
+
+def coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` (from YAML/TOML or a flag string) to the field type ``tp``; clear error otherwise."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return coerce(name, inner, value)
+    if isinstance(value, str) and tp is not str:
+        import yaml
+
+        value = yaml.safe_load(value) if value.strip() else None
+        if origin is list and isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if tp is str:
+            return str(value)
+        if origin is list:
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return [coerce(name, args[0], v) for v in value]
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ValueError(f"{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def resolve_key(key: str) -> str:
+    """``section.field`` for a full or bare field name; error if unknown or ambiguous."""
+    index = field_index()
+    key = key.replace("-", "_")
+    if key in index:
+        return key
+    matches = [k for k in index if k.split(".", 1)[1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    raise ValueError(
+        f"unknown config field {key!r}; valid fields are: " + ", ".join(sorted(index))
+    )
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a config from nested ``{section: {field: value}}`` (flat ``field: value`` keys also accepted)."""
+    cfg = TrainConfig()
+    for key, value in (data or {}).items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, v in value.items():
+                set_field(cfg, f"{key}.{sub}", v)
+        else:
+            set_field(cfg, key, value)
+    return cfg
+
+
+def set_field(cfg: TrainConfig, key: str, value: Any) -> None:
+    full = resolve_key(key)
+    section, f, tp = field_index()[full]
+    setattr(getattr(cfg, section), f.name, coerce(full, tp, value))
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped in ``perflow/recipes``."""
+    root = resources.files("perflow") / "recipes"
+    return sorted(p.name.rsplit(".", 1)[0] for p in root.iterdir() if p.name.endswith((".yaml", ".yml", ".toml")))
+
+
+def read_config_file(spec: str | Path) -> dict[str, Any]:
+    """Parse a YAML/TOML file, or a packaged recipe named ``spec`` (e.g. ``digits``, ``sd15``)."""
+    path = Path(spec)
+    if not path.is_file():
+        root = resources.files("perflow") / "recipes"
+        for ext in (".yaml", ".yml", ".toml"):
+            cand = root / f"{spec}{ext}"
+            if cand.is_file():
+                path = Path(str(cand))
+                break
+        else:
+            raise FileNotFoundError(
+                f"config {str(spec)!r} is neither a file nor a packaged recipe; recipes: {recipe_names()}"
+            )
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+        return data
+    if path.suffix == ".json":
+        return json.loads(text)
+    raise ValueError(f"{path}: unsupported config format {path.suffix!r}; use .yaml or .toml")
+
+
+def load_config(spec: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Config from a file or recipe name, with ``overrides`` (``{"training.max_steps": 100, ...}``) applied."""
+    cfg = from_dict(read_config_file(spec)) if spec is not None else TrainConfig()
+    for key, value in (overrides or {}).items():
+        set_field(cfg, key, value)
+    return cfg.validate()

@@ -1,0 +1,269 @@
+"""Training data: the built-in digits, an image folder with captions, tar shards; a resumable sampler.
+
+Items are dicts: ``pixel_values`` ``(C, H, W)`` float32 in ``[-1, 1]``, and ``caption`` (str) or
+``label`` (int); the image datasets add ``original_size`` ``(h, w)`` and ``crop_top_left``
+``(top, left)`` (SDXL's size conditioning, from the real image).
+
+- **image folder** (HF ``imagefolder`` convention): images plus a ``metadata.jsonl`` of
+  ``{"file_name": ..., "text": ...}`` lines; without ``metadata.jsonl`` every image is used,
+  caption-free.
+- **tar shards** (WebDataset layout): samples are the members sharing a basename
+  (``0001.jpg`` + ``0001.txt`` or ``0001.json``). The shards are indexed once (member offsets)
+  and read by random access with the stdlib ``tarfile``, so they support the same seeded,
+  exactly resumable sampler as a folder, without the ``webdataset`` package.
+
+:class:`ResumableBatchSampler` draws a seeded permutation per epoch and gives rank ``r`` of
+``R`` the ``r``-th slice of each global batch; its position is a single micro-step counter,
+so ``(epoch, index)`` after a resume is exact.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from itertools import count
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _aug_generator(seed: int, index: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index, epoch])
+
+
+def load_image(
+    source: str | Path | bytes, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
+) -> dict[str, Any]:
+    """Open, resize the short side to ``resolution`` (bicubic), crop a square, optionally flip.
+
+    Returns ``pixel_values`` (3, R, R) in ``[-1, 1]``, ``original_size`` (h, w) of the file and
+    ``crop_top_left`` (top, left) in resized coordinates.
+    """
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    if center_crop:
+        top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    else:
+        top, left = int(rng.integers(0, nh - resolution + 1)), int(rng.integers(0, nw - resolution + 1))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0  # (3, R, R)
+    return {"pixel_values": arr, "original_size": (h, w), "crop_top_left": (top, left)}
+
+
+class ImageFolderDataset(Dataset):
+    """Images of a folder with an optional ``metadata.jsonl`` (``file_name`` + caption column)."""
+
+    def __init__(
+        self, root: str | Path, resolution: int, center_crop: bool = True, random_flip: bool = False,
+        caption_column: str = "text", seed: int = 0,
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        meta = self.root / "metadata.jsonl"
+        self.items: list[tuple[str, str | None]] = []
+        if meta.is_file():
+            for n, line in enumerate(meta.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if "file_name" not in row:
+                    raise ValueError(f"{meta}:{n}: each line needs a 'file_name' (HF imagefolder convention)")
+                if caption_column not in row:
+                    raise ValueError(f"{meta}:{n}: no caption column {caption_column!r}; set data.caption_column")
+                if not (self.root / row["file_name"]).is_file():
+                    raise FileNotFoundError(f"{meta}:{n}: {row['file_name']} not found in {self.root}")
+                self.items.append((row["file_name"], str(row[caption_column])))
+        else:
+            files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+            self.items = [(str(p.relative_to(self.root)), None) for p in files]
+        if not self.items:
+            raise ValueError(f"no images found in {self.root} (extensions {IMAGE_EXTS})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        name, caption = self.items[index]
+        rng = _aug_generator(self.seed, index, epoch)
+        item = load_image(self.root / name, self.resolution, self.center_crop, self.random_flip, rng)
+        if caption is not None:
+            item["caption"] = caption
+        return item
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths from a folder (all ``*.tar``), a glob, or a brace range ``a-{000..009}.tar``."""
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    else:
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+        if m:
+            lo, hi = m.group(1), m.group(2)
+            paths = [spec[: m.start()] + str(i).zfill(len(lo)) + spec[m.end():] for i in range(int(lo), int(hi) + 1)]
+        else:
+            paths = sorted(glob.glob(spec))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+        raise FileNotFoundError(f"no tar shards for {spec!r}" + (f" (missing {missing[:3]})" if missing else ""))
+    return paths
+
+
+class TarShardDataset(Dataset):
+    """WebDataset-layout tar shards read by random access (an index of member offsets, built once)."""
+
+    def __init__(
+        self, shards: str | list[str], resolution: int, center_crop: bool = True, random_flip: bool = False,
+        caption_column: str = "text", seed: int = 0,
+    ):
+        self.paths = expand_shards(shards) if isinstance(shards, str) else list(shards)
+        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        self.caption_column = caption_column
+        # sample: (shard, {ext: (offset_data, size)})
+        self.samples: list[tuple[int, dict[str, tuple[int, int]]]] = []
+        for s, path in enumerate(self.paths):
+            groups: dict[str, dict[str, tuple[int, int]]] = {}
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base, _, ext = os.path.basename(member.name).partition(".")
+                    key = os.path.join(os.path.dirname(member.name), base)
+                    groups.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+            for key in sorted(groups):
+                parts = groups[key]
+                if any(e in parts for e in ("jpg", "jpeg", "png", "webp")):
+                    self.samples.append((s, parts))
+        if not self.samples:
+            raise ValueError(f"no image samples in tar shards {self.paths[:3]}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _read(self, shard: int, where: tuple[int, int]) -> bytes:
+        with open(self.paths[shard], "rb") as f:
+            f.seek(where[0])
+            return f.read(where[1])
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        shard, parts = self.samples[index]
+        ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in parts)
+        rng = _aug_generator(self.seed, index, epoch)
+        item = load_image(self._read(shard, parts[ext]), self.resolution, self.center_crop, self.random_flip, rng)
+        if "txt" in parts:
+            item["caption"] = self._read(shard, parts["txt"]).decode("utf-8").strip()
+        elif "json" in parts:
+            meta = json.loads(self._read(shard, parts["json"]))
+            if self.caption_column in meta:
+                item["caption"] = str(meta[self.caption_column])
+        return item
+
+
+class _DropEpoch(Dataset):
+    """Adapts a plain map-style dataset to the ``(index, epoch)`` keys of the sampler."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        return self.base[key[0]]
+
+
+def build_dataset(data_cfg, seed: int = 0) -> Dataset:
+    """The dataset named by a :class:`~perflow.training.config.DataConfig`."""
+    if data_cfg.source == "digits":
+        from perflow.builtin.digits import load_digits_dataset
+
+        return load_digits_dataset("train", image_size=data_cfg.resolution)
+    kw = dict(
+        resolution=data_cfg.resolution, center_crop=data_cfg.center_crop, random_flip=data_cfg.random_flip,
+        caption_column=data_cfg.caption_column, seed=seed,
+    )
+    if data_cfg.source == "imagefolder":
+        return ImageFolderDataset(data_cfg.path, **kw)
+    if data_cfg.source == "webdataset":
+        return TarShardDataset(data_cfg.path, **kw)
+    raise ValueError(f"unknown data.source {data_cfg.source!r}; expected digits, imagefolder or webdataset")
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of items into a batch (captions stay a list of str)."""
+    if not items or "pixel_values" not in items[0]:
+        raise ValueError("dataset items must be dicts with a 'pixel_values' tensor (C, H, W) in [-1, 1]")
+    batch: dict[str, Any] = {"pixel_values": torch.stack([torch.as_tensor(i["pixel_values"]) for i in items]).float()}
+    if all("caption" in i for i in items):
+        batch["caption"] = [str(i["caption"]) for i in items]
+    if all("label" in i for i in items):
+        batch["label"] = torch.as_tensor([int(i["label"]) for i in items], dtype=torch.long)
+    for key in ("original_size", "crop_top_left"):
+        if all(key in i for i in items):
+            batch[key] = torch.as_tensor([tuple(i[key]) for i in items], dtype=torch.long)  # (B, 2)
+    return batch
+
+
+class ResumableBatchSampler:
+    """Infinite, seeded batches for one rank, starting at micro-step ``start``.
+
+    Epoch ``e`` uses ``randperm(N, seed + e)``; micro-step ``m`` is batch ``m mod E`` of epoch
+    ``m // E`` with ``E = N // (batch_size R)`` (the ragged tail is dropped); rank ``r`` takes
+    the ``r``-th ``batch_size`` slice of the global batch. Yields lists of ``(index, epoch)``.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, start: int = 0):
+        global_batch = batch_size * num_replicas
+        self.batches_per_epoch = num_items // global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {num_items} items, fewer than one global batch of {global_batch} "
+                f"(batch_size {batch_size} x {num_replicas} processes); lower training.batch_size"
+            )
+        self.batch_size, self.num_replicas, self.rank, self.seed, self.start = batch_size, num_replicas, rank, seed, start
+        self.num_items = num_items
+
+    def position(self, micro_step: int) -> tuple[int, int]:
+        """``(epoch, batch index within the epoch)`` of a micro-step."""
+        return divmod(micro_step, self.batches_per_epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm_epoch, perm = -1, None
+        for m in count(self.start):
+            epoch, b = self.position(m)
+            if epoch != perm_epoch:
+                perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+                perm_epoch = epoch
+            lo = b * self.batch_size * self.num_replicas + self.rank * self.batch_size
+            yield [(int(i), epoch) for i in perm[lo: lo + self.batch_size]]
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int, start: int, num_workers: int = 0):
+    """A ``DataLoader`` over :class:`ResumableBatchSampler` (the dataset is wrapped to accept ``(index, epoch)``)."""
+    from torch.utils.data import DataLoader
+
+    keyed = dataset if isinstance(dataset, (ImageFolderDataset, TarShardDataset)) else _DropEpoch(dataset)
+    sampler = ResumableBatchSampler(len(dataset), batch_size, num_replicas, rank, seed, start)  # type: ignore[arg-type]
+    loader = DataLoader(keyed, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
+    return loader, sampler

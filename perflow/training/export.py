@@ -1,0 +1,137 @@
+"""Final outputs of a run: the student as a diffusers folder, its PeRFlow scheduler, the delta.
+
+``<output_dir>/``
+- ``unet/``: the student (``save_pretrained``, safetensors);
+- ``scheduler/scheduler_config.json``: the matching ``PeRFlowScheduler`` (same betas, ``K``,
+  boundaries, the student's prediction type);
+- for an SD/SDXL teacher (``save_pipeline``): the rest of the pipeline (``model_index.json``,
+  VAE, text encoders, tokenizers), so the folder loads with ``DiffusionPipeline.from_pretrained``;
+  for a class-conditional teacher: ``label_encoder/``;
+- ``delta.safetensors``: ``delta = student - teacher`` with metadata (base model, ``K``,
+  prediction type, CFG mode, boundaries, scheduler config).
+
+Every folder is written into a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .teachers import ClassConditionalTeacher, SDXLTeacher, Teacher
+
+
+def replace_dir(target: Path, write: Callable[[Path], None]) -> Path:
+    """Write a folder through ``write(tmp)`` into a temporary sibling, then swap it into ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def perflow_scheduler(teacher: Teacher, prediction_type: str, boundaries: torch.Tensor, num_windows: int):
+    """The ``PeRFlowScheduler`` for a student of ``teacher`` (equal windows unless the boundaries differ)."""
+    from ..scheduler import PeRFlowScheduler
+    from ..windows import equal_boundaries
+
+    explicit = not torch.equal(boundaries.to(torch.float64), equal_boundaries(num_windows))
+    return PeRFlowScheduler(
+        **teacher.schedule,
+        prediction_type=prediction_type,
+        num_time_windows=num_windows,
+        window_boundaries=boundaries.tolist() if explicit else None,
+    )
+
+
+def export_student(
+    output_dir: str | Path,
+    student: torch.nn.Module,
+    teacher: Teacher,
+    scheduler,
+    cfg_mode: str,
+    save_pipeline: bool = True,
+    save_delta: bool = True,
+    extra_metadata: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write the final outputs (see the module docstring); returns the written paths by name."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    written["unet"] = replace_dir(out / "unet", lambda d: student.save_pretrained(d, safe_serialization=True))
+    written["scheduler"] = replace_dir(out / "scheduler", lambda d: scheduler.save_pretrained(d))
+    if isinstance(teacher, ClassConditionalTeacher):
+        written["label_encoder"] = replace_dir(
+            out / "label_encoder", lambda d: teacher.label_encoder.save_pretrained(d, safe_serialization=True)
+        )
+    elif save_pipeline:
+        written.update(_export_pipeline(out, teacher))
+    if save_delta:
+        from ..delta import base_model_info, extract_delta, save_delta as _save
+
+        delta = extract_delta(student, teacher.unet)
+        meta = {
+            "base_model": base_model_info(teacher.unet, name=teacher.name),
+            "num_time_windows": scheduler.num_windows,
+            "prediction_type": scheduler.config.prediction_type,
+            "cfg_mode": cfg_mode,
+            "window_boundaries": scheduler.boundaries.tolist(),
+            "scheduler_config": dict(scheduler.config),
+            **(extra_metadata or {}),
+        }
+        written["delta"] = _save(delta, out / "delta.safetensors", meta)
+    return written
+
+
+def _export_pipeline(out: Path, teacher: Teacher) -> dict[str, Path]:
+    """``model_index.json`` and the teacher's frozen parts, so ``out`` is a loadable pipeline folder."""
+    import json
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    written: dict[str, Path] = {}
+    parts: dict[str, Any] = {"vae": teacher.vae, "text_encoder": teacher.text_encoder, "tokenizer": teacher.tokenizer}
+    if isinstance(teacher, SDXLTeacher):
+        parts.update(text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2)
+    for name, part in parts.items():
+        kw = {} if name.startswith("tokenizer") else {"safe_serialization": True}
+        written[name] = replace_dir(out / name, lambda d, p=part, k=kw: p.save_pretrained(d, **k))
+    cls = StableDiffusionXLPipeline if isinstance(teacher, SDXLTeacher) else StableDiffusionPipeline
+    index: dict[str, Any] = {"_class_name": cls.__name__}
+    import diffusers
+
+    index["_diffusers_version"] = diffusers.__version__
+    index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    index["scheduler"] = ["perflow", "PeRFlowScheduler"]
+    index["vae"] = ["diffusers", type(teacher.vae).__name__]
+    for name in parts:
+        if name.startswith(("text_encoder", "tokenizer")):
+            index[name] = ["transformers", type(parts[name]).__name__]
+    if cls is StableDiffusionPipeline:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    else:
+        index.update(force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
+        index.update(image_encoder=[None, None], feature_extractor=[None, None])
+    path = out / "model_index.json"
+    fd, tmp = tempfile.mkstemp(prefix=".model_index.", dir=out)
+    with os.fdopen(fd, "w") as f:
+        json.dump(index, f, indent=2)
+    os.replace(tmp, path)
+    written["model_index"] = path
+    return written

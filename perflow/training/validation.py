@@ -1,0 +1,76 @@
+"""Validation previews: sample the student with :class:`perflow.PeRFlowScheduler`, save a grid PNG."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..denoisers import Condition, unet_denoiser
+
+
+@torch.no_grad()
+def sample_student(
+    unet: torch.nn.Module,
+    scheduler,
+    cond: Condition,
+    uncond: Condition | None,
+    shape: tuple[int, ...],
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Latents ``(B, C, h, w)`` from noise by the PeRFlow sampler:
+    ``z <- scheduler.step(out, t, z)`` over ``scheduler.timesteps``, ``out = uncond + w (cond - uncond)``."""
+    device = next(unet.parameters()).device
+    scheduler.set_timesteps(num_steps, device=device)
+    z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    use_cfg = guidance_scale != 1.0 and uncond is not None
+    den = unet_denoiser(unet, cond, uncond if use_cfg else None, guidance_scale)
+    for t in scheduler.timesteps:
+        out = den(z, t.expand(shape[0]).float())
+        z = scheduler.step(out.float(), t, z).prev_sample
+    return z
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, min_size: int = 64) -> np.ndarray:
+    """``(B, C, H, W)`` in ``[-1, 1]`` -> uint8 ``(rows H', cols W', 3)`` grid (small images upscaled, nearest)."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    b, _, h, w = images.shape
+    factor = max(1, -(-min_size // max(h, w)))
+    if factor > 1:
+        images = images.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+        h, w = h * factor, w * factor
+    nrow = nrow or int(np.ceil(np.sqrt(b)))
+    ncol = int(np.ceil(b / nrow))
+    pad = 2
+    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = (
+            images[i].permute(1, 2, 0).numpy()
+        )
+    return grid
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    """Write an RGB uint8 array as PNG atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(array).save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

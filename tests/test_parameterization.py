@@ -1,0 +1,97 @@
+"""Unit tests of perflow.parameterization: targets and their inverse (output -> velocity / window end)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perflow.parameterization import (
+    _bcast,
+    interpolate,
+    target_from_window,
+    velocity_from_output,
+    window_end_from_output,
+)
+from perflow.windows import equal_boundaries, window_bounds, window_coefficients
+
+B = 6
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def random_segments(bounds: torch.Tensor, seed: int = 0):
+    """Per sample: a window (t_s, t_e), a segment z_s -> z_e and a time t inside the window (incl. t_s)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(B, generator=g, dtype=torch.float64)
+    t[0] = 1.0  # a window start
+    t[1] = bounds[2].item()  # an inner boundary: starts its window
+    t_s, t_e = window_bounds(t, bounds)
+    z_s = torch.randn(B, 3, 4, 4, generator=g, dtype=torch.float64)
+    z_e = torch.randn(B, 3, 4, 4, generator=g, dtype=torch.float64)
+    return t, t_s, t_e, z_s, z_e
+
+
+@pytest.mark.parametrize("prediction_type", ["diff_eps", "ddim_eps", "velocity"])
+@pytest.mark.parametrize("bounds", [equal_boundaries(4), torch.tensor([1.0, 0.7, 0.35, 0.1, 0.0], dtype=torch.float64)])
+def test_round_trip_target_to_velocity_is_segment_slope(prediction_type, bounds):
+    """Feeding a segment's target back at any point of the segment gives (z_e - z_s) / (t_e - t_s)."""
+    t, t_s, t_e, z_s, z_e = random_segments(bounds)
+    lam, eta = window_coefficients(t_s, t_e, sd_alphas_cumprod(), prediction_type)
+    target = target_from_window(z_s, z_e, t_s, t_e, lam, eta, prediction_type)
+    z_t = interpolate(z_s, z_e, t, t_s, t_e)
+    v = velocity_from_output(target, z_t, t, t_s, t_e, lam, eta, prediction_type)
+    slope = (z_e - z_s) / (t_e - t_s).view(B, 1, 1, 1)
+    torch.testing.assert_close(v, slope, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("prediction_type", ["diff_eps", "ddim_eps"])
+def test_window_end_from_output_recovers_z_e(prediction_type):
+    t, t_s, t_e, z_s, z_e = random_segments(equal_boundaries(4), seed=3)
+    lam, eta = window_coefficients(t_s, t_e, sd_alphas_cumprod(), prediction_type)
+    eps = target_from_window(z_s, z_e, t_s, t_e, lam, eta, prediction_type)
+    # the epsilon target is defined by z_e = lam z_s + eta eps
+    lam4, eta4 = lam.view(B, 1, 1, 1), eta.view(B, 1, 1, 1)
+    torch.testing.assert_close(lam4 * z_s + eta4 * eps, z_e, rtol=1e-12, atol=1e-12)
+    for frac in (0.0, 0.3, 0.999):  # anywhere on the segment, including its start
+        tc = t_s + frac * (t_e - t_s)
+        z_t = interpolate(z_s, z_e, tc, t_s, t_e)
+        z_e_hat = window_end_from_output(eps, z_t, tc, t_s, t_e, lam, eta)
+        torch.testing.assert_close(z_e_hat, z_e, rtol=1e-10, atol=1e-10)
+
+
+def test_velocity_target_and_passthrough():
+    t, t_s, t_e, z_s, z_e = random_segments(equal_boundaries(2), seed=5)
+    one, zero = torch.ones(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+    target = target_from_window(z_s, z_e, t_s, t_e, one, zero, "velocity")
+    torch.testing.assert_close(z_s + target * (t_e - t_s).view(B, 1, 1, 1), z_e, rtol=0, atol=1e-12)
+    out = torch.randn_like(z_s)
+    assert velocity_from_output(out, z_s, t, t_s, t_e, one, zero, "velocity") is out
+
+
+def test_interpolate_endpoints_and_midpoint():
+    t, t_s, t_e, z_s, z_e = random_segments(equal_boundaries(4), seed=7)
+    torch.testing.assert_close(interpolate(z_s, z_e, t_s, t_s, t_e), z_s, rtol=0, atol=0)
+    torch.testing.assert_close(interpolate(z_s, z_e, t_e, t_s, t_e), z_e, rtol=0, atol=1e-15)
+    mid = interpolate(z_s, z_e, (t_s + t_e) / 2, t_s, t_e)
+    torch.testing.assert_close(mid, (z_s + z_e) / 2, rtol=0, atol=1e-15)
+
+
+def test_scalar_times_broadcast_and_precision_follows_like():
+    z = torch.randn(2, 4, 3, 3, dtype=torch.float32)
+    assert _bcast(torch.tensor(0.5, dtype=torch.float64), z).shape == ()
+    x = _bcast(torch.tensor([0.5, 0.25], dtype=torch.float64), z)
+    assert x.shape == (2, 1, 1, 1) and x.dtype == torch.float32
+    z_e = torch.randn_like(z)
+    scalar = interpolate(z, z_e, torch.tensor(0.6), torch.tensor(0.75), torch.tensor(0.5))
+    torch.testing.assert_close(scalar, z + (z_e - z) * 0.6)
+
+
+def test_unknown_prediction_type_raises():
+    z = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="prediction_type"):
+        velocity_from_output(z, z, z[:, 0], z[:, 0], z[:, 0], z[:, 0], z[:, 0], "epsilon")
+    with pytest.raises(ValueError, match="prediction_type"):
+        target_from_window(z, z, z[:, 0], z[:, 0], z[:, 0], z[:, 0], "v_prediction")

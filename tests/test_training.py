@@ -1,0 +1,278 @@
+"""The trainer: loss goes down, resume is bit-exact, outputs load, data, config and CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from perflow.training import TrainConfig, load_config, train
+from perflow.training.config import from_dict
+from perflow.training.data import ImageFolderDataset, ResumableBatchSampler, TarShardDataset
+from perflow.training.loop import _micro_step, boundaries_of, reflow_loss, window_end_weight
+from perflow.training.teachers import tiny_class_teacher
+from perflow.training.time_sampling import make_time_sampler, u_shaped_fraction
+
+
+def _digits(n: int = 256):
+    from perflow.builtin.digits import load_digits_dataset
+
+    ds = load_digits_dataset("train", 8)
+    return torch.utils.data.Subset(ds, list(range(n)))
+
+
+def _fast(tmp_path, **kw):
+    base = dict(
+        batch_size=8, num_solver_steps=2, learning_rate=1e-3, lr_warmup_steps=0, output_dir=str(tmp_path),
+        checkpoint_every=0, validation_every=0, tracker="none", progress=False, save_delta=False, ema_decay=0.9,
+    )
+    base.update(kw)
+    return base
+
+
+@torch.no_grad()
+def _eval_loss(student, teacher, cfg: TrainConfig, batch) -> float:
+    """The objective on a fixed batch (fixed t, noise, dropout: a seeded generator)."""
+    b = boundaries_of(cfg)
+    sampler = make_time_sampler(cfg.perflow.time_sampling, b)
+    g = torch.Generator().manual_seed(123)
+    return _micro_step(batch, cfg, teacher, student, b, teacher.alphas_cumprod, sampler, g, torch.device("cpu")).item()
+
+
+@pytest.mark.slow
+def test_training_lowers_the_objective(tmp_path):
+    teacher = tiny_class_teacher(seed=0)
+    data = _digits(512)
+    cfg = load_config("digits", _fast(tmp_path, max_steps=120, batch_size=16))
+    from perflow.training.data import collate
+
+    held = collate([data[i] for i in range(256)])
+    before = _eval_loss(teacher.unet, teacher, cfg, held)
+    result = train(cfg, teacher=teacher, dataset=data)
+    after = _eval_loss(result.student, teacher, cfg, held)
+    assert result.global_step == 120 and len(result.losses) == 120
+    assert after < 0.7 * before, (before, after)
+    assert result.teacher_evals_per_sample == 2
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(max_steps=6, checkpoint_every=3, lr_scheduler="cosine", lr_warmup_steps=2, time_sampling="u_shaped",
+              caption_dropout=0.3, keep_checkpoints=5)
+    data = _digits(64)
+    full = train("digits", teacher=tiny_class_teacher(), dataset=data, **_fast(tmp_path / "full", **kw))
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(step, loss):
+        if step == 4:  # after the step-3 checkpoint, mid-way to the next one
+            raise Crash()
+
+    with pytest.raises(Crash):
+        train("digits", teacher=tiny_class_teacher(), dataset=data, callback=crash, **_fast(tmp_path / "cut", **kw))
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["checkpoint-3"]
+    resumed = train("digits", teacher=tiny_class_teacher(), dataset=data, resume="latest", **_fast(tmp_path / "cut", **kw))
+    assert resumed.global_step == 6
+    assert resumed.losses == full.losses
+    raw_full = load_file(str(tmp_path / "full" / "checkpoints" / "checkpoint-6" / "model.safetensors"))
+    raw_cut = load_file(str(tmp_path / "cut" / "checkpoints" / "checkpoint-6" / "model.safetensors"))
+    assert raw_full.keys() == raw_cut.keys()
+    assert all(torch.equal(raw_full[k], raw_cut[k]) for k in raw_full)
+    ema_full, ema_cut = full.student.state_dict(), resumed.student.state_dict()
+    assert all(torch.equal(ema_full[k], ema_cut[k]) for k in ema_full)
+    # and training did change the weights (the comparison is not vacuous)
+    teacher_sd = tiny_class_teacher().unet.state_dict()
+    assert any(not torch.equal(teacher_sd[k], raw_full[k]) for k in raw_full)
+
+
+def test_outputs_unet_scheduler_delta_and_validation(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from perflow.delta import load_delta
+    from perflow.scheduler import PeRFlowScheduler
+
+    teacher = tiny_class_teacher()
+    result = train(
+        "digits", teacher=teacher, dataset=_digits(64),
+        **_fast(tmp_path, max_steps=2, save_delta=True, validation_every=2, num_time_windows=2,
+                prediction_type="velocity"),
+    )
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    for k, v in result.student.state_dict().items():
+        assert torch.equal(unet.state_dict()[k], v)
+    sched = PeRFlowScheduler.from_pretrained(tmp_path / "scheduler")
+    assert sched.config.num_time_windows == 2 and sched.config.prediction_type == "velocity"
+    assert sched.config.beta_schedule == "scaled_linear"
+    delta, meta = load_delta(tmp_path / "delta.safetensors")
+    assert meta["num_time_windows"] == 2 and meta["prediction_type"] == "velocity" and meta["cfg_mode"] == "sync"
+    teacher_sd = teacher.unet.state_dict()
+    for k, v in unet.state_dict().items():
+        torch.testing.assert_close(teacher_sd[k].float() + delta[k], v, rtol=0, atol=1e-6)
+    assert (tmp_path / "validation" / "step-0000002.png").is_file()
+    assert (tmp_path / "label_encoder" / "config.json").is_file()
+    summary = json.loads((tmp_path / "perflow_training.json").read_text())
+    assert summary["global_step"] == 2
+
+
+@pytest.fixture()
+def image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    root.mkdir()
+    lines = []
+    for i, (w, h) in enumerate([(24, 20), (20, 30), (16, 16), (40, 18)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+        lines.append(json.dumps({"file_name": f"{i:02d}.png", "text": f"a photo of a cat {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_image_folder_and_tar_shards_agree(image_folder, tmp_path):
+    folder = ImageFolderDataset(image_folder, resolution=16)
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, caption in folder.items:
+            key = Path(name).stem
+            tar.add(image_folder / name, arcname=f"{key}.png")
+            txt = tmp_path / f"{key}.txt"
+            txt.write_text(caption)
+            tar.add(txt, arcname=f"{key}.txt")
+    tars = TarShardDataset(str(tmp_path / "shard-{000..000}.tar"), resolution=16)
+    assert len(tars) == len(folder) == 4
+    for i in range(4):
+        a, b = folder[i], tars[i]
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"]
+        assert a["pixel_values"].shape == (3, 16, 16) and a["pixel_values"].abs().max() <= 1
+    item = folder[1]  # 20 x 30 (w x h): resized to 16 x 24, centre crop starts 4 rows down
+    assert item["original_size"] == (30, 20) and item["crop_top_left"] == (4, 0)
+
+
+def test_sampler_positions_and_ranks():
+    s0 = ResumableBatchSampler(20, 3, num_replicas=2, rank=0, seed=5)
+    s1 = ResumableBatchSampler(20, 3, num_replicas=2, rank=1, seed=5)
+    assert s0.batches_per_epoch == 3
+    it0, it1 = iter(s0), iter(s1)
+    first = [(next(it0), next(it1)) for _ in range(6)]
+    epoch0 = {i for a, b in first[:3] for i, _ in a + b}
+    assert len(epoch0) == 18  # ranks and batches are disjoint within an epoch
+    assert first[3][0][0][1] == 1  # the fourth micro-step is in epoch 1
+    resumed = iter(ResumableBatchSampler(20, 3, num_replicas=2, rank=1, seed=5, start=4))
+    assert next(resumed) == first[4][1]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ResumableBatchSampler(5, 3, num_replicas=2)
+
+
+def test_sd15_tiny_pipeline_cfg_fixed_trains_and_exports_a_pipeline(image_folder, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from perflow.scheduler import PeRFlowScheduler
+    from perflow.tiny import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline(seed=0)
+    out = tmp_path / "out"
+    result = train(
+        {"data": {"source": "imagefolder", "path": str(image_folder), "resolution": 16}},
+        teacher=pipe,
+        **_fast(out, max_steps=2, batch_size=2, cfg_mode="fixed", guidance_scale=4.0, prediction_type="ddim_eps",
+                caption_dropout=0.5, checkpoint_every=1, save_delta=True),
+    )
+    assert result.teacher_evals_per_sample == 4  # 2 solver steps x (cond, uncond)
+    loaded = DiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert isinstance(loaded.scheduler, PeRFlowScheduler)
+    assert loaded.scheduler.config.prediction_type == "ddim_eps"
+    for k, v in result.student.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[k], v)
+    images = loaded("a photo of a cat", num_inference_steps=4, guidance_scale=1.5, height=16, width=16,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path):
+    result = train("digits", teacher=tiny_class_teacher(), dataset=_digits(32),
+                   **_fast(tmp_path, max_steps=2, mixed_precision="bf16", ema_decay=0.0))
+    assert all(p.dtype == torch.float32 for p in result.student.parameters())
+    assert result.teacher.dtype == torch.bfloat16
+    assert all(np.isfinite(result.losses))
+
+
+def test_window_end_weight_measures_the_window_end_error():
+    from perflow.objective import ReflowExample
+    from perflow.parameterization import window_end_from_output
+    from perflow.windows import window_coefficients
+
+    teacher = tiny_class_teacher()
+    ac = teacher.alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0.9, 0.6, 0.3, 0.05], dtype=torch.float64)
+    t_s = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+    t_e = t_s - 0.25
+    z_s, z_e, pred, target = (torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    ex = ReflowExample(None, None, target, t, t_s, t_e, z_s, z_e)
+    w = window_end_weight(ex, ac, "diff_eps").double()
+    lam, eta = window_coefficients(t_s, t_e, ac, "diff_eps")
+    z = z_s  # any point: the weight does not depend on z
+    err = window_end_from_output(pred, z, t, t_s, t_e, lam, eta) - window_end_from_output(target, z, t, t_s, t_e, lam, eta)
+    torch.testing.assert_close(reflow_loss(pred, target, "mse", 0.0, w.float()).double(),
+                               err.square().flatten(1).mean(1).mean(), rtol=1e-5, atol=0)
+
+
+def test_u_shaped_time_sampler():
+    b = torch.tensor([1.0, 0.6, 0.1, 0.0], dtype=torch.float64)
+    sampler = make_time_sampler("u_shaped", b, 4.0)
+    t = sampler(20000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert t.dtype == torch.float64 and bool(((t >= 0) & (t <= 1)).all())
+    # windows are picked in proportion to their lengths (0.4, 0.5, 0.1); 3-sigma binomial bounds
+    for lo, hi, p in ((0.6, 1.0, 0.4), (0.1, 0.6, 0.5), (0.0, 0.1, 0.1)):
+        frac = ((t > lo) & (t <= hi)).double().mean().item()
+        assert abs(frac - p) < 3 * (p * (1 - p) / t.numel()) ** 0.5 + 1e-3
+    # the within-window position follows CDF F(u) = (sinh(a(u - 1/2)) + sinh(a/2)) / (2 sinh(a/2))
+    u = ((1.0 - t[t > 0.6]) / 0.4).sort().values
+    a = 4.0
+    F = (torch.sinh(a * (u - 0.5)) + np.sinh(a / 2)) / (2 * np.sinh(a / 2))
+    ecdf = torch.arange(1, u.numel() + 1, dtype=torch.float64) / u.numel()
+    assert (F - ecdf).abs().max() < 1.63 / u.numel() ** 0.5  # Kolmogorov-Smirnov at the 1 % level
+    r = torch.linspace(0, 1, 11, dtype=torch.float64)
+    torch.testing.assert_close(u_shaped_fraction(r, 1e-9 + 0.0), r)
+
+
+def test_config_files_flags_and_errors(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[training]\nmax_steps = 7\n[perflow]\nwindow_boundaries = [1.0, 0.5, 0.2, 0.0]\n')
+    cfg = load_config(toml, {"batch_size": "4", "output.tracker": "none", "data.center_crop": "false"})
+    assert cfg.training.max_steps == 7 and cfg.training.batch_size == 4 and cfg.data.center_crop is False
+    assert cfg.perflow.num_time_windows == 3
+    with pytest.raises(ValueError, match="unknown config field 'max_step'"):
+        load_config(toml, {"max_step": 3})
+    with pytest.raises(ValueError, match="training.max_steps: expected int"):
+        load_config(toml, {"max_steps": "many"})
+    with pytest.raises(ValueError, match="perflow.prediction_type must be one of"):
+        load_config("digits", {"prediction_type": "epsilon"})
+    with pytest.raises(ValueError, match="needs data.path"):
+        load_config("digits", {"data.source": "imagefolder"})
+    with pytest.raises(FileNotFoundError, match="recipes"):
+        load_config("no-such-recipe")
+    for name in ("digits", "sd15", "sd21", "sdxl"):
+        assert isinstance(from_dict({}), TrainConfig) and load_config(name, {"data.path": "x"}).perflow.num_time_windows == 4
+
+
+def test_cli_parses_every_field_with_and_without_section(capsys):
+    from perflow.cli import train as cli_train
+
+    parser = argparse.ArgumentParser(prog="perflow")
+    cli_train.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--config", "digits", "--max_steps", "5", "--perflow.num_solver_steps", "3",
+                              "--print-config"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "max_steps: 5" in printed and "num_solver_steps: 3" in printed
+    help_text = parser._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--training.max_steps" in help_text and "--resume" in help_text and "accelerate launch" in help_text
