@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -32,16 +33,15 @@ from typing import Any, Mapping
 import torch
 
 from perflow.delta import (
-    _VOLATILE_CONFIG_KEYS as _VOLATILE,
     MergeReport,
-    StateDict,
     _atomic_save_safetensors,
     _scheduler_metadata,
-    config_fingerprint,
     load_delta,
     merge_state_dict,
     perflow_scheduler_from_metadata,
 )
+from perflow.state_dicts import _VOLATILE_CONFIG_KEYS as _VOLATILE
+from perflow.state_dicts import StateDict, config_fingerprint
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 SCHEDULER_ENTRY = ["perflow.scheduler", "PeRFlowScheduler"]
@@ -65,15 +65,43 @@ def model_folder(path: str | os.PathLike) -> Path:
     )
 
 
-def read_model_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state dict, config)`` of a model folder (or a pipeline's ``unet/``), read from safetensors."""
+_SHARD = re.compile(r"-\d{5}-of-\d{5}(?=\.safetensors$)")
+
+
+def weight_files(folder: str | os.PathLike) -> dict[str, list[Path]]:
+    """A model folder's safetensors weights by variant: ``""`` (default), ``"fp16"``, ...; shards listed together."""
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(Path(folder).glob("diffusion_pytorch_model*.safetensors")):
+        stem = _SHARD.sub("", f.name)[: -len(".safetensors")]  # diffusion_pytorch_model[.variant]
+        groups.setdefault(stem[len("diffusion_pytorch_model"):].lstrip("."), []).append(f)
+    return groups
+
+
+def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    """The tensors of one variant's (possibly sharded) safetensors files."""
     from safetensors.torch import load_file
 
-    folder = model_folder(path)
     sd: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("diffusion_pytorch_model*.safetensors")):
+    for f in files:
         sd.update(load_file(str(f)))
-    return sd, json.loads((folder / "config.json").read_text())
+    return sd
+
+
+def read_model_folder(path: str | os.PathLike, variant: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state dict, config)`` of a model folder (or a pipeline's ``unet/``), read from safetensors.
+
+    ``variant``: which weights when the folder holds several (``"fp16"``, ...); default the
+    plain ``diffusion_pytorch_model*.safetensors``, else the only variant there is.
+    """
+    folder = model_folder(path)
+    groups = weight_files(folder)
+    if variant is None:
+        if "" not in groups and len(groups) > 1:
+            raise ValueError(f"{str(folder)!r} holds weight variants {sorted(groups)}; say which one to read")
+        variant = "" if "" in groups else next(iter(groups))
+    if variant not in groups:
+        raise ValueError(f"{str(folder)!r} has no {variant!r} weights; it has {sorted(groups)}")
+    return read_weights(groups[variant]), json.loads((folder / "config.json").read_text())
 
 
 def read_scheduler_config(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -82,11 +110,11 @@ def read_scheduler_config(path: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _write_model_weights(folder: Path, sd: StateDict) -> None:
-    """Rewrite a model folder's safetensors shards with ``sd``, keeping each shard's keys and metadata."""
+def _write_model_weights(files: list[Path], sd: StateDict) -> None:
+    """Rewrite safetensors shards with ``sd``, keeping each shard's keys and metadata."""
     from safetensors import safe_open
 
-    for f in sorted(folder.glob("diffusion_pytorch_model*.safetensors")):
+    for f in files:
         with safe_open(str(f), framework="pt") as h:
             keys, meta = list(h.keys()), h.metadata() or {}
         _atomic_save_safetensors({k: sd[k] for k in keys}, f, meta)
@@ -329,16 +357,20 @@ def merge_into_path(
             raise ValueError(f"{str(out)!r} exists; choose another output or pass overwrite=True (CLI: --overwrite)")
         return merge_single_file(model, delta, out, _unet_config_for(metadata, unet_config), scale, strict, partial)
     src = model_folder(model)
-    sd, _ = read_model_folder(src)
-    merged, report = merge_state_dict(sd, delta, scale, strict, partial)
+    groups = weight_files(src)
+    # every weight variant (plain, fp16, ...) is merged; the plain one's report is returned
+    merges = {v: merge_state_dict(read_weights(files), delta, scale, strict, partial) for v, files in groups.items()}
+    report = merges["" if "" in merges else next(iter(merges))][1]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         shutil.copytree(model, tmp, dirs_exist_ok=True)
-        for stale in (tmp / src.relative_to(model)).glob("diffusion_pytorch_model*.bin"):
+        dst = tmp / src.relative_to(model)
+        for stale in dst.glob("diffusion_pytorch_model*.bin"):
             warnings.warn(f"dropping unmerged pickled weights {stale.name} from the output", stacklevel=2)
             stale.unlink()
-        _write_model_weights(tmp / src.relative_to(model), merged)
+        for variant, files in groups.items():
+            _write_model_weights([dst / f.name for f in files], merges[variant][0])
         if src != model:  # a pipeline or teacher folder: also its scheduler
             _write_pipeline_scheduler(tmp, metadata)
         _replace_dir(tmp, out, overwrite)
@@ -432,3 +464,31 @@ def extract_from_folders(
     meta["delta_dtype"] = str(dtype).replace("torch.", "")
     save_delta(delta, out, meta)
     return delta, meta
+
+
+# ----------------------------------------------------------------------------- released delta folders
+
+
+def load_delta_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The released SD1.5 delta format: a diffusers UNet folder (or a folder with ``unet/``) of deltas.
+
+    Metadata: ``format = "diffusers_unet_delta"``, ``source``, ``unet_config`` and, when a
+    ``scheduler/`` folder sits beside it, that config's PeRFlow settings.
+    """
+    root = Path(path)
+    try:
+        folder = model_folder(root)
+    except ValueError as err:
+        raise ValueError(
+            f"{str(root)!r} is not a released delta folder: expected config.json and "
+            f"diffusion_pytorch_model.safetensors in it or in its unet/ subfolder; "
+            f"perflow never unpickles weights ({err})"
+        ) from None
+    sd, config = read_model_folder(folder)
+    meta: dict[str, Any] = {"format": "diffusers_unet_delta", "source": str(root), "unet_config": config}
+    for sched_dir in (root / "scheduler", folder.parent / "scheduler"):
+        cfg = sched_dir / "scheduler_config.json"
+        if cfg.is_file():
+            meta.update(_scheduler_metadata(json.loads(cfg.read_text())))
+            break
+    return sd, meta

@@ -158,6 +158,38 @@ def lora_to_delta(lora: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def lora_file_to_delta(
+    tensors: Mapping[str, torch.Tensor], raw_metadata: Mapping[str, str], path: Any = "LoRA"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A LoRA file of this module's format as a (partial) delta ``scale_m B A`` per module.
+
+    ``scale_m = lora_alpha_m / r_m`` from the file's ``lora_adapter_metadata`` (1 when absent,
+    diffusers' own default). Other LoRA layouts (kohya ``lora_down``/``lora_up``, text-encoder
+    LoRAs) are refused: load those with ``pipe.load_lora_weights``.
+    """
+    from perflow.delta import decode_metadata
+
+    foreign = [k for k in tensors if not k.startswith(f"{LORA_PREFIX}.") or ".lora_down." in k]
+    if foreign:
+        raise ValueError(
+            f"{path} is a LoRA in a layout perflow does not merge (e.g. {foreign[0]!r}); "
+            "load it with pipe.load_lora_weights(...) and pipe.fuse_lora() instead"
+        )
+    adapter = json.loads(raw_metadata.get(LORA_METADATA_KEY, "{}"))
+    r0, a0 = adapter.get(f"{LORA_PREFIX}.r"), adapter.get(f"{LORA_PREFIX}.lora_alpha")
+    ranks = adapter.get(f"{LORA_PREFIX}.rank_pattern") or {}
+    alphas = adapter.get(f"{LORA_PREFIX}.alpha_pattern") or {}
+    delta = lora_to_delta(tensors)
+    for key in delta:
+        module = key[: -len(".weight")]
+        r, alpha = ranks.get(module, r0), alphas.get(module, a0)
+        if r and alpha and alpha != r:
+            delta[key] = delta[key] * (alpha / r)
+    meta = {k: v for k, v in decode_metadata(raw_metadata).items() if k != LORA_METADATA_KEY}
+    meta.update({"format": "perflow.lora.v1 (as a low-rank delta)", "partial": True})
+    return delta, meta
+
+
 def save_lora(export: LoraExport, path: str, metadata: Mapping[str, Any] | None = None) -> None:
     """Write the LoRA as one safetensors file diffusers' ``load_lora_weights`` reads (atomic).
 

@@ -11,6 +11,15 @@ from perflow.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 from perflow.training.teachers import SDTeacher, SDXLTeacher, teacher_from_pipeline
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class ProbeUNet(nn.Module):
     """A fake conditional UNet whose output is a known function of its condition and input:
     ``out = z + mean(encoder_hidden_states) + 1e-3 t``."""

@@ -143,5 +143,19 @@ def test_cli_to_lora_writes_rest_and_lora_plus_rest_is_the_delta(tmp_path, setup
     for key, d in approx.items():
         ref = base[key] + d
         assert float((got[key] - ref).abs().max()) <= 1e-6 * max(1.0, float(ref.abs().max())), key
+    # the LoRA file itself reads back as its low-rank (partial) delta; with the rest it covers everything
+    low_delta, low_meta = load_delta(tmp_path / "l.safetensors")
+    assert low_meta["partial"] is True and set(low_delta) == {f"{m}.weight" for m in low.ranks}
+    assert all(torch.allclose(low_delta[k], v) for k, v in lora_to_delta(low.lora).items())
+    from diffusers import UNet2DConditionModel
+
+    teacher.save_pretrained(tmp_path / "unet")
+    assert run_cli(["delta", "merge", "--delta", str(tmp_path / "l.safetensors"), "--extra",
+                    str(tmp_path / "l.rest.safetensors"), "--into", str(tmp_path / "unet"), "-o",
+                    str(tmp_path / "merged")]) == 0
+    on_disk = UNet2DConditionModel.from_pretrained(tmp_path / "merged").state_dict()
+    for key, d in approx.items():
+        ref = base[key] + d
+        assert float((on_disk[key] - ref).abs().max()) <= 1e-6 * max(1.0, float(ref.abs().max())), key
     with pytest.raises(ValueError, match="rank"):
         delta_to_lora(delta, 0)

@@ -86,11 +86,14 @@ def test_load_pipeline_refuses_folder_without_perflow_scheduler(tmp_path):
         load_pipeline(tmp_path)
 
 
-def test_single_file_layout_matches_diffusers_converter(pair):
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_single_file_layout_matches_diffusers_converter(arch):
     """Our diffusers->LDM map is inverted exactly by diffusers' own LDM->diffusers converter."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    teacher, _ = pair
+    from perflow.tiny import tiny_sdxl_unet
+
+    teacher = tiny_sd15_unet(0) if arch == "sd15" else tiny_sdxl_unet(0)
     sd = teacher.state_dict()
     ldm = unet_to_ldm_state_dict(sd, teacher.config)
     assert all(k.startswith("model.diffusion_model.") for k in ldm)
@@ -156,3 +159,19 @@ def test_merge_into_unet_folder_and_class_conditional_teacher_folder(tmp_path, p
     assert (tmp_path / "merged_teacher" / "label_encoder" / "config.json").is_file()
     got = UNet2DConditionModel.from_pretrained(tmp_path / "merged_teacher" / "unet").state_dict()
     assert all(torch.equal(got[k], v) for k, v in student.state_dict().items())
+
+
+def test_merge_into_folder_with_fp16_variant_merges_each_variant_in_its_dtype(tmp_path, pair):
+    from diffusers import UNet2DConditionModel
+
+    teacher, student = pair
+    delta = extract_delta(student, teacher)
+    teacher.save_pretrained(tmp_path / "unet")
+    tiny_sd15_unet(0).half().save_pretrained(tmp_path / "unet", variant="fp16")  # the same weights in fp16
+    merge_into_path(tmp_path / "unet", delta, tmp_path / "out", metadata={"num_time_windows": 4})
+    plain = UNet2DConditionModel.from_pretrained(tmp_path / "out").state_dict()
+    half = UNet2DConditionModel.from_pretrained(tmp_path / "out", variant="fp16", torch_dtype=torch.float16).state_dict()
+    for k, v in student.state_dict().items():
+        assert torch.equal(plain[k], v), k
+        assert half[k].dtype == torch.float16
+        assert torch.equal(half[k], (teacher.state_dict()[k].half().float() + delta[k]).half()), k

@@ -19,6 +19,15 @@ from perflow.training.teachers import tiny_class_teacher
 from perflow.training.time_sampling import make_time_sampler, u_shaped_fraction
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _digits(n: int = 256):
     from perflow.builtin.digits import load_digits_dataset
 
@@ -58,6 +67,13 @@ def test_training_lowers_the_objective(tmp_path):
     assert result.global_step == 120 and len(result.losses) == 120
     assert after < 0.7 * before, (before, after)
     assert result.teacher_evals_per_sample == 2
+    # and the 4-step student moved towards the teacher's own ODE solution from the same noise
+    from perflow.training.validation import trajectory_error
+
+    cond = teacher.encode_labels(torch.arange(64) % 10)
+    errs = [trajectory_error(m, teacher, result.scheduler, cond, (64, 1, 8, 8), 4, 8, torch.Generator().manual_seed(0))
+            for m in (teacher.unet, result.student)]
+    assert errs[1] < errs[0], errs
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_exactly(tmp_path):
@@ -119,6 +135,15 @@ def test_outputs_unet_scheduler_delta_and_validation(tmp_path):
     assert (tmp_path / "label_encoder" / "config.json").is_file()
     summary = json.loads((tmp_path / "perflow_training.json").read_text())
     assert summary["global_step"] == 2
+
+    # a next stage (progressive reflow, K = 2 -> 1) starts from this student, not the teacher
+    stage2 = train("digits", teacher=tiny_class_teacher(), dataset=_digits(64), student_init=str(tmp_path),
+                   **_fast(tmp_path / "k1", max_steps=1, num_time_windows=1, prediction_type="velocity",
+                           learning_rate=0.0, ema_decay=0.0, save_delta=True))
+    for k, v in stage2.student.state_dict().items():
+        assert torch.equal(v, unet.state_dict()[k])  # lr 0: the student is still the loaded init
+    delta2, _ = load_delta(tmp_path / "k1" / "delta.safetensors")
+    torch.testing.assert_close(delta2, delta, rtol=0, atol=1e-6)  # the delta stays relative to the teacher
 
 
 @pytest.fixture()
@@ -197,11 +222,18 @@ def test_sd15_tiny_pipeline_cfg_fixed_trains_and_exports_a_pipeline(image_folder
 
 
 def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path):
+    from perflow.delta import load_delta
+
     result = train("digits", teacher=tiny_class_teacher(), dataset=_digits(32),
-                   **_fast(tmp_path, max_steps=2, mixed_precision="bf16", ema_decay=0.0))
+                   **_fast(tmp_path, max_steps=2, mixed_precision="bf16", ema_decay=0.0, save_delta=True))
     assert all(p.dtype == torch.float32 for p in result.student.parameters())
     assert result.teacher.dtype == torch.bfloat16
     assert all(np.isfinite(result.losses))
+    # the delta is taken against the teacher's own fp32 weights, not its bf16 training copy
+    delta, _ = load_delta(tmp_path / "delta.safetensors")
+    original = tiny_class_teacher().unet.state_dict()
+    for k, v in result.student.state_dict().items():
+        torch.testing.assert_close(original[k] + delta[k], v, rtol=0, atol=1e-6)
 
 
 def test_window_end_weight_measures_the_window_end_error():
@@ -276,3 +308,66 @@ def test_cli_parses_every_field_with_and_without_section(capsys):
     assert "max_steps: 5" in printed and "num_solver_steps: 3" in printed
     help_text = parser._subparsers._group_actions[0].choices["train"].format_help()
     assert "--training.max_steps" in help_text and "--resume" in help_text and "accelerate launch" in help_text
+
+
+def test_load_teacher_folders(tmp_path):
+    from perflow.tiny import tiny_sd15_pipeline
+    from perflow.training import ClassConditionalTeacher, SDTeacher, load_teacher
+
+    pipe = tiny_sd15_pipeline(seed=0, prediction_type="v_prediction")
+    pipe.save_pretrained(tmp_path / "sd21ish")
+    teacher = load_teacher(tmp_path / "sd21ish")
+    assert isinstance(teacher, SDTeacher) and teacher.prediction_type == "v_prediction"
+    torch.testing.assert_close(teacher.alphas_cumprod.float(), pipe.scheduler.alphas_cumprod)
+
+    tiny = tiny_class_teacher()
+    folder = tmp_path / "class"
+    tiny.unet.save_pretrained(folder / "unet")
+    tiny.label_encoder.save_pretrained(folder / "label_encoder")
+    from diffusers import DDIMScheduler
+
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    loaded = load_teacher(folder)
+    assert isinstance(loaded, ClassConditionalTeacher) and loaded.null_label == 10 and loaded.vae is None
+    assert all(torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(), tiny.unet.state_dict().values()))
+
+    with pytest.raises(FileNotFoundError, match="label_encoder"):
+        (tmp_path / "half" / "unet").mkdir(parents=True)
+        load_teacher(tmp_path / "half")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_teacher(tmp_path / "nothing-here")
+
+
+def test_sd21_style_velocity_student_from_a_pipeline_folder(image_folder, tmp_path):
+    from perflow.tiny import tiny_sd15_pipeline
+
+    tiny_sd15_pipeline(seed=1, prediction_type="v_prediction").save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "out"
+    result = train(
+        "sd21", teacher=None,
+        **{"model.teacher": str(tmp_path / "teacher"), "data.source": "imagefolder", "data.path": str(image_folder),
+           "resolution": 16, "num_workers": 0, "mixed_precision": "no", "gradient_checkpointing": True,
+           "gradient_accumulation_steps": 2, **_fast(out, max_steps=2, batch_size=2, validation_every=2,
+                                                    validation_prompts=["a cat", ""])},
+    )
+    assert result.teacher.prediction_type == "v_prediction" and result.scheduler.config.prediction_type == "velocity"
+    assert result.global_step == 2 and (out / "validation" / "step-0000002.png").is_file()
+    assert (out / "model_index.json").is_file() and (out / "text_encoder").is_dir()
+
+
+def test_sdxl_cfg_fixed_smoke(image_folder, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from perflow.tiny import tiny_sdxl_pipeline
+
+    out = tmp_path / "out"
+    result = train(
+        {"data": {"source": "imagefolder", "path": str(image_folder), "resolution": 16}},
+        teacher=tiny_sdxl_pipeline(seed=0),
+        **_fast(out, max_steps=2, batch_size=2, cfg_mode="fixed", guidance_scale=7.5, prediction_type="ddim_eps",
+                num_solver_steps=2, caption_dropout=0.5, validation_every=2, validation_prompts=["a cat"]),
+    )
+    assert all(np.isfinite(result.losses)) and result.teacher_evals_per_sample == 4
+    loaded = DiffusionPipeline.from_pretrained(out)
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    assert type(loaded.scheduler).__name__ == "PeRFlowScheduler"

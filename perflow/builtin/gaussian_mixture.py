@@ -43,6 +43,8 @@ class GaussianMixture:
         if (self.weights < 0).any() or abs(self.weights.sum().item() - 1.0) > 1e-6:
             raise ValueError(f"mixture weights must be >= 0 and sum to 1, got {self.weights.tolist()}")
         torch.linalg.cholesky(self.covariances)  # raises if a covariance is not positive definite
+        # S_k = U_k diag(s_k) U_k^T, so C_k = abar S_k + (1 - abar) I = U_k diag(abar s_k + 1 - abar) U_k^T
+        self._evals, self._evecs = torch.linalg.eigh(self.covariances)  # (M, D), (M, D, D)
 
     @property
     def dim(self) -> int:
@@ -73,14 +75,16 @@ class GaussianMixture:
         return torch.logsumexp(logp, dim=1)
 
     def score(self, z: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-        """``grad_z log p_abar(z) = sum_k r_k(z) C_k^{-1} (sqrt(abar) mu_k - z)`` ``(B, D)`` float64."""
+        """``grad_z log p_abar(z) = sum_k r_k(z) C_k^{-1} (sqrt(abar) mu_k - z)`` ``(B, D)`` float64.
+
+        ``C_k^{-1}`` and ``log det C_k`` come from the eigen-decomposition of ``S_k`` (no solves)."""
         z64 = z.to(torch.float64)
-        abar = torch.as_tensor(abar, dtype=torch.float64).expand(z64.shape[0])
-        means, covs = self._noised(abar)
-        diff = means - z64.unsqueeze(1)  # (B, M, D)
-        prec_diff = torch.linalg.solve(covs, diff.unsqueeze(-1)).squeeze(-1)  # C_k^{-1} (m_k - z)
-        _, logdet = torch.linalg.slogdet(covs)  # (B, M)
-        logp = self.weights.log() - 0.5 * (diff * prec_diff).sum(-1) - 0.5 * logdet
+        a = torch.as_tensor(abar, dtype=torch.float64).expand(z64.shape[0]).view(-1, 1, 1)  # (B, 1, 1)
+        diff = a.sqrt() * self.means.unsqueeze(0) - z64.unsqueeze(1)  # (B, M, D): m_k - z
+        lam = a * self._evals.unsqueeze(0) + (1 - a)  # (B, M, D): eigenvalues of C_k
+        coords = torch.einsum("mdj,bmd->bmj", self._evecs, diff)  # U_k^T (m_k - z)
+        prec_diff = torch.einsum("mdj,bmj->bmd", self._evecs, coords / lam)  # C_k^{-1} (m_k - z)
+        logp = self.weights.log() - 0.5 * (coords.pow(2) / lam).sum(-1) - 0.5 * lam.log().sum(-1)
         r = torch.softmax(logp, dim=1)  # (B, M) responsibilities
         return (r.unsqueeze(-1) * prec_diff).sum(1)
 

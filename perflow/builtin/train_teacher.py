@@ -96,7 +96,7 @@ def save_teacher(output_dir: str | Path, unet, label_encoder, scheduler) -> None
 
 def train_digits_teacher(
     output_dir: str | Path,
-    max_steps: int = 4000,
+    max_steps: int = 3000,
     batch_size: int = 128,
     learning_rate: float = 2e-3,
     ema_decay: float = 0.999,
@@ -164,7 +164,7 @@ def train_digits_teacher(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output-dir", default=str(Path(__file__).parent / "weights" / "digits_teacher"))
-    p.add_argument("--max-steps", type=int, default=4000)
+    p.add_argument("--max-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -177,6 +177,8 @@ class DigitsEvalConfig:
     guidance_scale: float = 1.0
     seed: int = 0
     classifier: str | None = None
+    flow_steps: int = 32
+    """Steps of the fine trajectories on which each student's flow straightness is measured."""
 
 
 def class_model_fn(unet, label_encoder, labels: torch.Tensor, guidance_scale: float) -> ModelFn:
@@ -247,7 +249,7 @@ def evaluate_digits(config: DigitsEvalConfig, progress: bool = True) -> EvalResu
         result = compare_samplers(
             samplers, reference, noise, config.steps, config.reference_steps,
             decode=lambda z: z.float().clamp(-1, 1), feature_fn=feature_fn, real_features=real_features,
-            classify_fn=classify_fn, labels=labels, progress=progress,
+            classify_fn=classify_fn, labels=labels, progress=progress, flow_steps=config.flow_steps,
         )
         test_images, test_labels = digits_tensors("test", classifier.config.image_size)
         classifier_acc = accuracy(classifier, test_images, test_labels)

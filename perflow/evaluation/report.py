@@ -17,10 +17,11 @@ COLUMNS = (
     ("sampler", "sampler", "{}"),
     ("steps", "steps", "{}"),
     ("nfe", "model evals", "{}"),
-    ("fd", "FD to held-out (lower)", "{:.3f}"),
+    ("fd", "FD to real (lower)", "{:.3f}"),
     ("paired_mse", "MSE to teacher ref (lower)", "{:.4f}"),
     ("sw", "sliced W2 to data (lower)", "{:.4f}"),
     ("accuracy", "label accuracy", "{:.3f}"),
+    ("clip_score", "CLIP score", "{:.2f}"),
 )
 
 
@@ -92,7 +93,7 @@ def verdicts(result: EvalResult) -> list[str]:
     for p in perflow:
         for n in sorted({r["steps"] for r in rows if r["sampler"] == p}):
             pr = result.row(p, n)
-            for metric in ("fd", "paired_mse"):
+            for metric in ("fd", "paired_mse", "sw"):
                 if metric not in pr:
                     continue
                 worse = [o for o in others if _has(result, o, n, metric) and result.row(o, n)[metric] <= pr[metric]]
@@ -103,9 +104,9 @@ def verdicts(result: EvalResult) -> list[str]:
                     )
                 else:
                     lines.append(f"{p} at {n} steps: {metric} {pr[metric]:.4g} is better than every baseline at {n} model evaluations")
-        if _has(result, p, 4, "fd") and _has(result, p, 8, "fd"):
+        if _has(result, p, 4, "paired_mse") and _has(result, p, 8, "paired_mse"):
             a, b = result.row(p, 4), result.row(p, 8)
-            for metric in ("fd", "paired_mse"):
+            for metric in [m for m in ("fd", "paired_mse", "sw") if m in a and m in b]:
                 trend = "improves" if b[metric] < a[metric] else "does NOT improve"
                 lines.append(f"{p} {trend} from 4 to 8 steps on {metric}: {a[metric]:.4g} -> {b[metric]:.4g}")
     return lines
@@ -125,10 +126,11 @@ def markdown_report(result: EvalResult, title: str = "PeRFlow evaluation") -> st
     lines = [f"# {title}", "", "Produced by:", "", "```", meta.get("command", ""), "```", ""]
     setting = []
     if cfg:
+        labels = "balanced labels, " if "fd_real_train_vs_test" in meta else ""
         setting.append(
-            f"{cfg.get('num_samples')} samples (balanced labels, seed {cfg.get('seed')}), "
+            f"{cfg.get('num_samples')} samples ({labels}seed {cfg.get('seed')}), "
             f"guidance scale {cfg.get('guidance_scale')}, reference: teacher DDIM {meta.get('reference_steps')} steps; "
-            "the same initial noise and labels for every sampler."
+            "the same initial noise and condition for every sampler."
         )
     if "fd_real_train_vs_test" in meta:
         setting.append(

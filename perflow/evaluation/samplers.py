@@ -3,7 +3,7 @@
 The baselines are the teacher sampled with diffusers' own few-step solvers (DDIM,
 DPM-Solver++ (2M), UniPC), all with ``timestep_spacing="trailing"`` so that even one step
 starts from the last training timestep (``t = 1``, as PeRFlow does) rather than from
-``leading`` spacing's timestep 1. PeRFlow and whole-range reflow students are sampled
+``leading`` spacing's timestep 1, and all end at the teacher's last noise level ``abar[0]``. PeRFlow and whole-range reflow students are sampled
 with :class:`perflow.PeRFlowScheduler`. Every sampler gets the same initial noise and
 condition, and ``N`` steps cost ``N`` model evaluations (times 2 under classifier-free
 guidance, for every sampler alike).
@@ -29,10 +29,14 @@ def baseline_scheduler(name: str, teacher_scheduler_config: dict):
     config["timestep_spacing"] = "trailing"
     if name == "ddim":
         return DDIMScheduler.from_config(config)
+    # every sampler ends at the teacher's last noise level abar[0] (as DDIM with
+    # set_alpha_to_one=False and PeRFlow do), not at sigma = 0
     if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="sigma_min"
+        )
     if name == "unipc":
-        return UniPCMultistepScheduler.from_config(config)
+        return UniPCMultistepScheduler.from_config(config, final_sigmas_type="sigma_min")
     raise ValueError(f"unknown baseline sampler {name!r}; expected one of {BASELINE_SAMPLERS}")
 
 

@@ -117,6 +117,7 @@ def evaluate_2d(
     reference_steps: int = 100,
     seed: int = 0,
     keep_trajectories: int = 40,
+    flow_steps: int = 32,
     progress: bool = True,
 ) -> EvalResult:
     """Compare 2-D students (``{name: (student, kind)}``) with the exact teacher's diffusers solvers.
@@ -138,7 +139,7 @@ def evaluate_2d(
     sw = lambda x: metrics.sliced_wasserstein(x, exact, seed=seed)  # noqa: E731
     result = compare_samplers(
         samplers, reference, noise, steps, reference_steps, decode=lambda z: z.double(),
-        extra_metrics={"sw": sw}, keep_trajectories=keep_trajectories, progress=progress,
+        extra_metrics={"sw": sw}, keep_trajectories=keep_trajectories, flow_steps=flow_steps, progress=progress,
     )
     # finite-sample floor: two independent exact sample sets of the same size
     result.meta["sw_exact_vs_exact"] = metrics.sliced_wasserstein(

@@ -19,6 +19,7 @@ from .config import (
     PeRFlowConfig,
     TrainConfig,
     load_config,
+    make_config,
     recipe_names,
 )
 from .loop import TrainResult, train
@@ -40,6 +41,7 @@ __all__ = [
     "OptimConfig",
     "OutputConfig",
     "load_config",
+    "make_config",
     "recipe_names",
     "train",
     "TrainResult",

@@ -29,6 +29,9 @@ class ModelConfig:
     """Teacher dtype: ``auto`` (the mixed-precision dtype, else float32), float32, float16, bfloat16."""
     gradient_checkpointing: bool = False
     """Recompute student activations in the backward pass (less memory, ~30 % slower)."""
+    student_init: str | None = None
+    """Start the student from this UNet folder instead of the teacher's weights (e.g. the previous
+    stage of progressive reflow, K = 4 -> 2 -> 1); the delta is still taken against the teacher."""
 
 
 @dataclass
@@ -86,19 +89,27 @@ class OptimConfig:
     batch_size: int = 32
     """Samples per process per micro-step (global batch = batch_size x processes x accumulation)."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
     learning_rate: float = 1e-5
+    """AdamW learning rate (after warm-up)."""
     lr_scheduler: str = "constant"
     """A diffusers scheduler name: constant, linear, cosine, ... (all with warm-up)."""
     lr_warmup_steps: int = 0
+    """Linear warm-up steps of the learning rate."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.999
+    """AdamW beta2."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 disables)."""
     loss: str = "mse"
     """``mse`` or ``huber`` (pseudo-Huber ``sqrt(d^2 + c^2) - c`` per element)."""
     huber_c: float = 0.001
+    """c of the pseudo-Huber loss."""
     loss_weighting: str = "none"
     """``none``, or ``window_end``: weight each sample so the loss measures the error of its predicted window end."""
     mixed_precision: str = "no"
@@ -106,6 +117,7 @@ class OptimConfig:
     ema_decay: float = 0.999
     """EMA decay of the student's weights (0 disables EMA)."""
     seed: int = 0
+    """Seed of the student's data order, noise, times and caption dropout (exactly reproducible on CPU)."""
 
 
 @dataclass
@@ -113,6 +125,7 @@ class OutputConfig:
     """Outputs, checkpoints, validation and logging."""
 
     output_dir: str = "perflow-output"
+    """Where the student, scheduler, delta, checkpoints, validation grids and logs go."""
     checkpoint_every: int = 500
     """Save a resumable checkpoint every N steps (0 disables)."""
     keep_checkpoints: int = 2
@@ -348,6 +361,22 @@ def read_config_file(spec: str | Path) -> dict[str, Any]:
 def load_config(spec: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Config from a file or recipe name, with ``overrides`` (``{"training.max_steps": 100, ...}``) applied."""
     cfg = from_dict(read_config_file(spec)) if spec is not None else TrainConfig()
+    for key, value in (overrides or {}).items():
+        set_field(cfg, key, value)
+    return cfg.validate()
+
+
+def make_config(config: "TrainConfig | dict | str | Path | None" = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A validated config from a :class:`TrainConfig` (copied), a nested dict, a file or recipe name,
+    or ``None`` (defaults), with ``overrides`` applied."""
+    import copy
+
+    if isinstance(config, TrainConfig):
+        cfg = copy.deepcopy(config)
+    elif isinstance(config, dict):
+        cfg = from_dict(config)
+    else:
+        return load_config(config, overrides)
     for key, value in (overrides or {}).items():
         set_field(cfg, key, value)
     return cfg.validate()

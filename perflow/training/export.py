@@ -69,8 +69,13 @@ def export_student(
     save_pipeline: bool = True,
     save_delta: bool = True,
     extra_metadata: dict[str, Any] | None = None,
+    teacher_weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Path]:
-    """Write the final outputs (see the module docstring); returns the written paths by name."""
+    """Write the final outputs (see the module docstring); returns the written paths by name.
+
+    ``teacher_weights``: the teacher UNet's original state dict when training ran it in another
+    dtype (the delta must be taken against the weights the student started from).
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -85,9 +90,10 @@ def export_student(
     if save_delta:
         from ..delta import base_model_info, extract_delta, save_delta as _save
 
-        delta = extract_delta(student, teacher.unet)
+        base = teacher.unet if teacher_weights is None else teacher_weights
+        delta = extract_delta(student, base)
         meta = {
-            "base_model": base_model_info(teacher.unet, name=teacher.name),
+            "base_model": base_model_info(base, name=teacher.name, config=teacher.unet.config),
             "num_time_windows": scheduler.num_windows,
             "prediction_type": scheduler.config.prediction_type,
             "cfg_mode": cfg_mode,
@@ -118,7 +124,7 @@ def _export_pipeline(out: Path, teacher: Teacher) -> dict[str, Path]:
 
     index["_diffusers_version"] = diffusers.__version__
     index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    index["scheduler"] = ["perflow", "PeRFlowScheduler"]
+    index["scheduler"] = ["perflow.scheduler", "PeRFlowScheduler"]  # "perflow" alone fails in DiffusionPipeline.from_pretrained
     index["vae"] = ["diffusers", type(teacher.vae).__name__]
     for name in parts:
         if name.startswith(("text_encoder", "tokenizer")):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from ..denoisers import guided_teacher_denoiser
 from ..objective import reflow_example
 from ..windows import check_boundaries, equal_boundaries, window_coefficients
-from .config import TrainConfig, load_config
+from .config import TrainConfig, make_config
 from .teachers import ClassConditionalTeacher, Teacher, as_teacher
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,6 +57,7 @@ class TrainResult:
     teacher_evals_per_sample: float = 0.0
     """Teacher UNet evaluations per training sample: ``n`` (``2 n`` with CFG-fixed)."""
     files: dict[str, Path] = field(default_factory=dict)
+    num_processes: int = 1
 
 
 def boundaries_of(cfg: TrainConfig) -> torch.Tensor:
@@ -101,7 +103,10 @@ def _accelerator(cfg: TrainConfig):
     if state and state.get("_mixed_precision", None) not in (None, tr.mixed_precision):
         AcceleratorState._reset_state()  # a new run in the same process with another precision
     trackers = None if out.tracker in ("none", "", None) else out.tracker
+    # torchrun on a machine without CUDA: accelerate needs cpu=True to form the gloo group (MULTI_CPU)
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=cpu,
         mixed_precision=tr.mixed_precision,
         gradient_accumulation_steps=tr.gradient_accumulation_steps,
         log_with=trackers,
@@ -129,7 +134,10 @@ def train(
     (``max_steps=100`` or ``**{"training.max_steps": 100}``). ``teacher``: an in-memory
     :class:`~perflow.training.teachers.Teacher`, an SD/SDXL pipeline or a folder path (default:
     ``config.model.teacher``). ``dataset``: a map-style dataset of ``{"pixel_values", "label" |
-    "caption"}`` items (default: ``config.data``). ``callback(step, loss)`` runs after each step.
+    "caption"}`` items (default: ``config.data``). ``callback(step, loss)`` runs after each step
+    (raise from it to stop; checkpoints let ``resume="latest"`` continue).
+
+    An in-memory teacher is used in place: it is frozen and moved to the training device and dtype.
     """
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -141,22 +149,7 @@ def train(
     from .export import export_student, perflow_scheduler
     from .time_sampling import make_time_sampler
 
-    if isinstance(config, TrainConfig):
-        cfg = copy.deepcopy(config)
-        for k, v in overrides.items():
-            from .config import set_field
-
-            set_field(cfg, k, v)
-        cfg.validate()
-    elif isinstance(config, dict):
-        from .config import from_dict, set_field
-
-        cfg = from_dict(config)
-        for k, v in overrides.items():
-            set_field(cfg, k, v)
-        cfg.validate()
-    else:
-        cfg = load_config(config, overrides)
+    cfg = make_config(config, overrides)
     p, tr, out, dc = cfg.perflow, cfg.training, cfg.output, cfg.data
 
     accelerator = _accelerator(cfg)
@@ -172,8 +165,13 @@ def train(
     if device.type == "cpu" and tdtype == torch.float16:
         tdtype = torch.float32  # fp16 kernels are missing or slow on CPU
     student = copy.deepcopy(teacher_obj.unet).to(device)
+    if cfg.model.student_init:
+        _load_student_init(student, cfg.model.student_init)
     if student.dtype != torch.float32:
         student.to(dtype=torch.float32)
+    reference = None  # the teacher's own weights, for the delta, when training casts the teacher
+    if out.save_delta and tdtype != teacher_obj.dtype and accelerator.is_main_process:
+        reference = {k: v.detach().to("cpu", copy=True) for k, v in teacher_obj.unet.state_dict().items()}
     teacher_obj.to(device, tdtype)
     student.requires_grad_(True).train()
     if cfg.model.gradient_checkpointing:
@@ -270,20 +268,38 @@ def train(
     if accelerator.is_main_process:
         files = export_student(
             output_dir, final, teacher_obj, scheduler, p.cfg_mode, save_pipeline=out.save_pipeline,
-            save_delta=out.save_delta,
+            save_delta=out.save_delta, teacher_weights=reference,
         )
         summary = {"global_step": global_step, "final_loss": losses[-1] if losses else None, "seconds": seconds,
                    "samples_per_second": steps_done * global_batch / seconds if seconds > 0 else 0.0,
                    "teacher_evals_per_sample": evals_per_sample, "config": cfg.to_dict()}
         (output_dir / "perflow_training.json").write_text(json.dumps(summary, indent=1))
         files["summary"] = output_dir / "perflow_training.json"
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): that destroys the caller's process group
+        tracker.finish()
     return TrainResult(
         student=final, teacher=teacher_obj, scheduler=scheduler, output_dir=output_dir, global_step=global_step,
         losses=losses, seconds=seconds,
         samples_per_second=steps_done * global_batch / seconds if seconds > 0 else 0.0,
-        teacher_evals_per_sample=float(evals_per_sample), files=files,
+        teacher_evals_per_sample=float(evals_per_sample), files=files, num_processes=accelerator.num_processes,
     )
+
+
+def _load_student_init(student: torch.nn.Module, path: str) -> None:
+    """Copy a saved UNet's weights (a ``save_pretrained`` folder or its parent) into the student."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(path)
+    if (folder / "unet" / "config.json").is_file():
+        folder = folder / "unet"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model.student_init {path!r} is not a diffusers UNet folder (config.json missing)")
+    init = UNet2DConditionModel.from_pretrained(folder).state_dict()
+    own = student.state_dict()
+    bad = sorted(set(init) ^ set(own)) + [k for k in own if k in init and init[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"model.student_init {path!r} does not match the teacher's UNet architecture: {bad[:5]}")
+    student.load_state_dict({k: v.to(own[k].dtype) for k, v in init.items()})
 
 
 def _micro_step(batch, cfg: TrainConfig, teacher: Teacher, student, boundaries, ac, time_sampler, generator, device):

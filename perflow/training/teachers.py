@@ -327,12 +327,19 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None) -> Teacher:
     """Load a teacher from a folder (SD/SDXL pipeline or class-conditional) or a built-in name (``digits``)."""
     name = str(spec)
     path = _builtin_path(name) if name in BUILTIN_TEACHERS else Path(spec)
+    kw = {} if dtype is None else {"torch_dtype": dtype}
     if not path.is_dir():
+        if name.count("/") == 1 and not name.startswith((".", "/")):  # a hub id: the local cache, or a download
+            from diffusers import DiffusionPipeline
+
+            try:
+                return teacher_from_pipeline(DiffusionPipeline.from_pretrained(name, **kw), name=name)
+            except OSError as err:
+                raise FileNotFoundError(f"teacher {name!r} is neither a local folder nor a loadable hub pipeline: {err}") from err
         raise FileNotFoundError(
             f"teacher {name!r} is not a folder; give a diffusers pipeline folder (model_index.json), a "
             f"class-conditional teacher folder (unet/, scheduler/, label_encoder/) or one of {sorted(BUILTIN_TEACHERS)}"
         )
-    kw = {} if dtype is None else {"torch_dtype": dtype}
     if (path / "model_index.json").is_file():
         import diffusers
 

@@ -1,0 +1,262 @@
+"""Plug-and-play on the built-in digits teacher: does a PeRFlow delta accelerate a fine-tuned variant?
+
+1. PeRFlow delta on the original digits teacher: taken from a ``perflow train`` run
+   (``--perflow-run DIR`` with ``delta.safetensors``; its recorded teacher hash must match the
+   current teacher) or trained here (``--perflow-steps``, recipe ``digits``).
+2. A *variant*: a copy of the teacher fine-tuned with the ordinary diffusion (epsilon) loss on a
+   visibly different style of the same data, thick strokes (each digit grey-dilated 2x2), for
+   ``--finetune-steps`` steps. Only the UNet changes; the label encoder is shared.
+3. ``variant + delta`` (``merge_delta``) sampled with the PeRFlow scheduler at 4 and 8 steps,
+   against the variant itself with DDIM and DPM-Solver++ at 4 and 8 steps; the reference is the
+   variant's own 100-step DDIM samples from the same noise and labels. A control row,
+   ``teacher + delta`` (the original PeRFlow student, which never saw thick strokes), shows what
+   the delta alone gives.
+
+Metrics (``perflow.evaluation``): ``paired_mse`` to the variant's 100-step samples, Fréchet
+distance of the digit classifier's features to the held-out *thick* digits, label accuracy,
+and ``ink`` (fraction of pixels above 0, the stroke-thickness the style changes).
+
+    python benchmarks/plug_and_play.py                      # trains both (~10 min CPU, 2 cores)
+    python benchmarks/plug_and_play.py --perflow-run perflow-digits   # reuse a trained student
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def thick_digits(split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits with strokes thickened by a 2x2 grey dilation, in ``[-1, 1]`` (N, 1, H, W)."""
+    from scipy.ndimage import grey_dilation
+
+    from perflow.builtin.digits import digits_tensors
+
+    images, labels = digits_tensors(split, image_size)
+    thick = torch.stack([torch.from_numpy(grey_dilation(im[0].numpy(), size=(2, 2))) for im in images])
+    return thick.unsqueeze(1).float(), labels
+
+
+def ink(x: torch.Tensor) -> float:
+    """Fraction of pixels above 0 (mid-grey): how much of the image the strokes cover."""
+    return float((x.float() > 0).float().mean())
+
+
+def finetune_variant(teacher, teacher_name: str, steps: int, batch_size: int, lr: float, seed: int, image_size: int):
+    """Copy of the teacher UNet fine-tuned on thick digits with the epsilon loss (labels dropped 10 %)."""
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    images, labels = thick_digits("train", image_size)
+    from perflow.evaluation.harness import _teacher_scheduler_config
+
+    unet = copy.deepcopy(teacher.unet).train().float().requires_grad_(True)
+    enc = teacher.label_encoder
+    noise_sched = DDPMScheduler.from_config(_teacher_scheduler_config(teacher_name))
+    if noise_sched.config.prediction_type != "epsilon":
+        raise ValueError("the fine-tune here assumes an epsilon-prediction digits teacher")
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), desc="fine-tune variant (thick strokes)"):
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
+        x0, y = images[idx], labels[idx].clone()
+        y[torch.rand(batch_size, generator=g) < 0.1] = enc.null_label
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g)
+        zt = noise_sched.add_noise(x0, noise, t)
+        with torch.no_grad():
+            cond = enc(y)
+        loss = torch.nn.functional.mse_loss(unet(zt, t, cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return unet.eval(), losses
+
+
+def perflow_delta(args, teacher_name: str):
+    """``(delta, metadata, source)``: from ``--perflow-run`` or a fresh ``perflow train`` run."""
+    from perflow.delta import load_delta, weights_sha256
+    from perflow.training.teachers import load_teacher
+
+    if args.perflow_run:
+        delta, meta = load_delta(Path(args.perflow_run) / "delta.safetensors")
+        source = f"perflow train run {args.perflow_run}"
+    else:
+        from perflow.training import train
+
+        out = Path(tempfile.mkdtemp(prefix="perflow-pnp-"))
+        result = train("digits", max_steps=args.perflow_steps, output_dir=str(out), validation_every=0,
+                       checkpoint_every=0, tracker="none", seed=args.seed, **{"model.teacher": teacher_name})
+        delta, meta = load_delta(result.files["delta"])
+        source = f"perflow train --config digits --max_steps {args.perflow_steps} (trained by this script)"
+    teacher = load_teacher(teacher_name)
+    recorded = (meta.get("base_model") or {}).get("weights_sha256")
+    current = weights_sha256(teacher.unet.state_dict())
+    if recorded is not None and recorded != current:
+        raise ValueError(
+            f"the delta was learned on a different digits teacher (weights {recorded}, current {current}); "
+            "retrain it (drop --perflow-run) or point at a run on the current teacher"
+        )
+    return delta, meta, source
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="digits", help="class-conditional teacher folder or built-in name")
+    p.add_argument("--perflow-run", help="a `perflow train --config digits` output folder (with delta.safetensors)")
+    p.add_argument("--perflow-steps", type=int, default=300, help="PeRFlow steps when training the delta here")
+    p.add_argument("--finetune-steps", type=int, default=400, help="fine-tuning steps of the thick-stroke variant")
+    p.add_argument("--finetune-lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--steps", default="4,8", help="sampling steps to compare")
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(RESULTS / "plug_and_play"), help="writes OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    from perflow.builtin.classifier import load_digit_classifier
+    from perflow.delta import merge_delta, perflow_scheduler_from_metadata
+    from perflow.evaluation import metrics
+    from perflow.evaluation.harness import Sampler, _teacher_scheduler_config, class_model_fn, compare_samplers
+    from perflow.evaluation.report import write_text
+    from perflow.evaluation.samplers import baseline_scheduler, sample
+    from perflow.training.teachers import load_teacher
+
+    t_start = time.time()
+    steps = tuple(int(s) for s in args.steps.split(","))
+    teacher = load_teacher(args.teacher)
+    size = teacher.unet.config.sample_size
+    delta, meta, delta_source = perflow_delta(args, args.teacher)
+    t_delta = time.time() - t_start
+
+    t0 = time.time()
+    variant, ft_losses = finetune_variant(teacher, args.teacher, args.finetune_steps, args.batch_size, args.finetune_lr,
+                                          args.seed, size)
+    t_finetune = time.time() - t0
+    variant_plus_delta = merge_delta(copy.deepcopy(variant), delta)
+    teacher_plus_delta = merge_delta(copy.deepcopy(teacher.unet), delta)
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    noise = torch.randn(args.num_samples, teacher.unet.config.in_channels, size, size, generator=gen)
+    labels = torch.arange(args.num_samples) % 10
+    enc = teacher.label_encoder
+    w = args.guidance_scale
+    sched_cfg = _teacher_scheduler_config(args.teacher)
+    make_perflow = lambda: perflow_scheduler_from_metadata(meta)  # noqa: E731
+    variant_fn = class_model_fn(variant, enc, labels, w)
+    samplers = [
+        Sampler("variant + delta (PeRFlow)", class_model_fn(variant_plus_delta, enc, labels, w), make_perflow, "perflow"),
+        Sampler("teacher + delta (control: no fine-tune)", class_model_fn(teacher_plus_delta, enc, labels, w),
+                make_perflow, "perflow"),
+        Sampler("variant ddim", variant_fn, lambda: baseline_scheduler("ddim", sched_cfg)),
+        Sampler("variant dpmsolver++", variant_fn, lambda: baseline_scheduler("dpmsolver++", sched_cfg)),
+    ]
+    reference = Sampler("variant ddim", variant_fn, lambda: baseline_scheduler("ddim", sched_cfg), "reference")
+
+    classifier = load_digit_classifier()
+    csize = classifier.config.image_size
+
+    def to_classifier(x: torch.Tensor) -> torch.Tensor:
+        x = x.float().clamp(-1, 1)
+        if x.shape[-1] != csize:
+            x = torch.nn.functional.interpolate(x, size=(csize, csize), mode="bilinear", align_corners=False)
+        return x
+
+    t0 = time.time()
+    with torch.no_grad():
+        thick_test, _ = thick_digits("test", csize)
+        from perflow.builtin.digits import digits_tensors
+
+        thin_test, _ = digits_tensors("test", csize)
+        real_features = classifier.features(thick_test)
+        result = compare_samplers(
+            samplers, reference, noise, steps, 100, decode=lambda z: z.float().clamp(-1, 1),
+            feature_fn=lambda x: classifier.features(to_classifier(x)), real_features=real_features,
+            classify_fn=lambda x: classifier(to_classifier(x)), labels=labels, extra_metrics={"ink": ink},
+        )
+        teacher_ref = sample(class_model_fn(teacher.unet, enc, labels, w), baseline_scheduler("ddim", sched_cfg),
+                             noise, 100).samples.clamp(-1, 1)
+        context = {
+            "ink_real_thin_test": ink(thin_test),
+            "ink_real_thick_test": ink(thick_test),
+            "ink_teacher_ddim100": ink(teacher_ref),
+            "fd_teacher_ddim100_to_thick_test": metrics.frechet_distance_features(
+                classifier.features(to_classifier(teacher_ref)), real_features),
+            "fd_real_thin_test_to_thick_test": metrics.frechet_distance_features(
+                classifier.features(thin_test), real_features),
+            "paired_mse_teacher_ddim100_to_variant_ddim100": metrics.paired_mse(
+                teacher_ref, _reference_output(noise, reference)),
+        }
+    t_eval = time.time() - t0
+
+    rows = sorted(result.rows, key=lambda r: (r["kind"] != "reference", r["steps"], r["sampler"]))
+    report = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "delta_source": delta_source,
+        "delta_metadata": {k: meta.get(k) for k in ("num_time_windows", "prediction_type", "cfg_mode")},
+        "finetune": {"steps": args.finetune_steps, "lr": args.finetune_lr, "batch_size": args.batch_size,
+                     "final_loss_mean_last_50": sum(ft_losses[-50:]) / max(1, len(ft_losses[-50:]))},
+        "num_samples": args.num_samples, "guidance_scale": w, "steps": list(steps),
+        "seconds": {"delta": round(t_delta, 1), "finetune": round(t_finetune, 1), "evaluation": round(t_eval, 1),
+                    "total": round(time.time() - t_start, 1)},
+        "threads": args.threads, "torch": torch.__version__,
+        "context": context,
+        "rows": rows,
+    }
+    md = markdown(report)
+    write_text(Path(args.out).with_suffix(".json"), json.dumps(report, indent=2, default=float))
+    write_text(Path(args.out).with_suffix(".md"), md)
+    print(md)
+    return 0
+
+
+def _reference_output(noise, reference) -> torch.Tensor:
+    """The variant's 100-step samples (re-run: compare_samplers keeps only previews of them)."""
+    from perflow.evaluation.samplers import sample
+
+    return sample(reference.model_fn, reference.make_scheduler(), noise, 100).samples.float().clamp(-1, 1)
+
+
+def markdown(report: dict) -> str:
+    cols = [("sampler", "sampler", "{}"), ("steps", "steps", "{}"), ("nfe", "NFE", "{}"),
+            ("paired_mse", "MSE to variant@100 (lower)", "{:.4f}"), ("fd", "FD to thick test digits (lower)", "{:.3f}"),
+            ("accuracy", "label accuracy", "{:.3f}"), ("ink", "ink", "{:.3f}")]
+    lines = ["# Plug-and-play: PeRFlow delta on a fine-tuned digits variant", "",
+             f"Command: `{report['command']}`", "",
+             f"Delta: {report['delta_source']} ({report['delta_metadata']}). Variant: teacher fine-tuned "
+             f"{report['finetune']['steps']} steps on 2x2-dilated (thick-stroke) digits "
+             f"(lr {report['finetune']['lr']}, batch {report['finetune']['batch_size']}). "
+             f"{report['num_samples']} samples, guidance {report['guidance_scale']}, same noise and labels for every row.",
+             "", "| " + " | ".join(c[1] for c in cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    for r in report["rows"]:
+        lines.append("| " + " | ".join("-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols) + " |")
+    c = report["context"]
+    lines += ["", "Context (how different the variant is):", "",
+              f"- ink of real test digits: thin {c['ink_real_thin_test']:.3f}, thick {c['ink_real_thick_test']:.3f}; "
+              f"original teacher at 100 DDIM steps {c['ink_teacher_ddim100']:.3f}",
+              f"- FD to thick test digits: real thin digits {c['fd_real_thin_test_to_thick_test']:.3f}, "
+              f"original teacher at 100 steps {c['fd_teacher_ddim100_to_thick_test']:.3f}",
+              f"- MSE between the original teacher's and the variant's 100-step samples (same noise): "
+              f"{c['paired_mse_teacher_ddim100_to_variant_ddim100']:.4f}",
+              "", f"Time (s, {report['threads']} threads): {report['seconds']}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

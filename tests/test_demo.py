@@ -1,0 +1,128 @@
+"""The demo end to end (reduced size), the evaluation harness and `perflow eval`."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from perflow.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    from perflow.demo import DemoConfig, run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    t0 = time.perf_counter()
+    result = run_demo(DemoConfig.quick(output_dir=str(out), progress=False))
+    return out, result, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_tables_and_pictures(quick_demo):
+    out, result, seconds = quick_demo
+    for name in ("digits_1steps.png", "digits_4steps.png", "digits_8steps.png", "digits_perflow_vs_ddim.png",
+                 "toy2d_trajectories.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    rows = json.loads((out / "digits_results.json").read_text())["rows"]
+    got = {(r["sampler"], r["steps"]) for r in rows}
+    for sampler in ("perflow (K=4)", "reflow (K=1)", "teacher ddim", "teacher dpmsolver++", "teacher unipc"):
+        for n in (1, 2, 4, 8):
+            assert (sampler, n) in got
+    for r in rows:
+        assert r["nfe"] == r["steps"]
+        assert r["fd"] >= 0 and r["paired_mse"] >= 0 and 0 <= r["accuracy"] <= 1
+    md = (out / "digits_results.md").read_text()
+    assert "| perflow (K=4) | 4 | 4 |" in md and "Produced by:" in md
+    toy = json.loads((out / "toy2d_results.json").read_text())
+    assert {r["sampler"] for r in toy["rows"]} >= {"perflow (K=4)", "reflow (K=1)", "teacher ddim"}
+    assert all(r["sw"] > 0 for r in toy["rows"])
+    assert (out / "perflow_student" / "unet").is_dir() and (out / "reflow_student" / "scheduler").is_dir()
+    assert seconds < 120, f"the quick demo took {seconds:.0f} s"
+
+
+@pytest.mark.slow
+def test_cli_eval_on_a_trained_student(quick_demo, tmp_path, capsys):
+    out, _, _ = quick_demo
+    rc = cli_main([
+        "eval", "--perflow", str(out / "perflow_student"), "--num-samples", "20", "--steps", "1", "4",
+        "--baselines", "ddim", "--reference-steps", "8", "--output-dir", str(tmp_path), "--no-progress",
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| perflow (K=4) | 4 | 4 |" in printed and "perflow eval --perflow" in printed
+    data = json.loads((tmp_path / "digits_eval.json").read_text())
+    assert {(r["sampler"], r["steps"]) for r in data["rows"]} == {
+        ("teacher ddim", 8), ("perflow (K=4)", 1), ("perflow (K=4)", 4), ("teacher ddim", 1), ("teacher ddim", 4),
+    }
+
+
+def test_cli_eval_errors_name_the_problem(tmp_path, capsys):
+    assert cli_main(["eval", "--perflow", str(tmp_path / "missing"), "--num-samples", "20", "--no-progress"]) == 2
+    assert "no PeRFlow student" in capsys.readouterr().err
+    assert cli_main(["eval", "--task", "images", "--teacher", str(tmp_path)]) == 2
+    assert "--prompts" in capsys.readouterr().err
+
+
+def test_harness_gives_every_sampler_the_same_noise():
+    """Two identical samplers must score identically, and the teacher's own DDIM converges to its
+    reference as steps grow (exact analytic teacher, no training)."""
+    from perflow.builtin.gaussian_mixture import default_mixture
+    from perflow.evaluation.harness import Sampler, compare_samplers
+    from perflow.evaluation.samplers import baseline_scheduler
+    from perflow.evaluation.toy2d import sd_alphas_cumprod, teacher_scheduler_config
+
+    gmm = default_mixture()
+    fn = gmm.denoiser(sd_alphas_cumprod())
+    cfg = teacher_scheduler_config()
+    make = lambda: baseline_scheduler("ddim", cfg)  # noqa: E731
+    noise = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    res = compare_samplers([Sampler("a", fn, make), Sampler("b", fn, make)], Sampler("ref", fn, make, "reference"),
+                           noise, steps=(2, 8, 32), reference_steps=256, progress=False)
+    for n in (2, 8, 32):
+        assert res.row("a", n)["paired_mse"] == res.row("b", n)["paired_mse"]
+    mse = [res.row("a", n)["paired_mse"] for n in (2, 8, 32)]
+    assert mse[0] > mse[1] > mse[2]
+
+
+def test_image_harness_on_a_tiny_sd_pipeline(tmp_path):
+    """FID (a TorchScript feature net given by path), paired MSE and the PeRFlow scheduler on a tiny SD1.5."""
+    from PIL import Image
+
+    from perflow.evaluation.images import ImageEvalConfig, evaluate_images
+    from perflow.scheduler import PeRFlowScheduler
+    from perflow.tiny import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline()
+    pipe.save_pretrained(tmp_path / "teacher")
+    pipe.unet.save_pretrained(tmp_path / "student" / "unet")
+    PeRFlowScheduler.from_config(pipe.scheduler.config, prediction_type="ddim_eps").save_pretrained(tmp_path / "student" / "scheduler")
+
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 5, stride=8)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.jit.save(torch.jit.script(Features()), str(tmp_path / "inception.pt"))
+    (tmp_path / "real").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()).save(tmp_path / "real" / f"{i}.png")
+    cfg = ImageEvalConfig(
+        teacher=str(tmp_path / "teacher"), prompts=["a cat", "a dog"], perflow=str(tmp_path / "student"),
+        real_images=str(tmp_path / "real"), inception=str(tmp_path / "inception.pt"), steps=(1, 2),
+        baselines=("ddim",), num_samples=4, reference_steps=4, batch_size=2,
+    )
+    res = evaluate_images(cfg, progress=False)
+    assert {(r["sampler"], r["steps"]) for r in res.rows} == {
+        ("teacher ddim", 4), ("perflow (K=4)", 1), ("perflow (K=4)", 2), ("teacher ddim", 1), ("teacher ddim", 2)}
+    assert all(r["fd"] >= 0 for r in res.rows) and res.row("teacher ddim", 4)["paired_mse"] == 0.0
+    with pytest.raises(FileNotFoundError, match="TorchScript InceptionV3"):
+        evaluate_images(ImageEvalConfig(teacher=str(tmp_path / "teacher"), prompts=["x"], inception=str(tmp_path / "nope.pt")))
+    with pytest.raises(FileNotFoundError, match="CLIP"):
+        evaluate_images(ImageEvalConfig(teacher=str(tmp_path / "teacher"), prompts=["x"], clip=str(tmp_path)))
