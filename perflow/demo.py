@@ -84,7 +84,7 @@ def _train_student(cfg: DemoConfig, num_windows: int, out: Path):
     )
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     """Run every stage; returns ``{"digits": EvalResult, "toy2d": EvalResult, "files": [...], "timings": {...}}``."""
     from perflow.builtin.gaussian_mixture import default_mixture
     from perflow.evaluation.harness import DigitsEvalConfig, evaluate_digits
@@ -96,7 +96,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     files: list[Path] = []
-    cmd = command_line()
+    cmd = command or command_line()
     say = print
 
     t0 = time.perf_counter()

@@ -34,6 +34,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from perflow.demo import DemoConfig, run_demo
+    from perflow.evaluation.report import command_line
 
     base = DemoConfig.quick() if args.quick else DemoConfig()
     sizes = {
@@ -51,5 +52,5 @@ def run(args: argparse.Namespace) -> int:
     base.teacher = args.teacher
     base.seed = args.seed
     base.progress = not args.no_progress
-    run_demo(base)
+    run_demo(base, command=command_line(getattr(args, "argv", None), "perflow"))
     return 0

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             f"sliced W2 floor (two exact sample sets of this size): {result.meta['sw_exact_vs_exact']:.4f}."
         ]
         title = "PeRFlow evaluation: 2-D Gaussian mixture"
-    result.meta["command"] = command_line()
+    result.meta["command"] = command_line(getattr(args, "argv", None), "perflow")
     print(markdown_report(result, title))
     if args.output_dir:
         out = Path(args.output_dir)

@@ -45,11 +45,17 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command that is running, quoted for a shell (``perflow ...`` when run through the CLI)."""
-    argv = list(sys.argv if argv is None else argv)
-    if argv and Path(argv[0]).name in ("perflow", "__main__.py"):
-        argv[0] = "perflow"
+def command_line(argv: list[str] | None = None, program: str | None = None) -> str:
+    """The command that is running, quoted for a shell.
+
+    ``program`` + ``argv`` when given (the CLI passes ``"perflow"`` and its arguments), else
+    ``sys.argv`` (with ``perflow`` for the installed entry point or ``python -m perflow``)."""
+    if program is not None:
+        argv = [program, *(argv or [])]
+    else:
+        argv = list(sys.argv if argv is None else argv)
+        if argv and Path(argv[0]).name in ("perflow", "__main__.py"):
+            argv[0] = "perflow"
     return " ".join(shlex.quote(a) for a in argv)
 
 
