@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work-dir", default="benchmark-runs", help="where the trained students go")
     p.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--skip-training", action="store_true", help="reuse students already in --work-dir")
+    p.add_argument("--train-only", choices=("perflow_k4", "reflow_k1"), default=None,
+                   help="train just this student and exit (to train the two in parallel processes)")
     p.add_argument("--toy2d", action="store_true", help="also run the 2-D Gaussian-mixture benchmark")
     p.add_argument("--toy-steps", type=int, default=2000)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -53,13 +55,15 @@ def main(argv: list[str] | None = None) -> None:
         learning_rate=args.learning_rate, seed=args.seed,
     )
     for name, k in (("perflow_k4", 4), ("reflow_k1", 1)):
-        if args.skip_training:
+        if args.skip_training or (args.train_only and args.train_only != name):
             continue
         t0 = time.perf_counter()
         train("digits", output_dir=str(work / name), num_time_windows=k, checkpoint_every=0, validation_every=0,
               tracker="none", save_delta=False, **budget)
         timings[f"train_{name}_s"] = round(time.perf_counter() - t0, 1)
         print(f"trained {name} in {timings[f'train_{name}_s']} s")
+    if args.train_only:
+        return
 
     t0 = time.perf_counter()
     cfg = DigitsEvalConfig(
@@ -70,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     timings["evaluate_s"] = round(time.perf_counter() - t0, 1)
     result.meta["command"] = command_line(["python", "benchmarks/digits_eval.py", *(argv if argv is not None else os.sys.argv[1:])])
     result.meta["training_budget"] = budget
+    if args.skip_training:
+        result.meta["notes_training"] = (
+            "students trained beforehand by `python benchmarks/digits_eval.py --train-only perflow_k4|reflow_k1` "
+            "with the same budget flags"
+        )
     result.meta["timings"] = timings
     result.meta["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     result.meta["notes"] = [

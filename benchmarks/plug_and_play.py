@@ -91,8 +91,18 @@ def perflow_delta(args, teacher_name: str):
     from perflow.training.teachers import load_teacher
 
     if args.perflow_run:
-        delta, meta = load_delta(Path(args.perflow_run) / "delta.safetensors")
-        source = f"perflow train run {args.perflow_run}"
+        run = Path(args.perflow_run)
+        if (run / "delta.safetensors").is_file():
+            delta, meta = load_delta(run / "delta.safetensors")
+            source = f"perflow train run {args.perflow_run}"
+        else:  # a student folder without a saved delta: extract it (perflow delta extract)
+            from perflow.checkpoint_formats import extract_from_folders
+            from perflow.training.teachers import BUILTIN_TEACHERS, _builtin_path
+
+            teacher_dir = _builtin_path(teacher_name) if teacher_name in BUILTIN_TEACHERS else Path(teacher_name)
+            out = Path(tempfile.mkdtemp(prefix="perflow-pnp-")) / "delta.safetensors"
+            delta, meta = extract_from_folders(run, teacher_dir, out, cfg_mode="sync")
+            source = f"perflow delta extract --student {args.perflow_run} --teacher {teacher_dir}"
     else:
         from perflow.training import train
 
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--steps", default="4,8", help="sampling steps to compare")
     p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--lora-ranks", default="", help="also test the delta as a LoRA of these ranks (+ its rest), e.g. 4,16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "plug_and_play"), help="writes OUT.json and OUT.md")
@@ -160,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     sched_cfg = _teacher_scheduler_config(args.teacher)
     make_perflow = lambda: perflow_scheduler_from_metadata(meta)  # noqa: E731
     variant_fn = class_model_fn(variant, enc, labels, w)
+    lora_errors: dict[int, float] = {}
     samplers = [
         Sampler("variant + delta (PeRFlow)", class_model_fn(variant_plus_delta, enc, labels, w), make_perflow, "perflow"),
         Sampler("teacher + delta (control: no fine-tune)", class_model_fn(teacher_plus_delta, enc, labels, w),
@@ -167,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         Sampler("variant ddim", variant_fn, lambda: baseline_scheduler("ddim", sched_cfg)),
         Sampler("variant dpmsolver++", variant_fn, lambda: baseline_scheduler("dpmsolver++", sched_cfg)),
     ]
+    for rank in [int(r) for r in args.lora_ranks.split(",") if r]:
+        from perflow.lora import delta_to_lora, lora_to_delta
+
+        export = delta_to_lora(delta, rank, model=teacher.unet, progress=False)
+        low = {**lora_to_delta(export.lora), **export.rest}
+        unet_r = merge_delta(copy.deepcopy(variant), low)
+        samplers.insert(1, Sampler(f"variant + LoRA r={rank} + rest (PeRFlow)", class_model_fn(unet_r, enc, labels, w),
+                                   make_perflow, "perflow"))
+        lora_errors[rank] = export.overall_error(rank, rest="stored")
     reference = Sampler("variant ddim", variant_fn, lambda: baseline_scheduler("ddim", sched_cfg), "reference")
 
     classifier = load_digit_classifier()
@@ -217,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     "total": round(time.time() - t_start, 1)},
         "threads": args.threads, "torch": torch.__version__,
         "context": context,
+        "lora_relative_error_of_delta": lora_errors,
         "rows": rows,
     }
     md = markdown(report)
@@ -254,7 +276,11 @@ def markdown(report: dict) -> str:
               f"original teacher at 100 steps {c['fd_teacher_ddim100_to_thick_test']:.3f}",
               f"- MSE between the original teacher's and the variant's 100-step samples (same noise): "
               f"{c['paired_mse_teacher_ddim100_to_variant_ddim100']:.4f}",
-              "", f"Time (s, {report['threads']} threads): {report['seconds']}", ""]
+              ]
+    if report["lora_relative_error_of_delta"]:
+        errs = ", ".join(f"r={r}: {e:.4f}" for r, e in report["lora_relative_error_of_delta"].items())
+        lines += [f"- relative error ||delta - LoRA - rest|| / ||delta|| of the LoRA rows: {errs}"]
+    lines += ["", f"Time (s, {report['threads']} threads): {report['seconds']}", ""]
     return "\n".join(lines)
 
 

@@ -11,17 +11,17 @@ from perflow.cli import main as cli_main
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
-    from perflow.demo import DemoConfig, run_demo
-
+    """`perflow demo --quick`, through the CLI (the README's main command, reduced)."""
     out = tmp_path_factory.mktemp("demo")
     t0 = time.perf_counter()
-    result = run_demo(DemoConfig.quick(output_dir=str(out), progress=False))
-    return out, result, time.perf_counter() - t0
+    rc = cli_main(["demo", "--quick", "--output-dir", str(out), "--no-progress"])
+    return out, rc, time.perf_counter() - t0
 
 
 @pytest.mark.slow
 def test_quick_demo_writes_tables_and_pictures(quick_demo):
-    out, result, seconds = quick_demo
+    out, rc, seconds = quick_demo
+    assert rc == 0
     for name in ("digits_1steps.png", "digits_4steps.png", "digits_8steps.png", "digits_perflow_vs_ddim.png",
                  "toy2d_trajectories.png"):
         data = (out / name).read_bytes()
@@ -35,7 +35,7 @@ def test_quick_demo_writes_tables_and_pictures(quick_demo):
         assert r["nfe"] == r["steps"]
         assert r["fd"] >= 0 and r["paired_mse"] >= 0 and 0 <= r["accuracy"] <= 1
     md = (out / "digits_results.md").read_text()
-    assert "| perflow (K=4) | 4 | 4 |" in md and "Produced by:" in md
+    assert "| perflow (K=4) | 4 | 4 |" in md and "perflow demo --quick" in md
     toy = json.loads((out / "toy2d_results.json").read_text())
     assert {r["sampler"] for r in toy["rows"]} >= {"perflow (K=4)", "reflow (K=1)", "teacher ddim"}
     assert all(r["sw"] > 0 for r in toy["rows"])

@@ -119,6 +119,7 @@ def train_digit_classifier(
     model.save_pretrained(tmp, safe_serialization=True)
     output_dir.mkdir(exist_ok=True)
     for f in tmp.iterdir():
+        f.chmod(0o644)
         os.replace(f, output_dir / f.name)
     tmp.rmdir()
     return model, acc

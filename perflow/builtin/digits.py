@@ -71,3 +71,16 @@ def load_digits_dataset(split: str = "train", image_size: int = 8) -> Dataset:
     ``image_size``: 8 (native) or larger (bilinear resize), e.g. 16.
     """
     return DigitsDataset(split, image_size)
+
+
+def digits_teacher_path() -> "Path":
+    """Folder of the shipped digits teacher (``unet/``, ``scheduler/``, ``label_encoder/``)."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "weights" / "digits_teacher"
+    if not (path / "unet").is_dir():
+        raise FileNotFoundError(
+            f"the shipped digits teacher is missing at {path}; recreate it with "
+            f"`python -m perflow.builtin.train_teacher --output-dir {path}`"
+        )
+    return path

@@ -71,6 +71,8 @@ def _save_atomically(output_dir: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         write(tmp)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp/safetensors create private files; ship them readable
+            path.chmod(0o755 if path.is_dir() else 0o644)
         old = None
         if output_dir.exists():
             old = output_dir.with_name(f".{output_dir.name}.old{os.getpid()}")

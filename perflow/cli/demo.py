@@ -16,18 +16,19 @@ def add_parser(subparsers) -> None:
             "teacher's 100-step DDIM output from the same noise). Also trains 2-D students on an exact "
             "Gaussian-mixture teacher and plots their trajectories."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--output-dir", default="perflow-demo", help="folder for results, pictures and students")
+    p.add_argument("--output-dir", default="perflow-demo", help="folder for results, pictures and students (default: perflow-demo)")
     p.add_argument("--quick", action="store_true", help="a reduced run (well under a minute) to check the installation")
-    p.add_argument("--max-steps", type=int, default=None, help="digits training steps per student (default 300; quick 3)")
+    p.add_argument("--max-steps", type=int, default=None, help="digits training steps per student (default 300; --quick: 2)")
     p.add_argument("--batch-size", type=int, default=None, help="digits training batch size (default 64)")
     p.add_argument("--num-samples", type=int, default=None, help="evaluation samples per sampler (default 500)")
     p.add_argument("--toy-steps", type=int, default=None, help="2-D MLP training steps (default 600)")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance, the same for every sampler")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance, the same for every sampler (default 1.0)")
     p.add_argument("--no-reflow-baseline", action="store_true", help="skip the K=1 reflow baseline (saves a third of the time)")
-    p.add_argument("--teacher", default="digits", help="a class-conditional pixel-space teacher folder (default: built-in)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", default="digits", help="a class-conditional pixel-space teacher folder (default: the built-in digits teacher)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and of the evaluation noise (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a machine other jobs keep busy)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -36,6 +37,12 @@ def run(args: argparse.Namespace) -> int:
     from perflow.demo import DemoConfig, run_demo
     from perflow.evaluation.report import command_line
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     base = DemoConfig.quick() if args.quick else DemoConfig()
     sizes = {
         "max_steps": args.max_steps, "batch_size": args.batch_size, "num_samples": args.num_samples,

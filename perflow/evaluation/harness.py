@@ -240,10 +240,11 @@ def evaluate_digits(config: DigitsEvalConfig, progress: bool = True) -> EvalResu
         return x
 
     with torch.no_grad():
-        real_test, _ = digits_tensors("test", classifier.config.image_size)
+        real_test, test_labels = digits_tensors("test", classifier.config.image_size)
         real_train, _ = digits_tensors("train", classifier.config.image_size)
         real_features = classifier.features(real_test)
         floor = metrics.frechet_distance_features(classifier.features(real_train), real_features)
+        classifier_acc = accuracy(classifier, real_test, test_labels)
         feature_fn = lambda x: classifier.features(to_classifier(x))  # noqa: E731
         classify_fn = lambda x: classifier(to_classifier(x))  # noqa: E731
         result = compare_samplers(
@@ -251,8 +252,6 @@ def evaluate_digits(config: DigitsEvalConfig, progress: bool = True) -> EvalResu
             decode=lambda z: z.float().clamp(-1, 1), feature_fn=feature_fn, real_features=real_features,
             classify_fn=classify_fn, labels=labels, progress=progress, flow_steps=config.flow_steps,
         )
-        test_images, test_labels = digits_tensors("test", classifier.config.image_size)
-        classifier_acc = accuracy(classifier, test_images, test_labels)
     result.meta.update({
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "fd_real_train_vs_test": floor,
