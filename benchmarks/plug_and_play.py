@@ -16,7 +16,7 @@ Metrics (``perflow.evaluation``): ``paired_mse`` to the variant's 100-step sampl
 distance of the digit classifier's features to the held-out *thick* digits, label accuracy,
 and ``ink`` (fraction of pixels above 0, the stroke-thickness the style changes).
 
-    python benchmarks/plug_and_play.py                      # trains both (~10 min CPU, 2 cores)
+    python benchmarks/plug_and_play.py --threads 1          # trains both (~10 min on 2 shared cores)
     python benchmarks/plug_and_play.py --perflow-run perflow-digits   # reuse a trained student
 """
 
@@ -111,6 +111,7 @@ def perflow_delta(args, teacher_name: str):
                        checkpoint_every=0, tracker="none", seed=args.seed, **{"model.teacher": teacher_name})
         delta, meta = load_delta(result.files["delta"])
         source = f"perflow train --config digits --max_steps {args.perflow_steps} (trained by this script)"
+        print(f"PeRFlow student and delta kept in {out} (reuse with --perflow-run {out})")
     teacher = load_teacher(teacher_name)
     recorded = (meta.get("base_model") or {}).get("weights_sha256")
     current = weights_sha256(teacher.unet.state_dict())
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--steps", default="4,8", help="sampling steps to compare")
     p.add_argument("--guidance-scale", type=float, default=1.0)
-    p.add_argument("--lora-ranks", default="", help="also test the delta as a LoRA of these ranks (+ its rest), e.g. 4,16")
+    p.add_argument("--lora-ranks", default="16", help="also test the delta as a LoRA of these ranks (+ its rest), e.g. 4,16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "plug_and_play"), help="writes OUT.json and OUT.md")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from perflow.evaluation import metrics
     from perflow.evaluation.harness import Sampler, _teacher_scheduler_config, class_model_fn, compare_samplers
     from perflow.evaluation.report import write_text
-    from perflow.evaluation.samplers import baseline_scheduler, sample
+    from perflow.evaluation.samplers import baseline_scheduler
     from perflow.training.teachers import load_teacher
 
     t_start = time.time()
@@ -201,32 +202,37 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     with torch.no_grad():
-        thick_test, _ = thick_digits("test", csize)
         from perflow.builtin.digits import digits_tensors
 
+        thick_test, _ = thick_digits("test", csize)
         thin_test, _ = digits_tensors("test", csize)
-        real_features = classifier.features(thick_test)
-        result = compare_samplers(
-            samplers, reference, noise, steps, 100, decode=lambda z: z.float().clamp(-1, 1),
-            feature_fn=lambda x: classifier.features(to_classifier(x)), real_features=real_features,
+        common = dict(
+            decode=lambda z: z.float().clamp(-1, 1), feature_fn=lambda x: classifier.features(to_classifier(x)),
             classify_fn=lambda x: classifier(to_classifier(x)), labels=labels, extra_metrics={"ink": ink},
         )
-        teacher_ref = sample(class_model_fn(teacher.unet, enc, labels, w), baseline_scheduler("ddim", sched_cfg),
-                             noise, 100).samples.clamp(-1, 1)
+        # transfer: the variant with the delta vs the variant's own solvers (FD to thick test digits)
+        result = compare_samplers(samplers, reference, noise, steps, 100,
+                                  real_features=classifier.features(thick_test), **common)
+        # in distribution: the delta on the teacher it was learned on (FD to the usual thin test digits)
+        teacher_fn = class_model_fn(teacher.unet, enc, labels, w)
+        ddim = lambda: baseline_scheduler("ddim", sched_cfg)  # noqa: E731
+        in_dist = compare_samplers(
+            [Sampler("teacher + delta (PeRFlow)", class_model_fn(teacher_plus_delta, enc, labels, w), make_perflow,
+                     "perflow"),
+             Sampler("teacher ddim", teacher_fn, ddim),
+             Sampler("teacher dpmsolver++", teacher_fn, lambda: baseline_scheduler("dpmsolver++", sched_cfg))],
+            Sampler("teacher ddim", teacher_fn, ddim, "reference"), noise, steps, 100,
+            real_features=classifier.features(thin_test), **common)
         context = {
             "ink_real_thin_test": ink(thin_test),
             "ink_real_thick_test": ink(thick_test),
-            "ink_teacher_ddim100": ink(teacher_ref),
-            "fd_teacher_ddim100_to_thick_test": metrics.frechet_distance_features(
-                classifier.features(to_classifier(teacher_ref)), real_features),
             "fd_real_thin_test_to_thick_test": metrics.frechet_distance_features(
-                classifier.features(thin_test), real_features),
-            "paired_mse_teacher_ddim100_to_variant_ddim100": metrics.paired_mse(
-                teacher_ref, _reference_output(noise, reference)),
+                classifier.features(thin_test), classifier.features(thick_test)),
         }
     t_eval = time.time() - t0
 
-    rows = sorted(result.rows, key=lambda r: (r["kind"] != "reference", r["steps"], r["sampler"]))
+    order = lambda r: (r["kind"] != "reference", r["steps"], r["sampler"])  # noqa: E731
+    rows, in_rows = sorted(result.rows, key=order), sorted(in_dist.rows, key=order)
     report = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "delta_source": delta_source,
@@ -240,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         "context": context,
         "lora_relative_error_of_delta": lora_errors,
         "rows": rows,
+        "in_distribution_rows": in_rows,
+        "straightness": {**result.meta.get("straightness", {}), **in_dist.meta.get("straightness", {})},
     }
     md = markdown(report)
     write_text(Path(args.out).with_suffix(".json"), json.dumps(report, indent=2, default=float))
@@ -248,38 +256,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _reference_output(noise, reference) -> torch.Tensor:
-    """The variant's 100-step samples (re-run: compare_samplers keeps only previews of them)."""
-    from perflow.evaluation.samplers import sample
-
-    return sample(reference.model_fn, reference.make_scheduler(), noise, 100).samples.float().clamp(-1, 1)
+def _table(rows: list[dict], ref: str, fd_to: str) -> list[str]:
+    cols = [("sampler", "sampler", "{}"), ("steps", "steps", "{}"), ("nfe", "NFE", "{}"),
+            ("paired_mse", f"MSE to {ref} (lower)", "{:.4f}"), ("fd", f"FD to {fd_to} (lower)", "{:.3f}"),
+            ("accuracy", "label accuracy", "{:.3f}"), ("ink", "ink", "{:.3f}")]
+    out = ["| " + " | ".join(c[1] for c in cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    for r in rows:
+        out.append("| " + " | ".join("-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols) + " |")
+    return out
 
 
 def markdown(report: dict) -> str:
-    cols = [("sampler", "sampler", "{}"), ("steps", "steps", "{}"), ("nfe", "NFE", "{}"),
-            ("paired_mse", "MSE to variant@100 (lower)", "{:.4f}"), ("fd", "FD to thick test digits (lower)", "{:.3f}"),
-            ("accuracy", "label accuracy", "{:.3f}"), ("ink", "ink", "{:.3f}")]
+    c = report["context"]
     lines = ["# Plug-and-play: PeRFlow delta on a fine-tuned digits variant", "",
              f"Command: `{report['command']}`", "",
              f"Delta: {report['delta_source']} ({report['delta_metadata']}). Variant: teacher fine-tuned "
              f"{report['finetune']['steps']} steps on 2x2-dilated (thick-stroke) digits "
              f"(lr {report['finetune']['lr']}, batch {report['finetune']['batch_size']}). "
-             f"{report['num_samples']} samples, guidance {report['guidance_scale']}, same noise and labels for every row.",
-             "", "| " + " | ".join(c[1] for c in cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    for r in report["rows"]:
-        lines.append("| " + " | ".join("-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols) + " |")
-    c = report["context"]
-    lines += ["", "Context (how different the variant is):", "",
-              f"- ink of real test digits: thin {c['ink_real_thin_test']:.3f}, thick {c['ink_real_thick_test']:.3f}; "
-              f"original teacher at 100 DDIM steps {c['ink_teacher_ddim100']:.3f}",
-              f"- FD to thick test digits: real thin digits {c['fd_real_thin_test_to_thick_test']:.3f}, "
-              f"original teacher at 100 steps {c['fd_teacher_ddim100_to_thick_test']:.3f}",
-              f"- MSE between the original teacher's and the variant's 100-step samples (same noise): "
-              f"{c['paired_mse_teacher_ddim100_to_variant_ddim100']:.4f}",
-              ]
+             f"{report['num_samples']} samples, guidance {report['guidance_scale']}, the same noise and labels for "
+             "every row. `ink` = fraction of pixels above mid-grey (the stroke thickness the variant changes): "
+             f"real test digits {c['ink_real_thin_test']:.3f} thin, {c['ink_real_thick_test']:.3f} thick; "
+             f"FD between real thin and thick test digits {c['fd_real_thin_test_to_thick_test']:.3f}.",
+             "", "## Transfer: variant + delta vs the variant's own solvers", "",
+             "Reference: the variant's 100-step DDIM samples. `teacher + delta` (the PeRFlow student of the "
+             "original teacher, never fine-tuned) is the control: what the delta gives without the variant.", ""]
+    lines += _table(report["rows"], "variant@100", "thick test digits")
+    lines += ["", "## In distribution: the delta on the teacher it was learned on", "",
+              "Reference: the original teacher's 100-step DDIM samples.", ""]
+    lines += _table(report["in_distribution_rows"], "teacher@100", "thin test digits")
     if report["lora_relative_error_of_delta"]:
         errs = ", ".join(f"r={r}: {e:.4f}" for r, e in report["lora_relative_error_of_delta"].items())
-        lines += [f"- relative error ||delta - LoRA - rest|| / ||delta|| of the LoRA rows: {errs}"]
+        lines += ["", f"LoRA rows: relative error ||delta - (LoRA + rest)|| / ||delta|| = {errs}."]
     lines += ["", f"Time (s, {report['threads']} threads): {report['seconds']}", ""]
     return "\n".join(lines)
 

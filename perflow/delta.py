@@ -22,8 +22,8 @@ exactly when ``student - teacher`` is exact in fp32, which holds for every
 weight with ``teacher/2 <= student <= 2 teacher`` (Sterbenz), and in general
 whenever any fp32 delta can (the rounded difference is the fp32 number nearest the
 exact one). The few weights left (one that shrinks towards zero or changes sign,
-so ``|delta| > |student|`` and ``teacher + delta`` lies on a coarser grid than
-``student``) come back within half an ulp of the delta. An fp64 delta
+so ``|delta| > |student|`` and the fp32 deltas near ``student - teacher`` are spaced
+no finer than the fp32 numbers near ``student``) come back within one ulp of the delta. An fp64 delta
 (``dtype=torch.float64``) is exact for every weight.
 """
 
