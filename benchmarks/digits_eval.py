@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-solver-steps", type=int, default=8, help="n, teacher DDIM steps per window")
     p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--time-sampling", choices=("uniform", "u_shaped"), default="uniform",
+                   help="training time distribution inside each window (u_shaped: more weight near the window ends)")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--reference-steps", type=int, default=100)
     p.add_argument("--guidance-scale", type=float, default=1.0)
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     timings = {}
     budget = dict(
         max_steps=args.max_steps, batch_size=args.batch_size, num_solver_steps=args.num_solver_steps,
-        learning_rate=args.learning_rate, seed=args.seed,
+        learning_rate=args.learning_rate, seed=args.seed, time_sampling=args.time_sampling,
     )
     for name, k in (("perflow_k4", 4), ("reflow_k1", 1)):
         if args.skip_training or (args.train_only and args.train_only != name):
@@ -74,21 +76,24 @@ def main(argv: list[str] | None = None) -> None:
     timings["evaluate_s"] = round(time.perf_counter() - t0, 1)
     result.meta["command"] = command_line(["python", "benchmarks/digits_eval.py", *(argv if argv is not None else os.sys.argv[1:])])
     result.meta["training_budget"] = budget
-    if args.skip_training:
-        result.meta["notes_training"] = (
-            "students trained beforehand by `python benchmarks/digits_eval.py --train-only perflow_k4|reflow_k1` "
-            "with the same budget flags"
-        )
+
     result.meta["timings"] = timings
     result.meta["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     result.meta["notes"] = [
         f"Students: PeRFlow K=4 (diff_eps) and whole-range reflow K=1 (diff_eps), each trained {args.max_steps} steps "
-        f"at batch {args.batch_size}, lr {args.learning_rate}, n={args.num_solver_steps} teacher DDIM steps per window "
+        f"at batch {args.batch_size}, lr {args.learning_rate}, {args.time_sampling} time sampling, n={args.num_solver_steps} teacher DDIM steps per window "
         "(so both cost the same teacher evaluations per training sample), EMA weights, from the shipped digits teacher.",
         "Baselines: the teacher with diffusers DDIM, DPM-Solver++ (2M) and UniPC, trailing timestep spacing, "
         "ending at the teacher's last noise level abar[0] like the reference.",
         f"Wall-clock (s, shared CPU): {timings}.",
     ]
+    if args.skip_training:
+        flags = f"--max-steps {args.max_steps} --batch-size {args.batch_size} --num-solver-steps {args.num_solver_steps} " \
+                f"--learning-rate {args.learning_rate} --time-sampling {args.time_sampling} --seed {args.seed} --work-dir {args.work_dir}"
+        result.meta["notes"].append(
+            "The students were trained beforehand, in two parallel processes, by "
+            f"`python benchmarks/digits_eval.py --train-only perflow_k4 {flags}` and the same with `--train-only reflow_k1`."
+        )
     out = Path(args.results_dir)
     write_results(result, out / "digits_eval.json", out / "digits_eval.md", "Benchmark: digits (8x8, class-conditional)")
     print(markdown_report(result, "Benchmark: digits (8x8, class-conditional)"))

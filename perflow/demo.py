@@ -36,7 +36,7 @@ class DemoConfig:
 
     output_dir: str = "perflow-demo"
     teacher: str = "digits"
-    max_steps: int = 300
+    max_steps: int = 200
     """PeRFlow (and reflow baseline) training steps on the digits."""
     batch_size: int = 64
     num_solver_steps: int = 8
@@ -154,8 +154,9 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     tr = toy.trajectories
     panels = [
         (f"teacher probability-flow ODE (DDIM {cfg.reference_steps} steps)", *tr[f"teacher ddim@{cfg.reference_steps}"]),
-        ("PeRFlow K=4, 4 steps (one per window)", *tr["perflow (K=4)@4"]),
-        ("whole-range reflow K=1, 4 steps", *tr["reflow (K=1)@4"]),
+        (f"PeRFlow K=4 student's ODE ({cfg.flow_steps} Euler steps)", *tr[f"perflow (K=4)@{cfg.flow_steps}"]),
+        ("PeRFlow K=4 sampled with 4 steps (one per window)", *tr["perflow (K=4)@4"]),
+        (f"whole-range reflow K=1 ({cfg.flow_steps} Euler steps)", *tr[f"reflow (K=1)@{cfg.flow_steps}"]),
     ]
     panels = [(label, traj, _window_marks(times, cfg.reference_steps)) for label, traj, times in panels]
     files.append(save_trajectory_plot(panels, out / "toy2d_trajectories.png", density=density_grid(gmm),

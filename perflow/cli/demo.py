@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--output-dir", default="perflow-demo", help="folder for results, pictures and students (default: perflow-demo)")
     p.add_argument("--quick", action="store_true", help="a reduced run (well under a minute) to check the installation")
-    p.add_argument("--max-steps", type=int, default=None, help="digits training steps per student (default 300; --quick: 2)")
+    p.add_argument("--max-steps", type=int, default=None, help="digits training steps per student (default 200; --quick: 2)")
     p.add_argument("--batch-size", type=int, default=None, help="digits training batch size (default 64)")
     p.add_argument("--num-samples", type=int, default=None, help="evaluation samples per sampler (default 500)")
     p.add_argument("--toy-steps", type=int, default=None, help="2-D MLP training steps (default 600)")

@@ -152,6 +152,8 @@ def compare_samplers(
         if s.kind in ("perflow", "reflow"):
             res = sample(s.model_fn, s.make_scheduler(), noise, flow_steps, return_trajectory=True)
             straight[f"{s.name} ({flow_steps} steps)"] = flow(res.trajectory, res.times)
+            if keep_trajectories:
+                trajectories[f"{s.name}@{flow_steps}"] = (res.trajectory[:, :keep_trajectories].cpu(), res.times)
     meta = {
         "steps": list(steps), "reference_steps": reference_steps, "straightness": straight,
         "straightness_windows": [float(b) for b in flow_boundaries],

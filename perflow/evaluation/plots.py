@@ -67,7 +67,7 @@ def save_trajectory_plot(
     ``(X, Y, log p)`` grids drawn as contours; ``data`` ``(M, 2)`` exact samples drawn faintly.
     """
     plt = _figure()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), dpi=110, squeeze=False)
     for ax, (label, states, marked) in zip(axes[0], panels):
         if density is not None:
             X, Y, logp = density
@@ -80,7 +80,7 @@ def save_trajectory_plot(
         m = marked.numpy().astype(bool)
         ax.scatter(s[m, :, 0].ravel(), s[m, :, 1].ravel(), s=5, c="black", zorder=3)
         ax.scatter(s[-1, :, 0], s[-1, :, 1], s=9, c="tab:green", zorder=4)
-        ax.set_title(label, fontsize=9)
+        ax.set_title(label, fontsize=8)
         ax.set_aspect("equal")
         ax.set_xlim(-3.2, 3.2)
         ax.set_ylim(-3.2, 3.2)
