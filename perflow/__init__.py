@@ -6,7 +6,7 @@ Public API (imported lazily, so ``import perflow`` stays cheap):
 - maths: :mod:`perflow.windows`, :mod:`perflow.parameterization`, :func:`solve_window`
 - training: :class:`TrainConfig`, :func:`train`
 - plug-and-play: :func:`extract_delta`, :func:`merge_delta`, :func:`load_delta`,
-  :func:`save_delta`, :func:`delta_to_lora`
+  :func:`save_delta`, :func:`delta_to_lora`, :func:`load_pipeline`
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ _LAZY = {
     "load_delta": "perflow.delta",
     "save_delta": "perflow.delta",
     "delta_to_lora": "perflow.delta",
+    "load_pipeline": "perflow.delta",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
