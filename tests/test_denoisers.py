@@ -11,13 +11,7 @@ from perflow.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 from perflow.training.teachers import SDTeacher, SDXLTeacher, teacher_from_pipeline
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ProbeUNet(nn.Module):

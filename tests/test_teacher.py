@@ -19,13 +19,7 @@ from perflow.teacher import solve_window
 from perflow.windows import abar_at, check_boundaries, window_bounds
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MU, S = 0.7, 0.3
 

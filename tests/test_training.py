@@ -19,13 +19,7 @@ from perflow.training.teachers import tiny_class_teacher
 from perflow.training.time_sampling import make_time_sampler, u_shaped_fraction
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits(n: int = 256):
