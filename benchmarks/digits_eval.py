@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--time-sampling", choices=("uniform", "u_shaped"), default="uniform",
                    help="training time distribution inside each window (u_shaped: more weight near the window ends)")
+    p.add_argument("--loss-weighting", choices=("none", "window_end"), default="window_end",
+                   help="window_end: weight the loss so it is the squared error of the predicted window end "
+                        "(the digits recipe's default); none: plain MSE on the parameterization's target")
+    p.add_argument("--prediction-type", choices=("diff_eps", "ddim_eps", "velocity"), default="diff_eps")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--reference-steps", type=int, default=100)
     p.add_argument("--guidance-scale", type=float, default=1.0)
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     budget = dict(
         max_steps=args.max_steps, batch_size=args.batch_size, num_solver_steps=args.num_solver_steps,
         learning_rate=args.learning_rate, seed=args.seed, time_sampling=args.time_sampling,
+        loss_weighting=args.loss_weighting, prediction_type=args.prediction_type,
     )
     for name, k in (("perflow_k4", 4), ("reflow_k1", 1)):
         if args.skip_training or (args.train_only and args.train_only != name):
@@ -80,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     result.meta["timings"] = timings
     result.meta["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     result.meta["notes"] = [
-        f"Students: PeRFlow K=4 (diff_eps) and whole-range reflow K=1 (diff_eps), each trained {args.max_steps} steps "
-        f"at batch {args.batch_size}, lr {args.learning_rate}, {args.time_sampling} time sampling, n={args.num_solver_steps} teacher DDIM steps per window "
+        f"Students: PeRFlow K=4 ({args.prediction_type}) and whole-range reflow K=1 ({args.prediction_type}), each trained "
+        f"{args.max_steps} steps at batch {args.batch_size}, lr {args.learning_rate}, {args.time_sampling} time sampling, "
+        f"loss weighting {args.loss_weighting}, n={args.num_solver_steps} teacher DDIM steps per window "
         "(so both cost the same teacher evaluations per training sample), EMA weights, from the shipped digits teacher.",
         "Baselines: the teacher with diffusers DDIM, DPM-Solver++ (2M) and UniPC, trailing timestep spacing, "
         "ending at the teacher's last noise level abar[0] like the reference.",
@@ -89,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.skip_training:
         flags = f"--max-steps {args.max_steps} --batch-size {args.batch_size} --num-solver-steps {args.num_solver_steps} " \
-                f"--learning-rate {args.learning_rate} --time-sampling {args.time_sampling} --seed {args.seed} --work-dir {args.work_dir}"
+                f"--learning-rate {args.learning_rate} --time-sampling {args.time_sampling} --loss-weighting {args.loss_weighting} " \
+                f"--prediction-type {args.prediction_type} --seed {args.seed} --work-dir {args.work_dir}"
         result.meta["notes"].append(
             "The students were trained beforehand, in two parallel processes, by "
             f"`python benchmarks/digits_eval.py --train-only perflow_k4 {flags}` and the same with `--train-only reflow_k1`."

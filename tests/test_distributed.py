@@ -39,6 +39,8 @@ WORKER = textwrap.dedent(
     dist.all_gather_object(sums, h.hexdigest())
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"world": world, "processes": result.num_processes, "sums": sums, "changed": changed, "losses": result.losses}, f)
+    dist.barrier()
+    dist.destroy_process_group()  # a gloo group left to the interpreter's exit can abort the process
     '''
 )
 

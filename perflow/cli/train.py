@@ -72,4 +72,15 @@ def run(args: argparse.Namespace) -> int:
     if result.files:
         print(f"trained {result.global_step} steps ({result.samples_per_second:.1f} samples/s); "
               f"student and scheduler in {result.output_dir}")
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down the distributed group the launcher gave this command (a gloo group left to the
+    interpreter's exit can abort the process after the work is done)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
