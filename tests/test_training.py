@@ -48,10 +48,11 @@ def _eval_loss(student, teacher, cfg: TrainConfig, batch) -> float:
 
 
 @pytest.mark.slow
-def test_training_lowers_the_objective(tmp_path):
+@pytest.mark.parametrize("weighting", ["none", "window_end"])
+def test_training_lowers_the_objective(tmp_path, weighting):
     teacher = tiny_class_teacher(seed=0)
     data = _digits(512)
-    cfg = load_config("digits", _fast(tmp_path, max_steps=120, batch_size=16))
+    cfg = load_config("digits", _fast(tmp_path, max_steps=120, batch_size=16, loss_weighting=weighting))
     from perflow.training.data import collate
 
     held = collate([data[i] for i in range(256)])
@@ -59,7 +60,10 @@ def test_training_lowers_the_objective(tmp_path):
     result = train(cfg, teacher=teacher, dataset=data)
     after = _eval_loss(result.student, teacher, cfg, held)
     assert result.global_step == 120 and len(result.losses) == 120
-    assert after < 0.7 * before, (before, after)
+    # the paper's plain MSE drops by well over a third in 120 steps; the window-end weighting puts most
+    # weight on samples near window starts, the hardest to fit, so only a decrease is asserted for it
+    # (what it is for, a better few-step sampler, is checked below and in benchmarks/digits_eval.py)
+    assert after < (0.7 if weighting == "none" else 1.0) * before, (before, after)
     assert result.teacher_evals_per_sample == 2
     # and the 4-step student moved towards the teacher's own ODE solution from the same noise
     from perflow.training.validation import trajectory_error
