@@ -46,11 +46,7 @@ def save_sample_grid(
     ax.set_xticks([])
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return _save_png(fig, path)
 
 
 def save_trajectory_plot(
@@ -86,6 +82,12 @@ def save_trajectory_plot(
         ax.set_ylim(-3.2, 3.2)
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as PNG atomically and close it."""
+    plt = _figure()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
