@@ -106,7 +106,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     reflow_dir = None
     if cfg.reflow_baseline:
         t1 = time.perf_counter()
-        say(f"[2/4] whole-range reflow baseline (K=1), same budget")
+        say("[2/4] whole-range reflow baseline (K=1), same budget")
         _train_student(cfg, 1, out / "reflow_student")
         reflow_dir = str(out / "reflow_student")
         timings["train_reflow_s"] = time.perf_counter() - t1
@@ -172,7 +172,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     for line in verdicts(toy):
         say(f"- {line}")
     say("")
-    say(f"stage times (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in timings.items()))
+    say("stage times (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in timings.items()))
     say("files:")
     for f in files:
         say(f"  {f}")

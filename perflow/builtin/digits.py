@@ -9,6 +9,8 @@ diffusion teacher is trained on) and optionally resized (bilinear) to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -73,10 +75,8 @@ def load_digits_dataset(split: str = "train", image_size: int = 8) -> Dataset:
     return DigitsDataset(split, image_size)
 
 
-def digits_teacher_path() -> "Path":
+def digits_teacher_path() -> Path:
     """Folder of the shipped digits teacher (``unet/``, ``scheduler/``, ``label_encoder/``)."""
-    from pathlib import Path
-
     path = Path(__file__).parent / "weights" / "digits_teacher"
     if not (path / "unet").is_dir():
         raise FileNotFoundError(
