@@ -36,12 +36,26 @@ from perflow.delta import (
     MergeReport,
     _atomic_save_safetensors,
     _scheduler_metadata,
+    check_base_config,
+    check_scale,
     load_delta,
     merge_state_dict,
     perflow_scheduler_from_metadata,
 )
-from perflow.state_dicts import _VOLATILE_CONFIG_KEYS as _VOLATILE
-from perflow.state_dicts import StateDict, config_fingerprint
+from perflow.state_dicts import (
+    StateDict,
+    check_output_path,
+    config_differences,
+    config_fingerprint,
+    is_perflow_scheduler_config,
+    output_mode,
+    read_json,
+    read_safetensors,
+    remove_stale_temps,
+    safetensors_header,
+    temp_prefix,
+    writing,
+)
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 SCHEDULER_ENTRY = ["perflow.scheduler", "PeRFlowScheduler"]
@@ -78,13 +92,15 @@ def weight_files(folder: str | os.PathLike) -> dict[str, list[Path]]:
 
 
 def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
-    """The tensors of one variant's (possibly sharded) safetensors files."""
-    from safetensors.torch import load_file
-
+    """The tensors of one variant's (possibly sharded) safetensors files (a damaged file is an error naming it)."""
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(load_file(str(f)))
+        sd.update(read_safetensors(f)[0])
     return sd
+
+
+def _variant_files(groups: Mapping[str, list[Path]]) -> str:
+    return ", ".join(f"{v or 'default'} ({', '.join(f.name for f in files)})" for v, files in sorted(groups.items()))
 
 
 def read_model_folder(path: str | os.PathLike, variant: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -97,26 +113,23 @@ def read_model_folder(path: str | os.PathLike, variant: str | None = None) -> tu
     groups = weight_files(folder)
     if variant is None:
         if "" not in groups and len(groups) > 1:
-            raise ValueError(f"{str(folder)!r} holds weight variants {sorted(groups)}; say which one to read")
+            raise ValueError(f"{str(folder)!r} holds weight variants {_variant_files(groups)}; say which one to read")
         variant = "" if "" in groups else next(iter(groups))
     if variant not in groups:
-        raise ValueError(f"{str(folder)!r} has no {variant!r} weights; it has {sorted(groups)}")
-    return read_weights(groups[variant]), json.loads((folder / "config.json").read_text())
+        raise ValueError(f"{str(folder)!r} has no {variant!r} weights; it has {_variant_files(groups)}")
+    return read_weights(groups[variant]), read_json(folder / "config.json")
 
 
 def read_scheduler_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """``scheduler/scheduler_config.json`` of a pipeline or teacher folder, if there is one."""
     f = Path(path) / "scheduler" / "scheduler_config.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    return read_json(f) if f.is_file() else None
 
 
 def _write_model_weights(files: list[Path], sd: StateDict) -> None:
     """Rewrite safetensors shards with ``sd``, keeping each shard's keys and metadata."""
-    from safetensors import safe_open
-
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            keys, meta = list(h.keys()), h.metadata() or {}
+        keys, meta = safetensors_header(f)
         _atomic_save_safetensors({k: sd[k] for k in keys}, f, meta)
 
 
@@ -146,13 +159,13 @@ def load_pipeline(path: str | os.PathLike, **kwargs: Any):
     if not index_file.is_file():
         raise ValueError(f"{str(path)!r} is not a pipeline folder (no model_index.json)")
     sched_cfg = read_scheduler_config(path)
-    if sched_cfg is None or "PeRFlow" not in str(sched_cfg.get("_class_name", "")):
+    if not is_perflow_scheduler_config(sched_cfg):
         raise ValueError(
             f"{str(path)!r} has no PeRFlow scheduler config (scheduler/scheduler_config.json with "
             "_class_name PeRFlowScheduler); merge a delta into it first: perflow delta merge --delta D --into MODEL -o OUT"
         )
     scheduler = kwargs.pop("scheduler", None) or PeRFlowScheduler.from_config(sched_cfg)
-    index = json.loads(index_file.read_text())
+    index = read_json(index_file)
     if index.get("scheduler") == SCHEDULER_ENTRY:
         return DiffusionPipeline.from_pretrained(str(path), scheduler=scheduler, **kwargs)
     with tempfile.TemporaryDirectory(prefix="perflow-pipe-") as view:
@@ -171,7 +184,7 @@ def _write_pipeline_scheduler(folder: Path, metadata: Mapping[str, Any]) -> dict
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     index_file = folder / "model_index.json"
     if index_file.is_file():
-        index = json.loads(index_file.read_text())
+        index = read_json(index_file)
         index["scheduler"] = SCHEDULER_ENTRY
         index_file.write_text(json.dumps(index, indent=2))
     return config
@@ -277,11 +290,7 @@ def merge_single_file(
     UNet tensors are summed in fp32 and saved in their stored dtype; VAE, text
     encoder and any other tensors are copied unchanged, as is the file's metadata.
     """
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as h:
-        meta = h.metadata() or {}
-        full = {k: h.get_tensor(k) for k in h.keys()}
+    full, meta = read_safetensors(path)
     key_map = ldm_unet_key_map(list(full), unet_config)  # diffusers -> ldm
     mapped = {dk: full[lk] for dk, lk in key_map.items()}
     merged, report = merge_state_dict(mapped, delta, scale, strict, partial)
@@ -296,7 +305,12 @@ def merge_single_file(
 
 def _unet_config_for(metadata: Mapping[str, Any], config_from: str | os.PathLike | None) -> dict[str, Any]:
     if config_from is not None:
-        return read_model_folder(config_from)[1] if Path(config_from).is_dir() else json.loads(Path(config_from).read_text())
+        if Path(config_from).is_dir():
+            folder = model_folder(config_from)
+            return read_json(folder / "config.json")
+        if not Path(config_from).is_file():
+            raise FileNotFoundError(f"no UNet config at {str(config_from)!r}; give a UNet folder or its config.json")
+        return read_json(config_from)
     base = metadata.get("base_model")
     if isinstance(base, Mapping) and isinstance(base.get("config"), Mapping):
         return dict(base["config"])
@@ -312,12 +326,35 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite:
             raise ValueError(f"{str(out)!r} exists; choose another output or pass overwrite=True (CLI: --overwrite)")
-        old = out.with_name(f".{out.name}.old")
+        old = out.with_name(f"{temp_prefix(out)}old")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
+
+
+def check_merge_output(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written or that would clobber the model.
+
+    ``out`` inside the model folder would copy the copy into itself; a model inside ``out``
+    would be deleted by ``overwrite``; an existing ``out`` needs ``overwrite``; and the path must
+    be writable (see :func:`perflow.state_dicts.check_output_path`).
+    """
+    model, out = Path(model), Path(out)
+    m, o = model.resolve(), out.resolve()
+    if model.is_dir() and m != o and m in o.parents:
+        raise ValueError(f"the output {str(out)!r} lies inside the model folder {str(model)!r}; write it elsewhere")
+    if o in m.parents:
+        raise ValueError(f"the model {str(model)!r} lies inside the output {str(out)!r}; writing there would delete it")
+    if model.is_file() and out.suffix != ".safetensors":
+        raise ValueError(f"merging into a single-file checkpoint writes one .safetensors file; got -o {str(out)!r}")
+    if model.is_dir() and out.suffix == ".safetensors":
+        raise ValueError(f"merging into a folder writes a folder; got -o {str(out)!r} (a .safetensors name)")
+    if out.exists() and not overwrite:
+        what = "is the model itself; merging in place needs" if m == o else "exists; choose another output or pass"
+        raise ValueError(f"{str(out)!r} {what} overwrite=True (CLI: --overwrite)")
+    check_output_path(out, folder=model.is_dir())
 
 
 def merge_into_path(
@@ -330,6 +367,7 @@ def merge_into_path(
     strict: bool = True,
     unet_config: str | os.PathLike | None = None,
     overwrite: bool = False,
+    variant: str | None = None,
 ) -> MergeReport:
     """Merge a delta into a model on disk and write the result to ``out``.
 
@@ -340,40 +378,52 @@ def merge_into_path(
     - ``model`` a single-file ``.safetensors`` checkpoint: ``out`` is a single file in the
       same layout (needs the UNet config, from the delta metadata or ``unet_config``).
 
-    Sums are fp32 and results keep the model's dtype. Writes are atomic.
+    Sums are fp32 and results keep the model's dtype. Writes are atomic: the output is
+    built in a temporary sibling (``.OUT.perflow-PID-*``, removed on failure, and on the next
+    run if the process was killed) and renamed into place, with the permissions a new file or
+    folder gets under the umask. The output is checked before any work (see
+    :func:`check_merge_output`); a model config that differs from the delta's recorded
+    teacher config is warned about. ``variant`` picks the weights of a delta folder.
     """
-    if isinstance(delta, (str, os.PathLike)):
-        delta, file_meta = load_delta(delta)
-        metadata = {**file_meta, **(metadata or {})}
-    metadata = dict(metadata or {})
-    partial = bool(metadata.get("partial", False))
+    check_scale(scale)
     model, out = Path(model), Path(out)
     if not model.exists():
         raise FileNotFoundError(f"no model at {str(model)!r}")
+    if model.is_file() and model.suffix != ".safetensors":
+        raise ValueError(f"{str(model)!r} is not a .safetensors single-file checkpoint; perflow never unpickles weights")
+    check_merge_output(model, out, overwrite)
+    if isinstance(delta, (str, os.PathLike)):
+        delta, file_meta = load_delta(delta, variant=variant)
+        metadata = {**file_meta, **(metadata or {})}
+    metadata = dict(metadata or {})
+    partial = bool(metadata.get("partial", False))
+    remove_stale_temps(out)
     if model.is_file():
-        if model.suffix != ".safetensors" or out.suffix != ".safetensors":
-            raise ValueError("a single-file model and its merged output must both be .safetensors files")
-        if out.exists() and not overwrite:
-            raise ValueError(f"{str(out)!r} exists; choose another output or pass overwrite=True (CLI: --overwrite)")
-        return merge_single_file(model, delta, out, _unet_config_for(metadata, unet_config), scale, strict, partial)
+        config = _unet_config_for(metadata, unet_config)
+        check_base_config(config, metadata)
+        return merge_single_file(model, delta, out, config, scale, strict, partial)
     src = model_folder(model)
+    check_base_config(read_json(src / "config.json"), metadata)
     groups = weight_files(src)
     # every weight variant (plain, fp16, ...) is merged; the plain one's report is returned
     merges = {v: merge_state_dict(read_weights(files), delta, scale, strict, partial) for v, files in groups.items()}
     report = merges["" if "" in merges else next(iter(merges))][1]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
-        shutil.copytree(model, tmp, dirs_exist_ok=True)
-        dst = tmp / src.relative_to(model)
-        for stale in dst.glob("diffusion_pytorch_model*.bin"):
-            warnings.warn(f"dropping unmerged pickled weights {stale.name} from the output", stacklevel=2)
-            stale.unlink()
-        for variant, files in groups.items():
-            _write_model_weights([dst / f.name for f in files], merges[variant][0])
-        if src != model:  # a pipeline or teacher folder: also its scheduler
-            _write_pipeline_scheduler(tmp, metadata)
-        _replace_dir(tmp, out, overwrite)
+        with writing(out):
+            shutil.copytree(model, tmp, dirs_exist_ok=True)
+            os.chmod(tmp, output_mode(folder=True))
+            dst = tmp / src.relative_to(model)
+            for stale in dst.glob("diffusion_pytorch_model*.bin"):
+                warnings.warn(f"dropping unmerged pickled weights {stale.name} from the output", stacklevel=2)
+                stale.unlink()
+            for v, files in groups.items():
+                _write_model_weights([dst / f.name for f in files], merges[v][0])
+            if src != model:  # a pipeline or teacher folder: also its scheduler
+                _write_pipeline_scheduler(tmp, metadata)
+            _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -404,7 +454,7 @@ def scheduler_metadata_for(
              "window_boundaries": window_boundaries}
     given = {k: v for k, v in given.items() if v is not None}
     student_cfg = read_scheduler_config(student)
-    if student_cfg and "PeRFlow" in str(student_cfg.get("_class_name", "")):
+    if is_perflow_scheduler_config(student_cfg):
         sched = PeRFlowScheduler.from_config(student_cfg)
         found = {"num_time_windows": sched.config.num_time_windows, "prediction_type": sched.config.prediction_type,
                  "window_boundaries": sched.config.window_boundaries}
@@ -451,8 +501,7 @@ def extract_from_folders(
     s_sd, s_cfg = read_model_folder(student)
     t_sd, t_cfg = read_model_folder(teacher)
     if config_fingerprint(s_cfg) != config_fingerprint(t_cfg):
-        diff = sorted(k for k in set(s_cfg) | set(t_cfg) if k not in _VOLATILE and s_cfg.get(k) != t_cfg.get(k))
-        warnings.warn(f"student and teacher configs differ in {diff}", stacklevel=2)
+        warnings.warn(f"student and teacher configs differ in {config_differences(s_cfg, t_cfg)}", stacklevel=2)
     meta: dict[str, Any] = scheduler_metadata_for(student, teacher, num_time_windows, prediction_type, window_boundaries)
     delta = extract_delta(s_sd, t_sd, dtype=dtype)
     meta["base_model"] = base_model_info(t_sd, name=base_name or str(Path(teacher).resolve()), config=t_cfg)
@@ -469,11 +518,14 @@ def extract_from_folders(
 # ----------------------------------------------------------------------------- released delta folders
 
 
-def load_delta_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_delta_folder(path: str | os.PathLike, variant: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The released SD1.5 delta format: a diffusers UNet folder (or a folder with ``unet/``) of deltas.
 
     Metadata: ``format = "diffusers_unet_delta"``, ``source``, ``unet_config`` and, when a
-    ``scheduler/`` folder sits beside it, that config's PeRFlow settings.
+    ``scheduler/`` folder sits beside it, that config's PeRFlow settings. A folder holding
+    several weight variants (``diffusion_pytorch_model.safetensors`` and ``...fp16.safetensors``)
+    needs ``variant`` (``"fp16"``; ``""`` for the default file): the variants differ in
+    precision, so picking one silently would be a guess.
     """
     root = Path(path)
     try:
@@ -484,11 +536,20 @@ def load_delta_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             f"diffusion_pytorch_model.safetensors in it or in its unet/ subfolder; "
             f"perflow never unpickles weights ({err})"
         ) from None
-    sd, config = read_model_folder(folder)
+    groups = weight_files(folder)
+    if variant is None and len(groups) > 1:
+        named = sorted(v for v in groups if v)
+        raise ValueError(
+            f"the delta folder {str(folder)!r} holds weight variants {_variant_files(groups)}; say which one: "
+            f"variant={named[0]!r} (CLI: --variant {named[0]}), or variant='' for the default file"
+        )
+    sd, config = read_model_folder(folder, variant=variant)
     meta: dict[str, Any] = {"format": "diffusers_unet_delta", "source": str(root), "unet_config": config}
+    if variant:
+        meta["variant"] = variant
     for sched_dir in (root / "scheduler", folder.parent / "scheduler"):
         cfg = sched_dir / "scheduler_config.json"
         if cfg.is_file():
-            meta.update(_scheduler_metadata(json.loads(cfg.read_text())))
+            meta.update(_scheduler_metadata(read_json(cfg)))
             break
     return sd, meta

@@ -17,21 +17,28 @@ prediction type, the CFG mode and the PeRFlow scheduler config, each value a
 JSON-encoded string. :func:`load_delta` also reads the released SD1.5 format (a
 diffusers UNet folder whose weights are the deltas).
 
-Bit-exactness: merging an fp32 delta into the teacher reproduces the student
-exactly when ``student - teacher`` is exact in fp32, which holds for every
-weight with ``teacher/2 <= student <= 2 teacher`` (Sterbenz), and in general
-whenever any fp32 delta can (the rounded difference is the fp32 number nearest the
-exact one). The few weights left (one that shrinks towards zero or changes sign,
-so ``|delta| > |student|`` and the fp32 deltas near ``student - teacher`` are spaced
-no finer than the fp32 numbers near ``student``) come back within one ulp of the delta. An fp64 delta
-(``dtype=torch.float64``) is exact for every weight.
+Bit-exactness, for a student weight ``s`` and teacher weight ``t`` (both fp32):
+
+- fp32 delta ``d = fl32(s - t)``: ``fl32(t + d) == s`` whenever any fp32 delta can
+  give ``s`` (``d`` is the fp32 number nearest the exact difference); always when
+  ``s - t`` is exact in fp32, e.g. ``t/2 <= s <= 2 t`` (Sterbenz). The weights left
+  (one that shrinks towards zero or changes sign, so ``|d| > |s|`` and the fp32 deltas
+  near ``s - t`` are spaced no finer than the fp32 numbers near ``s``) come back
+  within one ulp of ``d``.
+- fp64 delta (``dtype=torch.float64``) ``d = fl64(s - t)``, merged in fp64 and rounded
+  once: ``fl32(fl64(t + d)) == s`` whenever ``|s| >= 2^-28 |t|`` (then either ``s - t``
+  fits in 53 bits, so ``d`` is exact and ``t + d = s`` exactly, or ``|t| < 2^-28 |s|`` and
+  the fp64 roundings stay far below half an fp32 ulp of ``s``). A weight that shrinks by
+  more than ``2^28`` (about 2.7e8) loses bits in ``d`` itself: the fp64 sum is within
+  ``2^-52 (|s| + |t|)`` of ``s`` and may round to another fp32 number (or 0).
+  (``tests/test_delta.py`` checks both statements on 200k weights across magnitudes.)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +53,14 @@ from perflow.state_dicts import (  # noqa: F401  (re-exported: part of this modu
     StateDict,
     _denoiser,
     _listing,
+    atomic_path,
     compare_keys,
+    config_differences,
     config_fingerprint,
+    is_perflow_scheduler_config,
     keys_fingerprint,
     plan_merge,
+    read_safetensors,
     state_dict_of,
     weights_sha256,
 )
@@ -69,8 +80,10 @@ def extract_delta(student: Any, teacher: Any, dtype: torch.dtype = torch.float32
     and are left out. ``fl32(student - teacher)`` is the fp32 number nearest the
     exact difference, so whenever some fp32 delta reproduces a student weight under
     ``teacher + delta``, this one does (see the module docstring).
-    ``dtype=torch.float64`` stores the exact difference of fp32 weights (twice the
-    size): merging it into the teacher then returns the fp32 student bit for bit.
+    ``dtype=torch.float64`` stores ``fl64(student - teacher)`` (twice the size), exact and
+    merging back to the fp32 student bit for bit wherever ``|student| >= 2^-28 |teacher|``;
+    a weight that shrank by more than that comes back within ``2^-52 (|s| + |t|)`` before
+    the final rounding to fp32 (see the module docstring).
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"a delta is stored in float32 or float64, got {dtype}")
@@ -119,19 +132,11 @@ def base_model_info(teacher: Any, name: str | None = None, config: Mapping[str, 
 
 
 def _atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary sibling (see :func:`perflow.state_dicts.atomic_path`)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".tmp") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
@@ -155,8 +160,8 @@ def save_delta(delta: Mapping[str, torch.Tensor], path: str | os.PathLike, metad
 
     Recommended metadata keys: ``base_model`` (see :func:`base_model_info`),
     ``num_time_windows``, ``prediction_type``, ``cfg_mode``, ``window_boundaries``,
-    ``scheduler_config`` (the ``PeRFlowScheduler`` config dict); ``format`` and
-    ``perflow_version`` are filled in.
+    ``scheduler_config`` (the ``PeRFlowScheduler`` config dict, e.g. ``dict(scheduler.config)``:
+    its ``_class_name`` is added when missing); ``format`` and ``perflow_version`` are filled in.
     """
     from perflow import __version__
 
@@ -168,13 +173,16 @@ def save_delta(delta: Mapping[str, torch.Tensor], path: str | os.PathLike, metad
         raise ValueError(f"delta values must be floating-point tensors; offending keys: {_listing(bad)}")
     meta = {"format": FORMAT, "perflow_version": __version__}
     meta.update(metadata or {})
+    sched = meta.get("scheduler_config")
+    if is_perflow_scheduler_config(sched) and not sched.get("_class_name"):
+        meta["scheduler_config"] = {"_class_name": "PeRFlowScheduler", **dict(sched)}
     keep = (torch.float32, torch.float64)
     tensors = {k: v if v.dtype in keep else v.float() for k, v in delta.items()}
     _atomic_save_safetensors(tensors, path, encode_metadata(meta))
     return path
 
 
-def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_delta(path: str | os.PathLike, variant: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a delta and its metadata.
 
     Accepts a ``.safetensors`` file written by :func:`save_delta` (or any
@@ -185,26 +193,25 @@ def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     when a ``scheduler/`` folder is present, its config as ``scheduler_config``.
     A LoRA written by ``perflow delta to-lora`` is read back as its low-rank delta
     ``B A`` (metadata ``"partial": true``: it carries no biases or norms).
+    ``variant``: which weights of a folder holding several (``"fp16"``, ...); a folder with
+    more than one variant and no ``variant`` is refused with the variants it holds.
+    A truncated or damaged file is a ``ValueError`` naming it.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no delta at {str(path)!r}")
     if path.is_dir():
         from perflow.checkpoint_formats import load_delta_folder
 
-        return load_delta_folder(path)
+        return load_delta_folder(path, variant=variant)
+    if variant is not None:
+        raise ValueError(f"variant={variant!r} selects weights of a delta folder, but {str(path)!r} is a single file; drop it")
     if path.suffix != ".safetensors":
         raise ValueError(
             f"{str(path)!r} is not a safetensors file; perflow never unpickles weights. "
             "Convert it to .safetensors first (e.g. with safetensors.torch.save_file after a weights_only load)."
         )
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
+    tensors, raw = read_safetensors(path)
     if any(".lora_A." in k or ".lora_down." in k for k in tensors):
         from perflow.lora import lora_file_to_delta
 
@@ -215,7 +222,8 @@ def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
 def _scheduler_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
     """Delta metadata (``scheduler_config``, ``num_time_windows``, ``prediction_type``, ...) from a scheduler config."""
     meta: dict[str, Any] = {"scheduler_config": dict(config)}
-    if "PeRFlow" in str(config.get("_class_name", "")):
+    if is_perflow_scheduler_config(config):
+        meta["scheduler_config"].setdefault("_class_name", "PeRFlowScheduler")
         for key in ("num_time_windows", "prediction_type", "window_boundaries"):
             if config.get(key) is not None:
                 meta[key] = config[key]
@@ -247,12 +255,32 @@ def _check_plan(report: KeyReport, strict: bool) -> None:
         warnings.warn("partial merge (strict=False), skipped: " + report.describe("delta", "model"), stacklevel=3)
 
 
+def check_scale(scale: float) -> float:
+    """A merge's ``scale``: a finite real number (NaN or infinity would write a NaN/inf model)."""
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a number, got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}; it would write a model of NaN/inf weights")
+    return float(scale)
+
+
+def _check_finite(delta: StateDict, keys: Any) -> None:
+    bad = [k for k in keys if not bool(torch.isfinite(delta[k]).all())]
+    if bad:
+        raise ValueError(
+            f"the delta holds NaN or infinite values in {len(bad)} tensor(s): {_listing(bad)}; "
+            "it is damaged or its training diverged: re-extract it from a healthy student"
+        )
+
+
 def merge_state_dict(
     model_sd: StateDict, delta: StateDict, scale: float = 1.0, strict: bool = True, partial: bool = False
 ) -> tuple[dict[str, torch.Tensor], MergeReport]:
     """``merged = cast(fp32(model) + scale * delta)`` for every matched tensor; others copied unchanged."""
+    check_scale(scale)
     mapping, report, addons, uncovered = plan_merge(model_sd, delta, partial)
     _check_plan(report, strict)
+    _check_finite(delta, mapping)
     out = dict(model_sd)
     for dk, mk in mapping.items():
         w = model_sd[mk]
@@ -272,9 +300,11 @@ def merge_into_module(
     module: nn.Module, delta: StateDict, scale: float = 1.0, strict: bool = True, partial: bool = False
 ) -> MergeReport:
     """Add ``scale * delta`` to ``module``'s parameters and buffers in place (fp32 sum, cast back)."""
+    check_scale(scale)
     sd = module.state_dict(keep_vars=True)
     mapping, report, addons, uncovered = plan_merge(sd, delta, partial)
     _check_plan(report, strict)
+    _check_finite(delta, mapping)
     with torch.no_grad():
         for dk, mk in mapping.items():
             p = sd[mk]
@@ -290,6 +320,7 @@ def merge_delta(
     metadata: Mapping[str, Any] | None = None,
     strict: bool = True,
     set_scheduler: bool = True,
+    variant: str | None = None,
 ) -> Any:
     """Make ``target`` a PeRFlow model: ``target[name] += scale * delta[name]`` (fp32 sum, model dtype kept).
 
@@ -301,41 +332,59 @@ def merge_delta(
     (whose metadata is then used). ``strict=False`` skips mismatched keys with a
     warning listing them; the default refuses any mismatch. A delta whose metadata
     says ``"partial": true`` (the non-LoRA rest of a LoRA export) may leave model
-    tensors uncovered.
+    tensors uncovered. ``variant`` picks the weights of a released delta folder holding
+    several (see :func:`load_delta`). A model whose config differs from the teacher config
+    the delta records gets a warning naming the differing fields.
     """
+    check_scale(scale)
     if isinstance(delta, (str, os.PathLike)):
-        delta, file_meta = load_delta(delta)
+        delta, file_meta = load_delta(delta, variant=variant)
         metadata = {**file_meta, **(metadata or {})}
+    elif variant is not None:
+        raise ValueError("variant= selects the weights of a delta folder; it needs a path, not a tensor dict")
     metadata = dict(metadata or {})
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a number, got {scale!r}")
     partial = bool(metadata.get("partial", False))
     if isinstance(target, Mapping):
         merged, _ = merge_state_dict(target, delta, scale, strict, partial)
         return merged
     module = _denoiser(target)
-    _check_base(module, metadata)
+    check_base_config(getattr(module, "config", None), metadata)
     merge_into_module(module, delta, scale, strict, partial)
     if module is not target and set_scheduler:
         target.scheduler = perflow_scheduler_from_metadata(metadata, base_config=dict(target.scheduler.config))
     return target
 
 
-def _check_base(module: nn.Module, metadata: Mapping[str, Any]) -> None:
-    """Warn when the model's config differs from the teacher's recorded config in any field."""
-    base = metadata.get("base_model") or {}
-    recorded = base.get("config") if isinstance(base, Mapping) else None
-    config = getattr(module, "config", None)
+def recorded_config(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The teacher's model config a delta records (``base_model.config``, or a released folder's ``unet_config``)."""
+    base = metadata.get("base_model")
+    for config in (base.get("config") if isinstance(base, Mapping) else None, metadata.get("unet_config")):
+        if isinstance(config, Mapping) and config:
+            return dict(config)
+    return None
+
+
+def check_base_config(config: Mapping[str, Any] | None, metadata: Mapping[str, Any]) -> list[str]:
+    """Warn when a model's config differs from the delta's recorded teacher config; return the differing fields.
+
+    Same shapes do not make the same model: ``act_fn``, ``norm_eps`` and the like change what the
+    weights compute. The warning names each differing field with both values.
+    """
+    recorded = recorded_config(metadata)
     if not recorded or config is None:
-        return
-    ours = {k: v for k, v in dict(config).items() if k not in _VOLATILE_CONFIG_KEYS}
-    diff = [k for k in set(recorded) | set(ours) if json.dumps(recorded.get(k), default=str) != json.dumps(ours.get(k), default=str)]
+        return []
+    ours = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    recorded = {k: v for k, v in recorded.items() if not k.startswith("_")}
+    diff = config_differences(recorded, ours)
     if diff:
+        shown = ", ".join(f"{k}: {recorded.get(k)!r} (delta's teacher) vs {ours.get(k)!r} (model)" for k in diff[:6])
+        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
         warnings.warn(
-            f"the model's config differs from the delta's teacher in {sorted(diff)}; "
+            f"the model's config differs from the delta's teacher in {diff}: {shown}{more}; "
             "the delta is meant for models of the same architecture and lineage",
             stacklevel=3,
         )
+    return diff
 
 
 # ----------------------------------------------------------------------------- scheduler
@@ -356,7 +405,7 @@ def perflow_scheduler_from_metadata(metadata: Mapping[str, Any], base_config: Ma
     from perflow.scheduler import PeRFlowScheduler
 
     sched = metadata.get("scheduler_config")
-    if isinstance(sched, Mapping) and "PeRFlow" in str(sched.get("_class_name", "")):
+    if is_perflow_scheduler_config(sched):
         return PeRFlowScheduler.from_config(dict(sched))
     keys = ("num_time_windows", "prediction_type", "window_boundaries")
     settings = {k: metadata[k] for k in keys if metadata.get(k) is not None}

@@ -8,9 +8,12 @@ For a weight delta ``D`` of a linear layer ``(out, in)`` or a convolution
     D ~ B A,  relative error ||D - B A||_F / ||D||_F = sqrt(sum_{i > r} S_i^2 / sum_i S_i^2)
 
 (Eckart-Young: the best rank-``r`` approximation). The file uses diffusers' peft
-LoRA keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` with
+LoRA keys ``<role>.<module>.lora_A.weight`` / ``lora_B.weight`` with
 ``lora_alpha = rank`` per module (scale 1), so ``pipe.load_lora_weights(path,
-adapter_name=...)``, ``set_adapters``, ``fuse_lora`` work as for any LoRA.
+adapter_name=...)``, ``set_adapters``, ``fuse_lora`` work as for any LoRA. ``<role>``
+is the denoiser's name in its pipeline, ``unet`` for UNets and ``transformer`` for
+transformers (SD3, Flux): a pipeline's ``load_lora_weights`` silently skips keys
+under the other name.
 
 Tensors that are not linear or convolution weights (biases, norms, embeddings)
 cannot be LoRA'd; :func:`delta_to_lora` returns them as ``rest``, with their share
@@ -29,7 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-LORA_PREFIX = "unet"
+LORA_PREFIX = "unet"  # the default role: a UNet denoiser
+LORA_ROLES = ("unet", "transformer")
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 
@@ -43,6 +47,7 @@ class LoraExport:
     """
 
     rank: int
+    prefix: str = LORA_PREFIX
     lora: dict[str, torch.Tensor] = field(default_factory=dict)
     rest: dict[str, torch.Tensor] = field(default_factory=dict)
     singular_values: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -91,6 +96,13 @@ class LoraExport:
         }
 
 
+def lora_prefix(model: Any) -> str:
+    """The key prefix of a denoiser's LoRA: ``transformer`` for a transformer (a module, or its class
+    name, e.g. ``SD3Transformer2DModel``), else ``unet``."""
+    name = model if isinstance(model, str) else type(model).__name__
+    return "transformer" if "Transformer" in name else LORA_PREFIX
+
+
 def lora_targets(delta: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> list[str]:
     """Delta keys of linear and convolution weights.
 
@@ -110,18 +122,23 @@ def delta_to_lora(
     rank: int,
     model: nn.Module | None = None,
     progress: bool = True,
+    prefix: str | None = None,
 ) -> LoraExport:
     """Rank-``rank`` LoRA of every linear/conv weight delta by truncated SVD (computed in fp64).
 
     Each module gets rank ``min(rank, out, in k k)``. See the module docstring for
-    the factorisation and the error formula.
+    the factorisation and the error formula. ``prefix``: the denoiser's role, ``unet`` or
+    ``transformer`` (default: from ``model``'s class, else ``unet``).
     """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    prefix = prefix or (lora_prefix(model) if model is not None else LORA_PREFIX)
+    if prefix not in LORA_ROLES:
+        raise ValueError(f"prefix must be one of {LORA_ROLES} (the denoiser's name in its pipeline), got {prefix!r}")
     targets = set(lora_targets(delta, model))
     if not targets:
         raise ValueError("the delta has no linear or convolution weights to turn into a LoRA")
-    out = LoraExport(rank=rank)
+    out = LoraExport(rank=rank, prefix=prefix)
     out.delta_norm_sq = sum(float(v.double().pow(2).sum()) for v in delta.values())
     for key in tqdm(sorted(delta), desc="SVD", disable=not progress):
         d = delta[key]
@@ -138,8 +155,8 @@ def delta_to_lora(
         if d.ndim == 4:
             a = a.reshape(r, *d.shape[1:])  # (r, in, k, k)
             b = b.reshape(d.shape[0], r, 1, 1)  # (out, r, 1, 1)
-        out.lora[f"{LORA_PREFIX}.{module}.lora_A.weight"] = a.contiguous()
-        out.lora[f"{LORA_PREFIX}.{module}.lora_B.weight"] = b.contiguous()
+        out.lora[f"{prefix}.{module}.lora_A.weight"] = a.contiguous()
+        out.lora[f"{prefix}.{module}.lora_B.weight"] = b.contiguous()
         out.singular_values[module] = s.float()
         out.ranks[module] = r
     return out
@@ -151,8 +168,9 @@ def lora_to_delta(lora: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, a in lora.items():
         if not k.endswith(".lora_A.weight"):
             continue
-        module = k[len(LORA_PREFIX) + 1 : -len(".lora_A.weight")]
-        b = lora[f"{LORA_PREFIX}.{module}.lora_B.weight"]
+        role, _, rest = k.partition(".")
+        module = rest[: -len(".lora_A.weight")]
+        b = lora[f"{role}.{module}.lora_B.weight"]
         prod = b.reshape(b.shape[0], -1).double() @ a.reshape(a.shape[0], -1).double()
         out[f"{module}.weight"] = prod.reshape(b.shape[0], *a.shape[1:]).float()
     return out
@@ -169,16 +187,21 @@ def lora_file_to_delta(
     """
     from perflow.delta import decode_metadata
 
-    foreign = [k for k in tensors if not k.startswith(f"{LORA_PREFIX}.") or ".lora_down." in k]
+    roles = {k.partition(".")[0] for k in tensors}
+    role = next(iter(roles)) if len(roles) == 1 else None
+    foreign = [k for k in tensors if role not in LORA_ROLES or ".lora_down." in k]
     if foreign:
         raise ValueError(
-            f"{path} is a LoRA in a layout perflow does not merge (e.g. {foreign[0]!r}); "
+            f"{path} is a LoRA in a layout perflow does not merge (e.g. {sorted(foreign)[0]!r}); "
             "load it with pipe.load_lora_weights(...) and pipe.fuse_lora() instead"
         )
-    adapter = json.loads(raw_metadata.get(LORA_METADATA_KEY, "{}"))
-    r0, a0 = adapter.get(f"{LORA_PREFIX}.r"), adapter.get(f"{LORA_PREFIX}.lora_alpha")
-    ranks = adapter.get(f"{LORA_PREFIX}.rank_pattern") or {}
-    alphas = adapter.get(f"{LORA_PREFIX}.alpha_pattern") or {}
+    try:
+        adapter = json.loads(raw_metadata.get(LORA_METADATA_KEY, "{}"))
+    except ValueError:
+        raise ValueError(f"{path}: its {LORA_METADATA_KEY} header is not JSON; re-export the LoRA") from None
+    r0, a0 = adapter.get(f"{role}.r"), adapter.get(f"{role}.lora_alpha")
+    ranks = adapter.get(f"{role}.rank_pattern") or {}
+    alphas = adapter.get(f"{role}.alpha_pattern") or {}
     delta = lora_to_delta(tensors)
     for key in delta:
         module = key[: -len(".weight")]
@@ -193,12 +216,15 @@ def lora_file_to_delta(
 def save_lora(export: LoraExport, path: str, metadata: Mapping[str, Any] | None = None) -> None:
     """Write the LoRA as one safetensors file diffusers' ``load_lora_weights`` reads (atomic).
 
-    The header carries diffusers' ``lora_adapter_metadata`` (the peft config,
-    ``unet.``-prefixed) and perflow's own metadata (JSON-encoded values).
+    The header carries diffusers' ``lora_adapter_metadata`` (the peft config, prefixed by
+    the denoiser's role, ``unet.`` or ``transformer.``) and perflow's own metadata
+    (JSON-encoded values). ``path`` must end in ``.safetensors``.
     """
     from perflow.delta import _atomic_save_safetensors, encode_metadata
 
-    adapter = {f"{LORA_PREFIX}.{k}": v for k, v in export.adapter_config().items()}
+    if not str(path).endswith(".safetensors"):
+        raise ValueError(f"a LoRA is written as safetensors: give a path ending in .safetensors, got {str(path)!r}")
+    adapter = {f"{export.prefix}.{k}": v for k, v in export.adapter_config().items()}
     meta = encode_metadata({**(metadata or {}), "lora_rank": export.rank, "lora_rest_share": export.rest_share})
     meta["format"] = "pt"  # what diffusers writes; perflow's format tag is in perflow_format
     meta["perflow_format"] = json.dumps("perflow.lora.v1")

@@ -296,3 +296,23 @@ def test_merge_into_ip_adapter_unet_leaves_adapter_alone(pair):
     out = unet(torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 3, 32),
                added_cond_kwargs={"image_embeds": [torch.randn(1, 1, 16)]}).sample
     assert torch.isfinite(out).all()
+
+
+def test_fp64_delta_is_exact_unless_a_weight_shrinks_by_more_than_2_to_the_28():
+    """fp64 delta, merged in fp64 and rounded once: ``fl32(t + d) == s`` wherever ``|s| >= 2^-28 |t|``
+    (``s - t`` then fits in 53 bits, or ``t`` is too small to matter); a weight that shrinks further
+    loses bits in ``d`` itself, and the fp64 sum stays within ``2^-52 (|s| + |t|)`` of ``s``."""
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    t = torch.randn(n, generator=g) * 10 ** torch.randint(-4, 2, (n,), generator=g).float()
+    shrink = 2.0 ** -torch.randint(0, 61, (n,), generator=g).float()  # s from t's size down to 2^-60 |t|
+    s = (t * shrink * (torch.rand(n, generator=g) + 0.5) * torch.where(torch.rand(n, generator=g) < 0.2, -1.0, 1.0))
+    s[: n // 10] = torch.randn(n // 10, generator=g) * 1e3  # and some weights that grow far above t
+    d = extract_delta({"w": s}, {"w": t}, dtype=torch.float64)["w"]
+    merged = merge_delta({"w": t}, {"w": d})["w"]
+    assert merged.dtype == torch.float32
+    exact = s.abs().double() >= 2.0**-28 * t.abs().double()
+    assert torch.equal(merged[exact], s[exact])
+    assert int((merged != s).sum()) > 0 and not bool(exact[merged != s].any())  # misses exist, all below 2^-28
+    total = t.double() + d  # the fp64 sum before the final rounding
+    assert bool(((total - s.double()).abs() <= 2.0**-52 * (s.double().abs() + t.double().abs())).all())

@@ -159,3 +159,66 @@ def test_cli_to_lora_writes_rest_and_lora_plus_rest_is_the_delta(tmp_path, setup
         assert float((on_disk[key] - ref).abs().max()) <= 1e-6 * max(1.0, float(ref.abs().max())), key
     with pytest.raises(ValueError, match="rank"):
         delta_to_lora(delta, 0)
+
+
+def _tiny_sd3_transformer(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+        pos_embed_max_size=16,
+    ).eval()
+
+
+def _lora_layers(model: torch.nn.Module) -> int:
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_lora_keys_follow_the_denoiser_role_and_every_layer_lands(tmp_path, setup):
+    """A transformer's LoRA is ``transformer.``-prefixed (an SD3 pipeline skips ``unet.`` keys without a
+    word): after ``pipe.load_lora_weights`` every exported layer carries a LoRA, and fused it adds ``B A``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from perflow.delta import base_model_info, save_delta
+
+    teacher = _tiny_sd3_transformer(0)
+    student = _tiny_sd3_transformer(0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1e-2 * torch.randn(p.shape, generator=g))
+    delta = extract_delta(student, teacher)
+    save_delta(delta, tmp_path / "d.safetensors", {"base_model": base_model_info(teacher)})
+    assert run_cli(["delta", "to-lora", "--delta", str(tmp_path / "d.safetensors"), "--rank", "4",
+                    "-o", str(tmp_path / "l.safetensors")]) == 0
+    with safe_open(str(tmp_path / "l.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    exported = {k.split(".", 1)[1].rsplit(".lora_", 1)[0] for k in keys}
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=_tiny_sd3_transformer(0), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.load_lora_weights(str(tmp_path / "l.safetensors"), adapter_name="perflow")
+    assert _lora_layers(pipe.transformer) == len(exported) > 0
+    pipe.fuse_lora(adapter_names=["perflow"])
+    pipe.unload_lora_weights()
+    low, _ = load_delta(tmp_path / "l.safetensors")  # B A per module, from the written factors
+    got, base = pipe.transformer.state_dict(), teacher.state_dict()
+    assert set(low) == {f"{m}.weight" for m in exported}
+    for key, d in low.items():
+        ref = base[key] + d
+        assert float((got[key] - ref).abs().max()) <= 4 * float(ref.abs().max()) * 2.0**-24, key
+
+    # a UNet's LoRA keeps the unet. prefix and lands layer for layer in an SD pipeline
+    _, _, export = setup
+    save_lora(export, str(tmp_path / "unet-lora.safetensors"))
+    assert all(k.startswith("unet.") for k in export.lora)
+    sd_pipe = tiny_sd15_pipeline()
+    sd_pipe.load_lora_weights(str(tmp_path / "unet-lora.safetensors"), adapter_name="perflow")
+    assert _lora_layers(sd_pipe.unet) == len(export.ranks)

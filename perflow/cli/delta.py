@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+_VARIANT_HELP = "weight variant of a released delta folder holding several (e.g. fp16; '' for the default file)"
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -26,14 +28,16 @@ def add_parser(subparsers) -> None:
     e.add_argument("--cfg-mode", choices=("sync", "fixed"), help="how the teacher was guided in training")
     e.add_argument("--base-name", help="name of the base model to record (default: the teacher path)")
     e.add_argument("--float64", action="store_true",
-                   help="store the exact fp64 difference (2x size; merging into the teacher is then bit-exact)")
+                   help="store the fp64 difference (2x size; merging into the teacher is then bit-exact for every "
+                        "weight that did not shrink by more than 2^28 in training)")
     e.set_defaults(func=_extract)
 
     m = sub.add_parser("merge", help="add scale * delta to a UNet folder, pipeline folder or single-file checkpoint")
     m.add_argument("--delta", required=True, help="delta .safetensors or released delta folder")
     m.add_argument("--into", required=True, help="diffusers UNet folder, pipeline folder or single-file .safetensors")
     m.add_argument("-o", "--output", required=True, help="output folder (or .safetensors for a single file)")
-    m.add_argument("--scale", type=float, default=1.0, help="multiplier of the delta (default 1.0)")
+    m.add_argument("--variant", default=None, help=_VARIANT_HELP)
+    m.add_argument("--scale", type=_finite, default=1.0, help="multiplier of the delta (default 1.0)")
     m.add_argument("--allow-partial", action="store_true",
                    help="skip delta keys the model lacks or whose shapes differ (listed) instead of refusing")
     m.add_argument("--extra", action="append", default=[],
@@ -44,8 +48,9 @@ def add_parser(subparsers) -> None:
 
     lo = sub.add_parser("to-lora", help="low-rank (SVD) LoRA export loadable by pipe.load_lora_weights")
     lo.add_argument("--delta", required=True, help="delta .safetensors or released delta folder")
-    lo.add_argument("--rank", type=int, required=True, help="LoRA rank r")
-    lo.add_argument("-o", "--output", required=True, help="output LoRA .safetensors")
+    lo.add_argument("--variant", default=None, help=_VARIANT_HELP)
+    lo.add_argument("--rank", type=_positive, required=True, help="LoRA rank r")
+    lo.add_argument("-o", "--output", required=True, help="output LoRA .safetensors (keys prefixed unet. or transformer.)")
     lo.add_argument("--rest", help="where to store the tensors a LoRA cannot carry (default: OUTPUT with .rest)")
     lo.add_argument("--no-rest", action="store_true", help="drop them (their share of the norm is printed)")
     lo.add_argument("--report-ranks", type=_ints, default=None, help="ranks for the error table (default: 1,4,16,64,r)")
@@ -54,6 +59,7 @@ def add_parser(subparsers) -> None:
 
     i = sub.add_parser("info", help="print a delta's metadata and size")
     i.add_argument("delta", help="delta .safetensors or released delta folder")
+    i.add_argument("--variant", default=None, help=_VARIANT_HELP)
     i.set_defaults(func=_info)
 
 
@@ -62,6 +68,37 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r} (it would write a NaN/inf model)")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _safetensors_output(path: str, flag: str = "-o") -> None:
+    """Refuse, before any work, an output file that is not ``.safetensors`` or cannot be written."""
+    from perflow.state_dicts import check_output_path
+
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{flag} {path!r}: weights are written as safetensors; give a path ending in .safetensors")
+    check_output_path(path)
 
 
 def _ints(text: str) -> list[int]:
@@ -76,6 +113,7 @@ def _extract(args) -> int:
 
     from perflow.checkpoint_formats import extract_from_folders
 
+    _safetensors_output(args.output)
     delta, meta = extract_from_folders(
         args.student, args.teacher, args.output,
         num_time_windows=args.num_time_windows, prediction_type=args.prediction_type,
@@ -89,10 +127,15 @@ def _extract(args) -> int:
 
 
 def _merge(args) -> int:
-    from perflow.checkpoint_formats import merge_into_path
+    from pathlib import Path
+
+    from perflow.checkpoint_formats import check_merge_output, merge_into_path
     from perflow.delta import load_delta
 
-    delta, meta = load_delta(args.delta)
+    if not Path(args.into).exists():
+        raise FileNotFoundError(f"--into {args.into!r}: no such model file or folder")
+    check_merge_output(args.into, args.output, args.overwrite)  # before reading anything
+    delta, meta = load_delta(args.delta, variant=args.variant)
     for extra in args.extra:
         more, _ = load_delta(extra)
         clash = sorted(set(more) & set(delta))
@@ -115,13 +158,20 @@ def _to_lora(args) -> int:
     from pathlib import Path
 
     from perflow.delta import load_delta, save_delta
-    from perflow.lora import delta_to_lora, error_table, save_lora
+    from perflow.lora import delta_to_lora, error_table, lora_prefix, save_lora
 
-    delta, meta = load_delta(args.delta)
+    out = Path(args.output)
+    rest_path = Path(args.rest) if args.rest else out.with_name(out.stem + ".rest.safetensors")
+    _safetensors_output(args.output)
+    if not args.no_rest:
+        _safetensors_output(str(rest_path), "--rest")
+    delta, meta = load_delta(args.delta, variant=args.variant)
     model = _skeleton(meta)
     if model is None:
-        print("note: no UNet config in the delta's metadata; LoRA targets guessed from tensor shapes (2-D, 4-D)")
-    export = delta_to_lora(delta, args.rank, model=model)
+        print("note: no model config in the delta's metadata; LoRA targets guessed from tensor shapes (2-D, 4-D)")
+    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
+    prefix = lora_prefix(model if model is not None else str(base.get("class") or "UNet2DConditionModel"))
+    export = delta_to_lora(delta, args.rank, model=model, prefix=prefix)
     ranks = args.report_ranks or sorted({1, 4, 16, 64, args.rank})
     print(error_table(export, ranks, per_layer=args.per_layer))
     print(f"{len(export.ranks)} linear/conv weights as LoRA; {len(export.rest)} other tensors (biases, norms, ...) "
@@ -129,36 +179,39 @@ def _to_lora(args) -> int:
     lora_meta = {k: meta[k] for k in ("base_model", "num_time_windows", "prediction_type", "window_boundaries",
                                       "scheduler_config", "cfg_mode") if k in meta}
     save_lora(export, args.output, lora_meta)
-    print(f"wrote {args.output} (rank {args.rank}; load with pipe.load_lora_weights)")
+    print(f"wrote {args.output} (rank {args.rank}, keys {prefix}.*; load with pipe.load_lora_weights)")
     if args.no_rest:
         print(f"dropped the non-LoRA tensors (--no-rest): {100 * export.rest_share:.2f}% of ||delta|| is lost")
     elif export.rest:
-        out = Path(args.output)
-        rest_path = Path(args.rest) if args.rest else out.with_name(out.stem + ".rest.safetensors")
         save_delta(export.rest, rest_path, {**lora_meta, "part": "non-LoRA rest of a LoRA export", "partial": True})
         print(f"wrote {rest_path} (merge it with merge_delta or `perflow delta merge --delta {rest_path}`)")
     return 0
 
 
 def _skeleton(meta: dict):
-    """The teacher's UNet built on the meta device from the recorded config (module types only), or None."""
+    """The teacher's denoiser built on the meta device from the recorded config (module types only), or None."""
     import diffusers
     from accelerate import init_empty_weights
 
-    base = meta.get("base_model") or {}
-    config = base.get("config") if isinstance(base, dict) else None
-    config = config or meta.get("unet_config")
-    cls = getattr(diffusers, (base.get("class") if isinstance(base, dict) else None) or "UNet2DConditionModel", None)
+    from perflow.delta import recorded_config
+
+    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
+    config = recorded_config(meta)
+    cls = getattr(diffusers, str(base.get("class") or "UNet2DConditionModel"), None)
     if not config or cls is None or not hasattr(cls, "from_config"):
         return None
-    with init_empty_weights():
-        return cls.from_config(config)
+    try:
+        with init_empty_weights():
+            return cls.from_config(config)
+    except (TypeError, ValueError) as err:  # a config that does not build: fall back to shapes
+        print(f"note: the recorded {cls.__name__} config does not build ({err})")
+        return None
 
 
 def _info(args) -> int:
     from perflow.delta import load_delta
 
-    delta, meta = load_delta(args.delta)
+    delta, meta = load_delta(args.delta, variant=args.variant)
     norm = sum(float(v.double().pow(2).sum()) for v in delta.values()) ** 0.5
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in delta.values()})
     print(f"{len(delta)} tensors ({', '.join(dtypes)}), {sum(v.numel() for v in delta.values())} values, "

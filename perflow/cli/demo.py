@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def add_parser(subparsers) -> None:
@@ -53,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
             if value < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
             setattr(base, key, value)
+    if not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    from perflow.state_dicts import check_output_path
+
+    check_output_path(args.output_dir, folder=True)  # now, not after training
     base.output_dir = args.output_dir
     base.guidance_scale = args.guidance_scale
     base.reflow_baseline = not args.no_reflow_baseline

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def add_parser(subparsers) -> None:
@@ -54,6 +55,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-samples must be at least 2, got {args.num_samples}")
     if any(n < 1 for n in args.steps):
         raise ValueError(f"--steps must be positive integers, got {args.steps}")
+    if args.toy_steps < 1 or args.batch_size < 1:
+        raise ValueError("--toy-steps and --batch-size must be positive integers")
+    if args.reference_steps < max(args.steps):
+        raise ValueError(f"--reference-steps {args.reference_steps} must be at least the largest --steps {max(args.steps)}")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    from perflow.evaluation.samplers import BASELINE_SAMPLERS
+
+    unknown = [b for b in args.baselines if b not in BASELINE_SAMPLERS]
+    if unknown:
+        raise ValueError(f"--baselines: unknown sampler(s) {unknown}; choose from {list(BASELINE_SAMPLERS)}")
+    if args.output_dir:
+        from perflow.state_dicts import check_output_path
+
+        check_output_path(args.output_dir, folder=True)  # now, not after the evaluation
     progress = not args.no_progress
     if args.guidance_scale is None:
         args.guidance_scale = 7.5 if args.task == "images" else 1.0

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
-from typing import Iterator
+
+from perflow.state_dicts import atomic_path  # noqa: F401  (re-exported for plots and callers)
 
 from .harness import EvalResult
 
@@ -23,21 +21,6 @@ COLUMNS = (
     ("accuracy", "label accuracy", "{:.3f}"),
     ("clip_score", "CLIP score", "{:.2f}"),
 )
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder; on success it replaces ``path`` (``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_text(path: str | Path, text: str) -> None:

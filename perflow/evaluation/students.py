@@ -8,7 +8,6 @@ otherwise the teacher's is used (PeRFlow trains the UNet only).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,22 +47,56 @@ def find_student_dir(path: str | Path) -> Path:
 
 
 def load_student(path: str | Path, teacher=None) -> Student:
-    """Load a student's UNet (eval mode), its PeRFlow scheduler config and label encoder (if any)."""
+    """Load a student's UNet (eval mode), its PeRFlow scheduler config and label encoder (if any).
+
+    With ``teacher``, the student must be a trained copy of the teacher's UNet: the same class,
+    config and tensor names and shapes; otherwise a ``ValueError`` names the mismatch. Weights
+    are read from safetensors only (a damaged file is an error naming it).
+    """
     from diffusers import UNet2DConditionModel
 
+    from perflow.state_dicts import check_weight_files, is_perflow_scheduler_config, read_json
+
     folder = find_student_dir(path)
-    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    if config.get("_class_name") not in (None, "PeRFlowScheduler"):
+    config = read_json(folder / "scheduler" / "scheduler_config.json")
+    if not is_perflow_scheduler_config(config):
         raise ValueError(
-            f"{folder / 'scheduler'} configures {config.get('_class_name')}, not PeRFlowScheduler: "
-            "is this a teacher folder rather than a PeRFlow student?"
+            f"{folder / 'scheduler'} configures {config.get('_class_name') or 'no PeRFlow scheduler'}, not "
+            "PeRFlowScheduler: is this a teacher folder rather than a PeRFlow student?"
         )
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+    check_weight_files(folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).eval().requires_grad_(False)
+    if teacher is not None:
+        check_same_architecture(unet, teacher.unet, folder / "unet")
     label_encoder = None
     if (folder / "label_encoder").is_dir():
         from perflow.models import LabelEncoder
 
-        label_encoder = LabelEncoder.from_pretrained(folder / "label_encoder").eval()
+        label_encoder = LabelEncoder.from_pretrained(folder / "label_encoder", use_safetensors=True).eval()
     elif teacher is not None:
         label_encoder = getattr(teacher, "label_encoder", None)
     return Student(unet, config, label_encoder, folder)
+
+
+def check_same_architecture(student_unet: torch.nn.Module, teacher_unet: torch.nn.Module, where: Path | str = "student") -> None:
+    """Refuse a student UNet whose class, config or tensor names/shapes are not the teacher UNet's (naming them)."""
+    from perflow.state_dicts import compare_keys, config_differences
+
+    fix = "evaluate it against the teacher it was trained from (--teacher)"
+    if type(student_unet) is not type(teacher_unet):
+        raise ValueError(
+            f"the student {str(where)!r} is a {type(student_unet).__name__}, the teacher's denoiser a "
+            f"{type(teacher_unet).__name__}; {fix}"
+        )
+    ours = {k: v for k, v in dict(student_unet.config).items() if not k.startswith("_")}
+    theirs = {k: v for k, v in dict(teacher_unet.config).items() if not k.startswith("_")}
+    diff = config_differences(ours, theirs)
+    if diff:
+        shown = ", ".join(f"{k}: {ours.get(k)!r} (student) vs {theirs.get(k)!r} (teacher)" for k in diff[:6])
+        raise ValueError(
+            f"the student {str(where)!r} is not a copy of the teacher's UNet: configs differ in {shown}"
+            f"{' ...' if len(diff) > 6 else ''}; {fix}"
+        )
+    report = compare_keys(student_unet.state_dict(), teacher_unet.state_dict())
+    if report:
+        raise ValueError(f"the student {str(where)!r} does not match the teacher's UNet: {report.describe('student', 'teacher')}; {fix}")

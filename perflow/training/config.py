@@ -32,6 +32,9 @@ class ModelConfig:
     student_init: str | None = None
     """Start the student from this UNet folder instead of the teacher's weights (e.g. the previous
     stage of progressive reflow, K = 4 -> 2 -> 1); the delta is still taken against the teacher."""
+    allow_pickle: bool = False
+    """Let the teacher's pickled ``.bin`` weights be read (by diffusers' restricted loader) when a
+    component has no safetensors; off by default: such a teacher is refused, naming the file."""
 
 
 @dataclass

@@ -160,7 +160,7 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- teacher (frozen, its own dtype) and student (fp32 master copy) ----------------------
-    teacher_obj = as_teacher(teacher if teacher is not None else cfg.model.teacher)
+    teacher_obj = as_teacher(teacher if teacher is not None else cfg.model.teacher, cfg.model.allow_pickle)
     tdtype = MP_DTYPES[tr.mixed_precision] if cfg.model.teacher_dtype == "auto" else DTYPES[cfg.model.teacher_dtype]
     if device.type == "cpu" and tdtype == torch.float16:
         tdtype = torch.float32  # fp16 kernels are missing or slow on CPU
@@ -289,12 +289,18 @@ def _load_student_init(student: torch.nn.Module, path: str) -> None:
     """Copy a saved UNet's weights (a ``save_pretrained`` folder or its parent) into the student."""
     from diffusers import UNet2DConditionModel
 
+    from perflow.state_dicts import check_weight_files
+
     folder = Path(path)
     if (folder / "unet" / "config.json").is_file():
         folder = folder / "unet"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model.student_init {path!r} is not a diffusers UNet folder (config.json missing)")
-    init = UNet2DConditionModel.from_pretrained(folder).state_dict()
+    check_weight_files(folder)  # a truncated or damaged file: an error naming it, not a traceback
+    try:
+        init = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).state_dict()
+    except OSError as err:
+        raise FileNotFoundError(f"model.student_init {path!r}: no readable safetensors UNet weights ({err})") from None
     own = student.state_dict()
     bad = sorted(set(init) ^ set(own)) + [k for k in own if k in init and init[k].shape != own[k].shape]
     if bad:

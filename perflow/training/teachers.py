@@ -19,7 +19,6 @@ Every encoder runs under ``torch.no_grad`` in the teacher's dtype. Batches are d
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -323,8 +322,48 @@ def _builtin_path(name: str) -> Path:
     return path
 
 
-def load_teacher(spec: str | Path, dtype: torch.dtype | None = None) -> Teacher:
-    """Load a teacher from a folder (SD/SDXL pipeline or class-conditional) or a built-in name (``digits``)."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_teacher_weights(path: Path, allow_pickle: bool = False) -> None:
+    """Check a teacher folder's weights before diffusers reads them.
+
+    Every ``*.safetensors`` in it and its subfolders must be readable (a truncated or damaged file
+    is an error naming it), and a component holding only pickled weights (``.bin``, ``.pt``, ...)
+    is refused unless ``allow_pickle``, with an error naming the file and the option.
+    """
+    from perflow.state_dicts import check_weight_files
+
+    check_weight_files(path)
+    if allow_pickle:
+        return
+    for folder in (path, *sorted(d for d in path.iterdir() if d.is_dir())):
+        pickles = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+        if pickles and not list(folder.glob("*.safetensors")):
+            raise ValueError(
+                f"{str(pickles[0])!r} holds pickled weights and {str(folder)!r} has no .safetensors; perflow unpickles "
+                "nothing unless asked: convert it to safetensors, or allow it with model.allow_pickle "
+                "(perflow train --allow_pickle true; Python: load_teacher(..., allow_pickle=True)), which reads it "
+                "with diffusers' restricted (weights_only) loader"
+            )
+
+
+def _from_pretrained(cls: Any, path: Path | str, allow_pickle: bool, **kw: Any) -> Any:
+    """``cls.from_pretrained(path)`` from safetensors only (unless ``allow_pickle``); a missing file is one clear error."""
+    try:
+        return cls.from_pretrained(path, use_safetensors=None if allow_pickle else True, **kw)
+    except OSError as err:
+        if err.errno is not None:
+            raise
+        raise FileNotFoundError(f"cannot load {cls.__name__} from {str(path)!r}: {err}") from None
+
+
+def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> Teacher:
+    """Load a teacher from a folder (SD/SDXL pipeline or class-conditional) or a built-in name (``digits``).
+
+    Weights are read from safetensors only; ``allow_pickle=True`` (config ``model.allow_pickle``)
+    lets diffusers read pickled ``.bin`` weights with its restricted loader.
+    """
     name = str(spec)
     path = _builtin_path(name) if name in BUILTIN_TEACHERS else Path(spec)
     kw = {} if dtype is None else {"torch_dtype": dtype}
@@ -333,24 +372,27 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None) -> Teacher:
             from diffusers import DiffusionPipeline
 
             try:
-                return teacher_from_pipeline(DiffusionPipeline.from_pretrained(name, **kw), name=name)
+                return teacher_from_pipeline(_from_pretrained(DiffusionPipeline, name, allow_pickle, **kw), name=name)
             except OSError as err:
                 raise FileNotFoundError(f"teacher {name!r} is neither a local folder nor a loadable hub pipeline: {err}") from err
         raise FileNotFoundError(
             f"teacher {name!r} is not a folder; give a diffusers pipeline folder (model_index.json), a "
             f"class-conditional teacher folder (unet/, scheduler/, label_encoder/) or one of {sorted(BUILTIN_TEACHERS)}"
         )
+    from perflow.state_dicts import read_json
+
+    check_teacher_weights(path, allow_pickle)
     if (path / "model_index.json").is_file():
         import diffusers
 
-        index = json.loads((path / "model_index.json").read_text())
+        index = read_json(path / "model_index.json")
         cls_name = index.get("_class_name", "")
         if "Img2Img" in cls_name or "Inpaint" in cls_name:
             raise ValueError(f"{cls_name} at {path} is not a text-to-image pipeline; give the base SD/SDXL pipeline")
         cls = getattr(diffusers, cls_name, None) or diffusers.DiffusionPipeline
         if cls_name == "StableDiffusionPipeline":
             kw["safety_checker"] = None
-        pipe = cls.from_pretrained(path, **kw)
+        pipe = _from_pretrained(cls, path, allow_pickle, **kw)
         return teacher_from_pipeline(pipe, name=name)
     missing = [d for d in ("unet", "scheduler", "label_encoder") if not (path / d).is_dir()]
     if missing:
@@ -362,20 +404,22 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None) -> Teacher:
 
     from ..models import LabelEncoder
 
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
-    label_encoder = LabelEncoder.from_pretrained(path / "label_encoder", **kw)
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    config = json.loads(sched_file.read_text())
-    vae = AutoencoderKL.from_pretrained(path / "vae", **kw) if (path / "vae").is_dir() else None
+    unet = _from_pretrained(UNet2DConditionModel, path / "unet", allow_pickle, **kw)
+    label_encoder = _from_pretrained(LabelEncoder, path / "label_encoder", allow_pickle, **kw)
+    config = read_json(path / "scheduler" / "scheduler_config.json")
+    vae = _from_pretrained(AutoencoderKL, path / "vae", allow_pickle, **kw) if (path / "vae").is_dir() else None
     return ClassConditionalTeacher(unet, config, label_encoder, vae, name=name)
 
 
-def as_teacher(obj: Any) -> Teacher:
-    """A :class:`Teacher` from a Teacher, a diffusers SD/SDXL pipeline, a folder path or a built-in name."""
+def as_teacher(obj: Any, allow_pickle: bool = False) -> Teacher:
+    """A :class:`Teacher` from a Teacher, a diffusers SD/SDXL pipeline, a folder path or a built-in name.
+
+    ``allow_pickle``: for a folder, let pickled ``.bin`` weights be read (see :func:`load_teacher`).
+    """
     if isinstance(obj, Teacher):
         return obj
     if isinstance(obj, (str, Path)):
-        return load_teacher(obj)
+        return load_teacher(obj, allow_pickle=allow_pickle)
     if hasattr(obj, "unet") and hasattr(obj, "scheduler"):
         return teacher_from_pipeline(obj)
     raise TypeError(f"cannot make a teacher from {type(obj).__name__}; pass a Teacher, a pipeline or a folder path")
