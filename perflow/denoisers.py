@@ -118,6 +118,7 @@ def unet_denoiser(
             raise ValueError(f"uncond has batch {len(uncond)}, cond has {len(cond)}")
         both = cond.cat(uncond.to(device, dtype)).unet_kwargs()
     single = cond.unet_kwargs()
+    w = torch.as_tensor(guidance_scale, dtype=torch.float32).to(device)  # () or (B,), moved once
 
     def denoiser(z: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         zin = z.to(device=device, dtype=dtype)
@@ -125,8 +126,7 @@ def unet_denoiser(
             return unet(zin, i.to(device), **single, return_dict=False)[0]
         out = unet(torch.cat([zin, zin]), torch.cat([i, i]).to(device), **both, return_dict=False)[0]
         out_c, out_u = out.float().chunk(2)
-        w = _bcast(torch.as_tensor(guidance_scale, dtype=torch.float32), out_c)
-        return out_u + w * (out_c - out_u)
+        return out_u + _bcast(w, out_c) * (out_c - out_u)
 
     return denoiser
 
@@ -153,12 +153,11 @@ def guided_teacher_denoiser(
         raise ValueError(f"unknown cfg_mode {cfg_mode!r}; expected one of {CFG_MODES}")
     if cfg_mode == "sync" or guidance_scale == 1.0:
         return unet_denoiser(unet, cond)
-    batch = len(cond)
-    w = torch.full((batch,), float(guidance_scale))
+    w = torch.full((len(cond),), float(guidance_scale), device=None if dropped is None else dropped.device)
     if dropped is not None:
         if bool(dropped.all()):
             return unet_denoiser(unet, uncond)
-        w = torch.where(dropped.cpu(), torch.zeros_like(w), w)
+        w = torch.where(dropped, torch.zeros_like(w), w)
     return unet_denoiser(unet, cond, uncond, w)
 
 

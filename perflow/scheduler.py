@@ -6,22 +6,22 @@ from :mod:`perflow.windows` and :mod:`perflow.parameterization`; this module onl
 follows diffusers' scheduler contract (``ConfigMixin``, ``set_timesteps``, ``step``,
 ``add_noise``, an output dataclass).
 
-A step at time ``t_c = timestep / T`` in window ``(t_s, t_e)`` turns the model
-output into the velocity ``v`` (``velocity``: ``v = out``; epsilon-type:
-``v = (z_e_hat - z) / (t_e - t_c)``) and takes one Euler step to the next scheduled
-time: ``z_next = z + (t_next - t_c) v``; ``pred_original_sample`` is the
-extrapolation to ``t = 0``: ``x0_hat = z + (0 - t_c) v``.
+A step at time ``t_c`` in window ``(t_s, t_e)`` turns the model output into the
+velocity ``v`` (``velocity``: ``v = out``; epsilon-type: ``v = (z_e_hat - z) / (t_e - t_c)``)
+and takes one Euler step to the next scheduled time: ``z_next = z + (t_next - t_c) v``;
+``pred_original_sample`` is the extrapolation to ``t = 0``: ``x0_hat = z + (0 - t_c) v``.
+``t_c = timestep / T``, except that a step starting a window off the ``1/T`` grid starts
+on the boundary exactly (:meth:`PeRFlowScheduler.set_timesteps`).
 
 It loads the released PeRFlow checkpoints' ``scheduler_config.json`` unchanged and
-reproduces their timesteps (``t T`` truncated to int64) and latents.
+reproduces their timesteps (``t T`` truncated to int64) and latents (bit for bit for
+boundaries on the grid, e.g. every released ``K = 4`` model).
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -32,8 +32,12 @@ from .objective import forward_marginal
 from .parameterization import _bcast, velocity_from_output
 from .windows import (
     PREDICTION_TYPES,
+    SCHEDULE_KEYS,
+    alphas_cumprod_from_config,
     check_boundaries,
+    check_nonzero_abar,
     check_prediction_type,
+    check_window_spacing,
     equal_boundaries,
     inference_times,
     window_bounds,
@@ -42,7 +46,6 @@ from .windows import (
 
 logger = logging.get_logger(__name__)
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _TEACHER_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -61,36 +64,6 @@ class PeRFlowSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-def _alphas_cumprod(
-    num_train_timesteps: int,
-    beta_start: float,
-    beta_end: float,
-    beta_schedule: str,
-    trained_betas: Sequence[float] | np.ndarray | None,
-) -> torch.Tensor:
-    """``abar[0..T-1]`` (float32) built by diffusers' own ``DDIMScheduler`` from the same beta config."""
-    from diffusers import DDIMScheduler
-
-    if trained_betas is None and beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(
-            f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES} "
-            "or pass trained_betas"
-        )
-    if trained_betas is not None and len(trained_betas) != num_train_timesteps:
-        raise ValueError(
-            f"trained_betas has {len(trained_betas)} values but num_train_timesteps={num_train_timesteps}; "
-            "pass one beta per training timestep"
-        )
-    ddim = DDIMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_start=beta_start,
-        beta_end=beta_end,
-        beta_schedule=beta_schedule,
-        trained_betas=trained_betas,
-    )
-    return ddim.alphas_cumprod
-
-
 class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
     """Piecewise rectified flow sampler (PeRFlow, arXiv 2405.07510), a drop-in diffusers scheduler.
 
@@ -100,16 +73,18 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
 
     Args:
         num_train_timesteps: ``T``, the teacher's number of training timesteps.
-        beta_start, beta_end, beta_schedule, trained_betas: the teacher's noise schedule, turned
-            into ``alphas_cumprod`` exactly as ``DDIMScheduler`` does.
+        beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr: the teacher's
+            noise schedule, turned into ``alphas_cumprod`` exactly as ``DDIMScheduler`` does
+            (:func:`perflow.windows.alphas_cumprod_from_config`); with zero terminal SNR only the
+            ``velocity`` parameterization is accepted.
         set_alpha_to_one: kept for compatibility with released configs; unused (the sampler
             ends at ``t = 0``, whose ``abar`` is ``abar[0]``).
         prediction_type: the student's parameterization: ``diff_eps``, ``ddim_eps`` or ``velocity``.
         t_noise, t_clean: first and last boundary of the equal windows.
         num_time_windows: ``K``, the number of equal windows (ignored, and updated, when
             ``window_boundaries`` is given).
-        window_boundaries: explicit boundaries ``[1, ..., 0]``, strictly decreasing; ``None``
-            for ``K`` equal windows.
+        window_boundaries: explicit boundaries ``[1, ..., 0]``, strictly decreasing, each window's
+            ends at distinct teacher indices ``round(t T) - 1``; ``None`` for ``K`` equal windows.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -129,6 +104,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         t_clean: float = 0.0,
         num_time_windows: int = 4,
         window_boundaries: list[float] | None = None,
+        rescale_betas_zero_snr: bool = False,
     ):
         if prediction_type in _TEACHER_TYPES:
             raise ValueError(
@@ -153,14 +129,20 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         else:
             boundaries = equal_boundaries(num_time_windows, t_noise, t_clean)
 
-        self.alphas_cumprod = _alphas_cumprod(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+        check_window_spacing(boundaries, num_train_timesteps)
+        self.alphas_cumprod = alphas_cumprod_from_config(
+            {k: v for k, v in self.config.items() if k in SCHEDULE_KEYS}
         )  # (T,) float32, as DDIMScheduler
+        check_nonzero_abar(boundaries, self.alphas_cumprod, prediction_type)
         self.boundaries = boundaries  # (K + 1,) float64, decreasing: [t_K, ..., t_0]
         self._abar64 = self.alphas_cumprod.to(torch.float64)  # the same values, for lam/eta
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
+        # set by set_timesteps, on the sampling device: (N,) float64 each
+        self._scheduled: torch.Tensor | None = None  # the timesteps
+        self._times: torch.Tensor | None = None  # exact step start times t_j
+        self._step_ts: torch.Tensor | None = None  # tau_j T, the times step integrates between
 
     @property
     def num_windows(self) -> int:
@@ -177,9 +159,16 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Set the ``N`` sampling timesteps ``t T`` (truncated to int64), on ``device``.
 
-        Step start times come from :func:`perflow.windows.inference_times`: with ``N >= K``
+        Step start times ``t_j`` come from :func:`perflow.windows.inference_times`: with ``N >= K``
         each window gets ``N // K`` steps (the first ``N % K`` one more), evenly spaced from
         its start; with ``N < K`` a step crosses windows (a warning is logged).
+
+        The pipeline sees the released integer timesteps ``floor(t_j T)``. :meth:`step` integrates
+        between the times ``tau_j``: a step starting a window starts on its boundary exactly,
+        ``tau_j = t_j`` (so the previous window's last step ends on it and no Euler step crosses a
+        boundary with the wrong window's velocity), any other step at ``tau_j = floor(t_j T) / T``,
+        the time the model is told (the released behaviour). For boundaries on the ``1/T`` grid
+        (every ``K`` dividing ``T``, all released models) ``tau_j = timestep_j / T`` throughout.
         """
         try:
             num_inference_steps = operator.index(num_inference_steps)
@@ -197,15 +186,21 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
                 "only for a flow that is straight across them; use at least K steps for full quality."
             )
         T = self.config.num_train_timesteps
-        times = inference_times(num_inference_steps, self.boundaries)  # (N,) float64
+        boundaries = self.boundaries.cpu()
+        times = inference_times(num_inference_steps, boundaries)  # (N,) float64
         timesteps = (times * T).to(torch.int64)  # truncation, as the released scheduler
         if not bool((timesteps[1:] < timesteps[:-1]).all()) or int(timesteps[-1]) < 1:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} is too large for T={T} and these windows: "
                 f"the integer timesteps t*T repeat or reach 0 ({timesteps.tolist()}); use fewer steps"
             )
+        starts_window = (times.unsqueeze(-1) == boundaries).any(-1)  # (N,)
+        step_ts = torch.where(starts_window, times * T, timesteps.to(torch.float64))  # tau_j T
         self.num_inference_steps = num_inference_steps
         self.timesteps = timesteps.to(device)
+        self._scheduled, self._times, self._step_ts = (
+            x.to(self.timesteps.device) for x in (timesteps.to(torch.float64), times, step_ts)
+        )
         self._to_device(self.timesteps.device)
 
     def _to_device(self, device: torch.device) -> None:
@@ -213,6 +208,10 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         if self.boundaries.device != device:
             self.boundaries = self.boundaries.to(device)
             self._abar64 = self._abar64.to(device)
+        if self._times is not None and self._times.device != device:
+            self._scheduled, self._times, self._step_ts = (
+                x.to(device) for x in (self._scheduled, self._times, self._step_ts)
+            )
 
     def _timestep_tensor(self, timestep: int | float | torch.Tensor, device: torch.device) -> torch.Tensor:
         """The timestep as a float64 tensor on ``device``: 0-d or per sample (B,)."""
@@ -220,22 +219,55 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
             return timestep.to(device=device, dtype=torch.float64)
         return torch.full((), float(timestep), dtype=torch.float64, device=device)
 
+    def _step_times(self, step_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(tau_c, tau_next - tau_c, t_lookup)`` of each timestep (``()`` or ``(B,)`` float64).
+
+        A timestep the scheduler produced (equal to ``timesteps[j]``) steps from ``tau_j`` to
+        ``tau_{j+1}`` (0 after the last) in the window holding the exact ``t_j``. Any other
+        ``timestep`` is taken literally: ``timestep / T`` to the largest scheduled timestep below
+        it (over ``T``; 0 below the last), in the window within ``0.1 / T`` above it (as released).
+        Tensor operations only (no host-device synchronisation).
+        """
+        T = self.config.num_train_timesteps
+        zero = torch.zeros((), dtype=torch.float64, device=step_t.device)
+        scheduled = self._scheduled  # (N,)
+        match = scheduled == step_t.unsqueeze(-1)  # (..., N): at most one true per timestep
+        produced = match.any(-1)
+        pick = lambda table: torch.where(match, table, zero).sum(-1)  # noqa: E731  (table[j] of the match)
+        next_ts = torch.cat([self._step_ts[1:], zero.reshape(1)])
+        below = scheduled < step_t.unsqueeze(-1)
+        foreign_next = torch.where(below, scheduled, zero).amax(-1)
+        cur = torch.where(produced, pick(self._step_ts), step_t)  # tau_c T
+        nxt = torch.where(produced, pick(next_ts), foreign_next)  # tau_next T
+        # the released look-up's tolerance: a time within 0.1/T above a boundary starts that window
+        t_lookup = torch.where(produced, pick(self._times), step_t / T - 0.1 / T)
+        return cur / T, (nxt - cur) / T, t_lookup  # dt as (next - cur) / T: the released arithmetic
+
     def step(
         self,
         model_output: torch.Tensor,
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
         return_dict: bool = True,
+        generator: torch.Generator | None = None,
+        **kwargs,
     ) -> PeRFlowSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One Euler step of the piecewise linear flow from ``t_c = timestep / T``.
+        """One Euler step of the piecewise linear flow from the step's time ``t_c``.
 
-        ``v`` is the velocity of the window holding ``t_c`` (a time on a boundary belongs to
-        the window that starts there, within ``0.1 / T`` as released);
-        ``prev_sample = z + (t_next - t_c) v`` where ``t_next`` is the largest scheduled time
-        strictly below ``t_c`` (0 after the last), and ``pred_original_sample = z - t_c v``.
-        ``timestep`` may be a number or a tensor, 0-d or per sample ``(B,)``, and need not be
-        one of :attr:`timesteps`. Computed in float32 (or the sample's dtype if wider); no
-        host-device synchronisation, so the loop can be captured or compiled.
+        For a timestep of :attr:`timesteps`, ``t_c`` and the next time ``t_next`` are the
+        scheduler's own step times (see :meth:`set_timesteps`: ``timestep / T`` except on an
+        off-grid window boundary, where the exact boundary); any other timestep is taken
+        literally, ``t_c = timestep / T`` and ``t_next`` the largest scheduled timestep below it
+        over ``T`` (0 after the last). ``v`` is the velocity of the window holding ``t_c`` (a time
+        on a boundary belongs to the window that starts there; within ``0.1 / T`` for a foreign
+        timestep, as released); ``prev_sample = z + (t_next - t_c) v`` and
+        ``pred_original_sample = z - t_c v``. ``timestep`` may be a number or a tensor, 0-d or per
+        sample ``(B,)``. Computed in float32 (or the sample's dtype if wider); no host-device
+        synchronisation, so the loop can be captured or compiled.
+
+        ``generator`` and any other keyword of diffusers' scheduler contract (``eta``,
+        ``use_clipped_model_output``, ``variance_noise``, ``s_churn``, ...) are accepted and
+        ignored: the PeRFlow sampler is deterministic.
         """
         if self.timesteps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
@@ -244,19 +276,13 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         out = model_output.to(work)
         device = z.device
         self._to_device(device)
-        T = self.config.num_train_timesteps
         step_t = self._timestep_tensor(timestep, device)  # () or (B,)
-        t_c = step_t / T
-        # the released look-up's tolerance: a time within 0.1/T above a boundary starts that window
-        t_s, t_e = window_bounds(t_c - 0.1 / T, self.boundaries)
+        t_c, dt, t_lookup = self._step_times(step_t)
+        t_s, t_e = window_bounds(t_lookup, self.boundaries)
         lam, eta = window_coefficients(t_s, t_e, self._abar64, self.config.prediction_type)
         v = velocity_from_output(out, z, t_c, t_s, t_e, lam, eta, self.config.prediction_type)
         # at or below t = 0 the flow has arrived: no velocity (avoids 0/0 at the last window's end)
         v = torch.where(_bcast(t_c, z) > 0, v, torch.zeros((), dtype=work, device=device))
-        scheduled = self.timesteps.to(device=device, dtype=torch.float64)  # (N,)
-        below = scheduled < step_t.unsqueeze(-1)  # (..., N)
-        next_t = torch.where(below, scheduled, torch.zeros((), dtype=torch.float64, device=device)).amax(-1)
-        dt = (next_t - step_t) / T
         prev = z + _bcast(dt, z) * v
         x0 = z - _bcast(t_c, z) * v
         prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)

@@ -9,19 +9,53 @@ In code the boundaries are one decreasing tensor ``boundaries = [t_K, ..., t_0]`
 of length ``K + 1`` and windows are numbered ``j = 0 .. K-1`` in sampling order,
 so window ``j`` is ``(boundaries[j], boundaries[j + 1])`` (``j = K - k``).
 
-Every function here is pure, vectorised over the batch and free of host-device
-synchronisation, so the scheduler's ``step`` and the trainer's targets can share
-them and a sampling loop can be captured or compiled.
+The look-up and coefficient functions are pure, vectorised over the batch and free
+of host-device synchronisation, so the scheduler's ``step`` and the trainer's targets
+can share them and a sampling loop can be captured or compiled. The ``check_*``
+functions and :func:`alphas_cumprod_from_config` run once, at construction.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import Any, Mapping, Sequence
 
 import torch
 
 PREDICTION_TYPES = ("diff_eps", "ddim_eps", "velocity")
 EPSILON_TYPES = ("diff_eps", "ddim_eps")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SCHEDULE_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+)
+"""The keys of a diffusers scheduler config that determine ``alphas_cumprod``."""
+
+
+def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
+    """``abar[0..T-1]`` (float32) of a diffusers scheduler config, built by diffusers' ``DDIMScheduler``.
+
+    ``betas`` from ``beta_schedule`` (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``) over
+    ``[beta_start, beta_end]`` or ``trained_betas``; with ``rescale_betas_zero_snr`` they are
+    rescaled to zero terminal SNR (diffusers' ``rescale_zero_terminal_snr``), so ``abar[T-1] = 0``
+    exactly, as ``DDIMScheduler`` has it (no clamping); ``abar = cumprod(1 - betas)``. Only
+    :data:`SCHEDULE_KEYS` are read; a missing key takes ``DDIMScheduler``'s default. The one
+    implementation behind the trainer's teacher schedule and :class:`perflow.PeRFlowScheduler`.
+    """
+    from diffusers import DDIMScheduler
+
+    kwargs = {k: config[k] for k in SCHEDULE_KEYS if k in config}
+    betas, schedule = kwargs.get("trained_betas"), kwargs.get("beta_schedule", "linear")
+    if betas is None and schedule not in BETA_SCHEDULES:
+        raise ValueError(
+            f"unknown beta_schedule {schedule!r}; expected one of {BETA_SCHEDULES} or pass trained_betas"
+        )
+    num_train_timesteps = kwargs.get("num_train_timesteps", 1000)
+    if betas is not None and len(betas) != num_train_timesteps:
+        raise ValueError(
+            f"trained_betas has {len(betas)} values but num_train_timesteps={num_train_timesteps}; "
+            "pass one beta per training timestep"
+        )
+    return DDIMScheduler(**kwargs).alphas_cumprod
 
 
 def equal_boundaries(num_windows: int, t_noise: float = 1.0, t_clean: float = 0.0) -> torch.Tensor:
@@ -59,6 +93,65 @@ def check_boundaries(boundaries: Sequence[float] | torch.Tensor) -> torch.Tensor
             f"window boundaries must strictly decrease from 1 to 0, got {b.tolist()}"
         )
     return b
+
+
+def check_window_spacing(
+    boundaries: torch.Tensor, num_train_timesteps: int, num_solver_steps: int | None = None
+) -> torch.Tensor:
+    """Refuse windows whose two ends share a teacher timestep index ``i(t) = clamp(round(t T) - 1, 0, T - 1)``.
+
+    Such a window (e.g. ``[1, 0.9995, 0]`` with ``T = 1000``: both ends at index 999) has
+    ``abar(t_s) = abar(t_e)``, so the teacher's solve is the identity, ``eta = 0`` and the
+    epsilon-type targets are infinite. With ``num_solver_steps = n``, a window spanning fewer
+    than ``n`` indices is accepted with a warning (some of its DDIM steps start and end at the
+    same index and do nothing). Returns ``boundaries`` (float64, validated by :func:`check_boundaries`).
+    """
+    b = check_boundaries(boundaries)
+    idx = timestep_index(b, num_train_timesteps).tolist()  # (K + 1,)
+    for j in range(len(idx) - 1):
+        t_s, t_e, span = b[j].item(), b[j + 1].item(), idx[j] - idx[j + 1]
+        if span < 1:
+            raise ValueError(
+                f"window ({t_s:g}, {t_e:g}) starts and ends at the same teacher timestep index {idx[j]} "
+                f"(i(t) = clamp(round(t*T) - 1, 0, T-1), T={num_train_timesteps}), so its targets are "
+                f"infinite; move its boundaries apart so that round(t*T) differs "
+                f"(at least 1/T = {1 / num_train_timesteps:g} apart, ideally n/T)"
+            )
+        if num_solver_steps is not None and span < num_solver_steps:
+            warnings.warn(
+                f"window ({t_s:g}, {t_e:g}) spans {span} teacher timestep(s) but the teacher solver takes "
+                f"n={num_solver_steps} steps, some of which start and end at the same index and do nothing; "
+                "widen the window or lower num_solver_steps",
+                stacklevel=2,
+            )
+    return b
+
+
+def check_nonzero_abar(boundaries: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> None:
+    """Refuse a prediction type that divides by ``abar = 0`` at a window boundary (zero terminal SNR).
+
+    A schedule rescaled to zero terminal SNR (``rescale_betas_zero_snr=True``) has
+    ``abar(1) = abar[T-1] = 0``, where the first window starts. There an ``epsilon`` teacher has
+    ``x0 = (z - sqrt(1 - abar) eps) / sqrt(abar)`` undefined, and the epsilon-type
+    parameterizations have ``lam = 1 / g`` (``diff_eps``, ``g = sqrt(abar_s / abar_e)``) or
+    ``sqrt(abar_e / abar_s)`` (``ddim_eps``) infinite. ``velocity`` students and ``v_prediction``
+    or ``sample`` teachers need no division by ``abar`` and are accepted.
+    """
+    if prediction_type not in EPSILON_TYPES + ("epsilon",):
+        return
+    b = torch.as_tensor(boundaries, dtype=torch.float64)
+    zero = abar_at(b, alphas_cumprod.cpu()) == 0
+    if bool(zero.any()):
+        t = b[zero].tolist()
+        who, fix = (
+            ("an epsilon teacher", "use a v_prediction teacher")
+            if prediction_type == "epsilon"
+            else (f"the {prediction_type} parameterization", "use prediction_type='velocity'")
+        )
+        raise ValueError(
+            f"{who} divides by abar = 0, which this schedule has at t = {t} "
+            f"(zero terminal SNR, rescale_betas_zero_snr=True); {fix}"
+        )
 
 
 def window_index(t: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,9 @@ import torch
 
 from ..denoisers import guided_teacher_denoiser
 from ..objective import reflow_example
-from ..windows import check_boundaries, equal_boundaries, window_coefficients
+from ..windows import (
+    check_boundaries, check_nonzero_abar, check_window_spacing, equal_boundaries, window_coefficients,
+)
 from .config import TrainConfig, make_config
 from .teachers import ClassConditionalTeacher, Teacher, as_teacher
 
@@ -60,12 +62,15 @@ class TrainResult:
     num_processes: int = 1
 
 
-def boundaries_of(cfg: TrainConfig) -> torch.Tensor:
-    """Window boundaries ``[1, ..., 0]`` (float64) from the config."""
+def boundaries_of(cfg: TrainConfig, alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
+    """Window boundaries ``[1, ..., 0]`` (float64) from the config, checked against the teacher's schedule if given."""
     p = cfg.perflow
-    if p.window_boundaries is not None:
-        return check_boundaries(p.window_boundaries)
-    return equal_boundaries(p.num_time_windows)
+    explicit = p.window_boundaries is not None
+    b = check_boundaries(p.window_boundaries) if explicit else equal_boundaries(p.num_time_windows)
+    if alphas_cumprod is not None:  # distinct teacher indices per window; no division by abar = 0
+        check_window_spacing(b, alphas_cumprod.numel(), p.num_solver_steps)
+        check_nonzero_abar(b, alphas_cumprod, p.prediction_type)
+    return b
 
 
 def reflow_loss(
@@ -179,7 +184,7 @@ def train(
     param_names = [n for n, _ in student.named_parameters()]
 
     ds = dataset if dataset is not None else build_dataset(dc, seed=tr.seed)
-    boundaries = boundaries_of(cfg)
+    boundaries = boundaries_of(cfg, teacher_obj.alphas_cumprod)
     ac = teacher_obj.alphas_cumprod
     time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a)
 

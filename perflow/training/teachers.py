@@ -30,18 +30,28 @@ BUILTIN_TEACHERS = {"digits": ("builtin", "weights", "digits_teacher")}
 
 
 def _schedule_from_config(config: dict) -> tuple[torch.Tensor, str, dict]:
-    """``(alphas_cumprod float64 (T,), teacher prediction_type, schedule config)`` of a diffusers scheduler config."""
+    """``(alphas_cumprod float64 (T,), teacher prediction_type, schedule config)`` of a diffusers scheduler config.
+
+    ``alphas_cumprod`` comes from :func:`perflow.windows.alphas_cumprod_from_config` (the function
+    :class:`perflow.PeRFlowScheduler` uses too, ``rescale_betas_zero_snr`` included); the schedule
+    config holds its keys with ``DDIMScheduler``'s defaults filled in. An ``epsilon`` teacher with
+    zero terminal SNR (``abar(1) = 0``) is refused.
+    """
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler.from_config(dict(config))
+    from ..windows import SCHEDULE_KEYS, alphas_cumprod_from_config, check_nonzero_abar, equal_boundaries
+
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"the teacher's scheduler has unsupported prediction_type {prediction_type!r}")
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "set_alpha_to_one")
-    schedule = {k: sched.config[k] for k in keys if k in sched.config}
+    filled = DDIMScheduler.from_config(dict(config)).config
+    keys = SCHEDULE_KEYS + ("set_alpha_to_one",)
+    schedule = {k: filled[k] for k in keys if k in filled}
     if schedule.get("trained_betas") is not None:
         schedule["trained_betas"] = list(schedule["trained_betas"])
-    return sched.alphas_cumprod.to(torch.float64), prediction_type, schedule
+    alphas_cumprod = alphas_cumprod_from_config(schedule)
+    check_nonzero_abar(equal_boundaries(1), alphas_cumprod, prediction_type)
+    return alphas_cumprod.to(torch.float64), prediction_type, schedule
 
 
 class Teacher:
