@@ -1,19 +1,21 @@
-"""Train the built-in class-conditional digits teacher (reproducible, CPU, a few minutes).
+"""Train a built-in teacher (``digits``, ``faces`` or ``photos``): reproducible, CPU, minutes.
 
-The teacher is a diffusers ``UNet2DConditionModel`` predicting ``epsilon`` on 8x8
-digits (:mod:`perflow.builtin.digits`), conditioned through ``encoder_hidden_states``
-on a learned label embedding (:class:`perflow.models.LabelEncoder`; label 10 is the
-null label, used for 10 % of the examples so the teacher supports classifier-free
-guidance). Noise schedule: Stable Diffusion's (``scaled_linear`` betas 0.00085..0.012,
-``T = 1000``), so the PeRFlow maths runs exactly as it does for SD.
+Every teacher (:mod:`perflow.builtin.suite`) is a diffusers UNet trained with the DDPM loss on
+its own data: ``|| f_theta(sqrt(abar_i) x0 + sqrt(1 - abar_i) eps, i, c) - target ||^2`` with
+``i ~ U{0..T-1}``, ``target = eps`` for an ``epsilon`` teacher and
+``v = sqrt(abar_i) eps - sqrt(1 - abar_i) x0`` for a ``v_prediction`` one (the scheduler's
+``get_velocity``). A class-conditional teacher is conditioned through ``encoder_hidden_states``
+on a learned label embedding (:class:`perflow.models.LabelEncoder`); the null label replaces
+10 % of the labels so it supports classifier-free guidance. AdamW with warm-up and cosine decay,
+gradient clipping at 1, weights averaged by EMA; seeded. Reproduce the shipped weights with::
 
-Loss (DDPM): ``|| eps_theta(sqrt(abar_i) x0 + sqrt(1 - abar_i) eps, i, c) - eps ||^2`` with
-``i ~ U{0..T-1}``; weights averaged by EMA. Reproduce the shipped weights with::
+    python -m perflow.builtin.train_teacher --teacher digits --output-dir perflow/builtin/weights/digits_teacher
+    python -m perflow.builtin.train_teacher --teacher faces --threads 1 --output-dir perflow/builtin/weights/faces_teacher
+    python -m perflow.builtin.train_teacher --teacher photos --threads 1 --output-dir perflow/builtin/weights/photos_teacher
 
-    python -m perflow.builtin.train_teacher --output-dir perflow/builtin/weights/digits_teacher
-
-The folder holds ``unet/``, ``scheduler/`` (a ``DDIMScheduler`` config) and
-``label_encoder/``, the class-conditional teacher format :mod:`perflow.training` loads.
+A class-conditional folder holds ``unet/``, ``scheduler/`` and ``label_encoder/`` (the format
+:mod:`perflow.training` loads); the unconditional ``faces`` folder is a diffusers
+``DDPMPipeline`` (``model_index.json``, ``unet/``, ``scheduler/``).
 """
 
 from __future__ import annotations
@@ -27,42 +29,16 @@ from pathlib import Path
 
 import torch
 
+from .suite import SCHEDULE, SuiteTeacher, build_teacher_unet, get_suite_teacher
+
 NULL_DROPOUT = 0.1
-SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
-
-
-def build_teacher_unet(image_size: int = 8, cross_attention_dim: int = 32):
-    """The teacher architecture: a 1.7M-parameter ``UNet2DConditionModel`` (8 -> 4 -> 2 pixels)."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=image_size,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
+__all__ = ["NULL_DROPOUT", "SCHEDULE", "build_teacher_unet", "teacher_scheduler", "save_teacher", "train_teacher",
+           "train_digits_teacher"]
 
 
 def teacher_scheduler():
-    """The teacher's ``DDIMScheduler`` (SD's beta schedule, ``set_alpha_to_one=False``, epsilon)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(**SCHEDULE)
+    """The digits teacher's ``DDIMScheduler`` (SD's beta schedule, ``set_alpha_to_one=False``, epsilon)."""
+    return get_suite_teacher("digits").scheduler()
 
 
 def _save_atomically(output_dir: Path, write) -> None:
@@ -86,14 +62,118 @@ def _save_atomically(output_dir: Path, write) -> None:
 
 
 def save_teacher(output_dir: str | Path, unet, label_encoder, scheduler) -> None:
-    """Save ``unet/``, ``scheduler/`` and ``label_encoder/`` (safetensors) atomically."""
+    """Save ``unet/``, ``scheduler/`` and ``label_encoder/`` (safetensors) atomically; with
+    ``label_encoder=None``, a diffusers ``DDPMPipeline`` folder (``model_index.json``, ``unet/``, ``scheduler/``)."""
 
     def write(tmp: Path) -> None:
+        if label_encoder is None:
+            from diffusers import DDPMPipeline
+
+            DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+            return
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         label_encoder.save_pretrained(tmp / "label_encoder", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
 
     _save_atomically(Path(output_dir), write)
+
+
+def _lr_lambda(max_steps: int):
+    """Linear warm-up over ``min(200, max_steps / 10)`` steps times a cosine decay to 0 at ``max_steps``."""
+    warmup = min(200, max_steps // 10)
+    return lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max_steps)).item())
+
+
+def _target(scheduler, x0: torch.Tensor, eps: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """The regression target of the teacher's prediction type: ``eps`` or ``v`` (diffusers' ``get_velocity``)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return eps
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, eps, i)
+    raise ValueError(f"train_teacher supports epsilon and v_prediction teachers, not {kind!r}")
+
+
+def train_teacher(
+    teacher: str | SuiteTeacher,
+    output_dir: str | Path | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    ema_decay: float | None = None,
+    seed: int = 0,
+    save_every: int = 1000,
+    progress: bool = True,
+) -> Path:
+    """Train a suite teacher (by name or :class:`SuiteTeacher`) and save its EMA weights; returns the folder.
+
+    ``None`` arguments take the teacher's defaults; ``output_dir`` defaults to its shipped folder.
+    """
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from perflow.models import LabelEncoder
+
+    spec = get_suite_teacher(teacher) if isinstance(teacher, str) else teacher
+    output_dir = Path(output_dir or spec.path)
+    max_steps = max_steps or spec.max_steps
+    batch_size = batch_size or spec.batch_size
+    ema_decay = spec.ema_decay if ema_decay is None else ema_decay
+    if max_steps < 1 or batch_size < 1:
+        raise ValueError(f"max_steps and batch_size must be >= 1, got {max_steps} and {batch_size}")
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    draw = spec.batches()
+    unet = spec.build_unet()
+    label_encoder = None
+    if spec.num_classes:
+        label_encoder = LabelEncoder(num_classes=spec.num_classes, embed_dim=unet.config.cross_attention_dim)
+    scheduler = spec.scheduler()
+    abar = scheduler.alphas_cumprod.float()  # (T,)
+    modules = [unet] + ([label_encoder] if label_encoder is not None else [])
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=learning_rate or spec.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(max_steps))
+    emas = [EMAModel(m.parameters(), decay=ema_decay) for m in modules]
+
+    def save() -> None:
+        copies = [spec.build_unet()]
+        if label_encoder is not None:
+            copies.append(LabelEncoder(spec.num_classes, unet.config.cross_attention_dim))
+        for ema, copy in zip(emas, copies):
+            ema.copy_to(copy.parameters())
+        save_teacher(output_dir, copies[0], copies[1] if len(copies) > 1 else None, scheduler)
+
+    start = time.time()
+    bar = tqdm(range(max_steps), desc=f"{spec.name} teacher", unit="step", disable=not progress)
+    for step in bar:
+        x0, y = draw(gen, batch_size)  # (B, C, H, W), (B,) or None
+        kwargs = {}
+        if label_encoder is not None:
+            y = y.clone()
+            y[torch.rand(batch_size, generator=gen) < NULL_DROPOUT] = label_encoder.null_label
+            kwargs["encoder_hidden_states"] = label_encoder(y)
+        i = torch.randint(0, abar.numel(), (batch_size,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = abar[i].view(-1, 1, 1, 1)
+        z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        pred = unet(z, i, **kwargs).sample
+        loss = torch.nn.functional.mse_loss(pred, _target(scheduler, x0, eps, i))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        for ema, m in zip(emas, modules):
+            ema.step(m.parameters())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if save_every and (step + 1) % save_every == 0 and step + 1 < max_steps:
+            save()
+    save()
+    print(f"trained the {spec.name} teacher {max_steps} steps in {time.time() - start:.0f} s; saved to {output_dir}")
+    return output_dir
 
 
 def train_digits_teacher(
@@ -107,74 +187,28 @@ def train_digits_teacher(
     save_every: int = 1000,
 ) -> Path:
     """Train the digits teacher and save it (EMA weights) to ``output_dir``; returns the path."""
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
-
-    from perflow.builtin.digits import NUM_CLASSES, digits_tensors
-    from perflow.models import LabelEncoder
-
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    images, labels = digits_tensors("train", image_size)  # (N, 1, H, W), (N,)
-    unet = build_teacher_unet(image_size)
-    label_encoder = LabelEncoder(num_classes=NUM_CLASSES, embed_dim=unet.config.cross_attention_dim)
-    scheduler = teacher_scheduler()
-    abar = scheduler.alphas_cumprod.float()  # (T,)
-    params = list(unet.parameters()) + list(label_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    warmup = min(200, max_steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max_steps)).item())
-    )
-    ema_unet = EMAModel(unet.parameters(), decay=ema_decay)
-    ema_label = EMAModel(label_encoder.parameters(), decay=ema_decay)
-
-    def save(step: int) -> None:
-        u, le = build_teacher_unet(image_size), LabelEncoder(NUM_CLASSES, unet.config.cross_attention_dim)
-        ema_unet.copy_to(u.parameters())
-        ema_label.copy_to(le.parameters())
-        save_teacher(output_dir, u, le, scheduler)
-
-    start = time.time()
-    bar = tqdm(range(max_steps), desc="digits teacher", unit="step")
-    for step in bar:
-        idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(batch_size, generator=gen) < NULL_DROPOUT] = label_encoder.null_label
-        i = torch.randint(0, abar.numel(), (batch_size,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        a = abar[i].view(-1, 1, 1, 1)
-        z = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = unet(z, i, encoder_hidden_states=label_encoder(y)).sample
-        loss = torch.nn.functional.mse_loss(pred, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema_unet.step(unet.parameters())
-        ema_label.step(label_encoder.parameters())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if save_every and (step + 1) % save_every == 0 and step + 1 < max_steps:
-            save(step + 1)
-    save(max_steps)
-    print(f"trained {max_steps} steps in {time.time() - start:.0f} s; saved to {output_dir}")
-    return Path(output_dir)
+    if image_size != 8:
+        raise ValueError("the digits teacher is trained at image_size 8; other sizes are not a suite teacher")
+    return train_teacher("digits", output_dir, max_steps, batch_size, learning_rate, ema_decay, seed, save_every)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output-dir", default=str(Path(__file__).parent / "weights" / "digits_teacher"))
-    p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p = argparse.ArgumentParser(prog="python -m perflow.builtin.train_teacher", description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="digits", help="digits (default), faces or photos")
+    p.add_argument("--output-dir", default=None, help="default: perflow/builtin/weights/<teacher>_teacher")
+    p.add_argument("--max-steps", type=int, default=None, help="default: the teacher's (digits 3000)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the teacher's (digits 128)")
+    p.add_argument("--learning-rate", type=float, default=None, help="default: 2e-3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    try:
+        spec = get_suite_teacher(args.teacher)
+    except ValueError as err:
+        p.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_digits_teacher(args.output_dir, args.max_steps, args.batch_size, args.learning_rate, seed=args.seed)
+    train_teacher(spec, args.output_dir, args.max_steps, args.batch_size, args.learning_rate, seed=args.seed)
 
 
 if __name__ == "__main__":
