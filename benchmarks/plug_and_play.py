@@ -96,7 +96,7 @@ def perflow_delta(args, teacher_name: str):
             delta, meta = load_delta(run / "delta.safetensors")
             source = f"perflow train run {args.perflow_run}"
         else:  # a student folder without a saved delta: extract it (perflow delta extract)
-            from perflow.checkpoint_formats import extract_from_folders
+            from perflow.delta import extract_from_folders
             from perflow.training.teachers import BUILTIN_TEACHERS, _builtin_path
 
             teacher_dir = _builtin_path(teacher_name) if teacher_name in BUILTIN_TEACHERS else Path(teacher_name)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from perflow.delta import merge_delta, perflow_scheduler_from_metadata
     from perflow.evaluation import metrics
     from perflow.evaluation.harness import Sampler, _teacher_scheduler_config, class_model_fn, compare_samplers
-    from perflow.evaluation.report import write_text
+    from perflow.io import write_text
     from perflow.evaluation.samplers import baseline_scheduler
     from perflow.training.teachers import load_teacher
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         Sampler("variant dpmsolver++", variant_fn, lambda: baseline_scheduler("dpmsolver++", sched_cfg)),
     ]
     for rank in [int(r) for r in args.lora_ranks.split(",") if r]:
-        from perflow.lora import delta_to_lora, lora_to_delta
+        from perflow.delta import delta_to_lora, lora_to_delta
 
         export = delta_to_lora(delta, rank, model=teacher.unet, progress=False)
         low = {**lora_to_delta(export.lora), **export.rest}

@@ -258,7 +258,7 @@ def test_non_finite_scale_is_refused(world, tmp_path, capsys, scale):
     rc, _, err = cli(["delta", "merge", "--delta", world["delta"], "--into", world["unet"], "-o", tmp_path / "o",
                       f"--scale={scale}"], capsys)
     assert rc == 2 and "finite" in err and not (tmp_path / "o").exists()
-    from perflow.checkpoint_formats import merge_into_path
+    from perflow.delta import merge_into_path
 
     for target in (world["teacher"].state_dict(), tiny_sd15_unet(0)):
         with pytest.raises(ValueError, match="finite"):
@@ -277,7 +277,7 @@ def test_delta_with_nan_values_is_refused(world):
 
 
 def test_to_lora_requires_a_safetensors_output(world, tmp_path, capsys):
-    from perflow.lora import delta_to_lora, save_lora
+    from perflow.delta import delta_to_lora, save_lora
 
     for flag, value in (("-o", tmp_path / "x.pt"), ("--rest", tmp_path / "rest.bin")):
         extra = [] if flag == "-o" else ["-o", tmp_path / "x.safetensors"]
@@ -303,7 +303,7 @@ def test_output_inside_the_model_folder_or_holding_it_is_refused(world, tmp_path
 def test_merge_into_a_model_of_another_config_warns_naming_the_fields(world, tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
-    from perflow.checkpoint_formats import merge_into_path
+    from perflow.delta import merge_into_path
 
     config = {k: v for k, v in world["teacher"].config.items() if not k.startswith("_")}
     other = UNet2DConditionModel.from_config({**config, "act_fn": "gelu", "norm_eps": 1e-6})
@@ -381,7 +381,7 @@ def test_pickled_teacher_weights_need_allow_pickle(tmp_path, one_thread):
 
 def test_scheduler_config_without_class_name_is_recognised(tmp_path):
     from perflow.delta import perflow_scheduler_from_metadata
-    from perflow.state_dicts import is_perflow_scheduler_config
+    from perflow.delta.keys import is_perflow_scheduler_config
 
     sched = PeRFlowScheduler(prediction_type="velocity", window_boundaries=[1.0, 0.6, 0.3, 0.0])
     config = dict(sched.config)
@@ -413,7 +413,7 @@ def test_scheduler_config_without_class_name_is_recognised(tmp_path):
 
 
 def test_delta_folder_with_two_variants_needs_variant(world, tmp_path, capsys):
-    from perflow.checkpoint_formats import merge_into_path
+    from perflow.delta import merge_into_path
 
     delta = world["delta_tensors"]
     as_unet = tiny_sd15_unet(0)
@@ -457,7 +457,7 @@ def test_delta_folder_with_two_variants_needs_variant(world, tmp_path, capsys):
 def test_killed_merge_leaves_temporaries_that_the_next_run_removes(world, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
-        import perflow.checkpoint_formats as cf
+        import perflow.delta.formats as cf
         def killed(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)  # as if the machine killed the merge mid-write
         cf._write_model_weights = killed
@@ -468,14 +468,14 @@ def test_killed_merge_leaves_temporaries_that_the_next_run_removes(world, tmp_pa
     assert res.returncode == -9
     stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert len(stale) == 1 and stale[0].is_dir() and not (tmp_path / "out").exists()
-    from perflow.checkpoint_formats import merge_into_path
+    from perflow.delta import merge_into_path
 
     merge_into_path(world["unet"], world["delta"], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_outputs_get_the_permissions_of_the_umask(world, tmp_path):
-    from perflow.checkpoint_formats import merge_into_path
+    from perflow.delta import merge_into_path
 
     old = os.umask(0o022)
     try:

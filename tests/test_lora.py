@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from perflow.delta import extract_delta, load_delta, merge_delta
-from perflow.lora import delta_to_lora, error_table, lora_to_delta, save_lora
+from perflow.delta import delta_to_lora, error_table, lora_to_delta, save_lora
 from perflow.tiny import tiny_sd15_pipeline, tiny_sd15_unet
 
 from delta_helpers import perturbed, run_cli

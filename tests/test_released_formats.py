@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from perflow.checkpoint_formats import ldm_unet_key_map, merge_into_path, unet_to_ldm_state_dict
+from perflow.delta.formats import ldm_unet_key_map, merge_into_path, unet_to_ldm_state_dict
 from perflow.delta import extract_delta, load_delta, load_pipeline, merge_delta, save_delta
 from perflow.scheduler import PeRFlowScheduler
 from perflow.tiny import tiny_sd15_pipeline, tiny_sd15_unet

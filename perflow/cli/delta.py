@@ -94,7 +94,7 @@ def _positive(text: str) -> int:
 
 def _safetensors_output(path: str, flag: str = "-o") -> None:
     """Refuse, before any work, an output file that is not ``.safetensors`` or cannot be written."""
-    from perflow.state_dicts import check_output_path
+    from perflow.io import check_output_path
 
     if not path.endswith(".safetensors"):
         raise ValueError(f"{flag} {path!r}: weights are written as safetensors; give a path ending in .safetensors")
@@ -111,7 +111,7 @@ def _ints(text: str) -> list[int]:
 def _extract(args) -> int:
     import torch
 
-    from perflow.checkpoint_formats import extract_from_folders
+    from perflow.delta import extract_from_folders
 
     _safetensors_output(args.output)
     delta, meta = extract_from_folders(
@@ -129,8 +129,7 @@ def _extract(args) -> int:
 def _merge(args) -> int:
     from pathlib import Path
 
-    from perflow.checkpoint_formats import check_merge_output, merge_into_path
-    from perflow.delta import load_delta
+    from perflow.delta import check_merge_output, load_delta, merge_into_path
 
     if not Path(args.into).exists():
         raise FileNotFoundError(f"--into {args.into!r}: no such model file or folder")
@@ -157,8 +156,7 @@ def _merge(args) -> int:
 def _to_lora(args) -> int:
     from pathlib import Path
 
-    from perflow.delta import load_delta, save_delta
-    from perflow.lora import delta_to_lora, error_table, lora_prefix, save_lora
+    from perflow.delta import delta_to_lora, error_table, load_delta, lora_prefix, save_delta, save_lora
 
     out = Path(args.output)
     rest_path = Path(args.rest) if args.rest else out.with_name(out.stem + ".rest.safetensors")

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             setattr(base, key, value)
     if not math.isfinite(args.guidance_scale):
         raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
-    from perflow.state_dicts import check_output_path
+    from perflow.io import check_output_path
 
     check_output_path(args.output_dir, folder=True)  # now, not after training
     base.output_dir = args.output_dir

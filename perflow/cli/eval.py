@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--baselines: unknown sampler(s) {unknown}; choose from {list(BASELINE_SAMPLERS)}")
     if args.output_dir:
-        from perflow.state_dicts import check_output_path
+        from perflow.io import check_output_path
 
         check_output_path(args.output_dir, folder=True)  # now, not after the evaluation
     progress = not args.no_progress

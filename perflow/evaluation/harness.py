@@ -267,10 +267,7 @@ def evaluate_digits(config: DigitsEvalConfig, progress: bool = True) -> EvalResu
 
 def _teacher_scheduler_config(teacher: str) -> dict:
     """The ``scheduler/scheduler_config.json`` of a class-conditional teacher folder (or built-in name)."""
-    import json
-    from pathlib import Path
-
+    from perflow.io import read_scheduler_config
     from perflow.training.teachers import BUILTIN_TEACHERS, _builtin_path
 
-    path = _builtin_path(teacher) if teacher in BUILTIN_TEACHERS else Path(teacher)
-    return json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return read_scheduler_config(_builtin_path(teacher) if teacher in BUILTIN_TEACHERS else teacher, required=True)

@@ -114,9 +114,9 @@ def evaluate_images(config: ImageEvalConfig, progress: bool = True) -> EvalResul
     def model(unet):
         return _chunked_denoiser(unet, cond, uncond, w, config.batch_size)
 
-    import json
+    from perflow.io import read_scheduler_config
 
-    sched_cfg = json.loads((Path(config.teacher) / "scheduler" / "scheduler_config.json").read_text())
+    sched_cfg = read_scheduler_config(config.teacher, required=True)
     teacher_fn = model(teacher.unet)
     samplers: list[Sampler] = []
     for kind, path in (("perflow", config.perflow), ("reflow", config.reflow)):

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .report import atomic_path
+from perflow.io import atomic_path
 
 
 def _figure():

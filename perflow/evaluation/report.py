@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from perflow.state_dicts import atomic_path  # noqa: F401  (re-exported for plots and callers)
+from perflow.io import write_text
 
 from .harness import EvalResult
 
@@ -21,11 +21,6 @@ COLUMNS = (
     ("accuracy", "label accuracy", "{:.3f}"),
     ("clip_score", "CLIP score", "{:.2f}"),
 )
-
-
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def command_line(argv: list[str] | None = None, program: str | None = None) -> str:

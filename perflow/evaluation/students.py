@@ -55,10 +55,11 @@ def load_student(path: str | Path, teacher=None) -> Student:
     """
     from diffusers import UNet2DConditionModel
 
-    from perflow.state_dicts import check_weight_files, is_perflow_scheduler_config, read_json
+    from perflow.delta.keys import is_perflow_scheduler_config
+    from perflow.io import check_weight_files, read_scheduler_config
 
     folder = find_student_dir(path)
-    config = read_json(folder / "scheduler" / "scheduler_config.json")
+    config = read_scheduler_config(folder, required=True)
     if not is_perflow_scheduler_config(config):
         raise ValueError(
             f"{folder / 'scheduler'} configures {config.get('_class_name') or 'no PeRFlow scheduler'}, not "
@@ -80,7 +81,7 @@ def load_student(path: str | Path, teacher=None) -> Student:
 
 def check_same_architecture(student_unet: torch.nn.Module, teacher_unet: torch.nn.Module, where: Path | str = "student") -> None:
     """Refuse a student UNet whose class, config or tensor names/shapes are not the teacher UNet's (naming them)."""
-    from perflow.state_dicts import compare_keys, config_differences
+    from perflow.delta.keys import compare_keys, config_differences
 
     fix = "evaluate it against the teacher it was trained from (--teacher)"
     if type(student_unet) is not type(teacher_unet):

@@ -294,7 +294,7 @@ def _load_student_init(student: torch.nn.Module, path: str) -> None:
     """Copy a saved UNet's weights (a ``save_pretrained`` folder or its parent) into the student."""
     from diffusers import UNet2DConditionModel
 
-    from perflow.state_dicts import check_weight_files
+    from perflow.io import check_weight_files
 
     folder = Path(path)
     if (folder / "unet" / "config.json").is_file():

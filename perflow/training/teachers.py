@@ -342,7 +342,7 @@ def check_teacher_weights(path: Path, allow_pickle: bool = False) -> None:
     is an error naming it), and a component holding only pickled weights (``.bin``, ``.pt``, ...)
     is refused unless ``allow_pickle``, with an error naming the file and the option.
     """
-    from perflow.state_dicts import check_weight_files
+    from perflow.io import check_weight_files
 
     check_weight_files(path)
     if allow_pickle:
@@ -389,7 +389,7 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickl
             f"teacher {name!r} is not a folder; give a diffusers pipeline folder (model_index.json), a "
             f"class-conditional teacher folder (unet/, scheduler/, label_encoder/) or one of {sorted(BUILTIN_TEACHERS)}"
         )
-    from perflow.state_dicts import read_json
+    from perflow.io import read_json
 
     check_teacher_weights(path, allow_pickle)
     if (path / "model_index.json").is_file():

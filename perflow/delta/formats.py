@@ -1,4 +1,5 @@
-"""Where a delta goes on disk: diffusers model and pipeline folders, single-file (LDM) checkpoints.
+"""Models on disk: a delta merged into model, pipeline and single-file (LDM) checkpoints, extracted from
+folders, and merged pipelines loaded.
 
 - A **model folder** is a diffusers model saved with ``save_pretrained``:
   ``config.json`` + ``diffusion_pytorch_model*.safetensors`` (sharded or not).
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -32,30 +32,29 @@ from typing import Any, Mapping
 
 import torch
 
-from perflow.delta import (
-    MergeReport,
-    _atomic_save_safetensors,
-    _scheduler_metadata,
-    check_base_config,
-    check_scale,
-    load_delta,
-    merge_state_dict,
-    perflow_scheduler_from_metadata,
-)
-from perflow.state_dicts import (
-    StateDict,
+from perflow.io import (
+    atomic_folder,
     check_output_path,
-    config_differences,
-    config_fingerprint,
-    is_perflow_scheduler_config,
     output_mode,
     read_json,
     read_safetensors,
+    read_scheduler_config,
     remove_stale_temps,
     safetensors_header,
-    temp_prefix,
-    writing,
+    save_safetensors,
 )
+
+from .io import load_delta, model_folder, read_model_folder, read_weights, save_delta, weight_files
+from .keys import StateDict, config_differences, config_fingerprint, is_perflow_scheduler_config
+from .merge import (
+    MergeReport,
+    check_base_config,
+    check_scale,
+    extract_delta,
+    merge_state_dict,
+    perflow_scheduler_from_metadata,
+)
+from .metadata import base_model_info, scheduler_metadata
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 SCHEDULER_ENTRY = ["perflow.scheduler", "PeRFlowScheduler"]
@@ -64,73 +63,11 @@ SCHEDULER_ENTRY = ["perflow.scheduler", "PeRFlowScheduler"]
 # ----------------------------------------------------------------------------- model folders
 
 
-def model_folder(path: str | os.PathLike) -> Path:
-    """The diffusers model folder of ``path``: ``path`` itself or its ``unet/`` subfolder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no model folder at {str(path)!r}")
-    for cand in (path, path / "unet"):
-        if (cand / "config.json").is_file() and list(cand.glob("diffusion_pytorch_model*.safetensors")):
-            return cand
-    hint = " (pickled .bin weights are not read: re-save them as safetensors)" if list(path.rglob("*.bin")) else ""
-    raise ValueError(
-        f"{str(path)!r} is neither a diffusers model folder (config.json + diffusion_pytorch_model.safetensors) "
-        f"nor a pipeline folder with such a unet/ subfolder{hint}"
-    )
-
-
-_SHARD = re.compile(r"-\d{5}-of-\d{5}(?=\.safetensors$)")
-
-
-def weight_files(folder: str | os.PathLike) -> dict[str, list[Path]]:
-    """A model folder's safetensors weights by variant: ``""`` (default), ``"fp16"``, ...; shards listed together."""
-    groups: dict[str, list[Path]] = {}
-    for f in sorted(Path(folder).glob("diffusion_pytorch_model*.safetensors")):
-        stem = _SHARD.sub("", f.name)[: -len(".safetensors")]  # diffusion_pytorch_model[.variant]
-        groups.setdefault(stem[len("diffusion_pytorch_model"):].lstrip("."), []).append(f)
-    return groups
-
-
-def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
-    """The tensors of one variant's (possibly sharded) safetensors files (a damaged file is an error naming it)."""
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(read_safetensors(f)[0])
-    return sd
-
-
-def _variant_files(groups: Mapping[str, list[Path]]) -> str:
-    return ", ".join(f"{v or 'default'} ({', '.join(f.name for f in files)})" for v, files in sorted(groups.items()))
-
-
-def read_model_folder(path: str | os.PathLike, variant: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state dict, config)`` of a model folder (or a pipeline's ``unet/``), read from safetensors.
-
-    ``variant``: which weights when the folder holds several (``"fp16"``, ...); default the
-    plain ``diffusion_pytorch_model*.safetensors``, else the only variant there is.
-    """
-    folder = model_folder(path)
-    groups = weight_files(folder)
-    if variant is None:
-        if "" not in groups and len(groups) > 1:
-            raise ValueError(f"{str(folder)!r} holds weight variants {_variant_files(groups)}; say which one to read")
-        variant = "" if "" in groups else next(iter(groups))
-    if variant not in groups:
-        raise ValueError(f"{str(folder)!r} has no {variant!r} weights; it has {_variant_files(groups)}")
-    return read_weights(groups[variant]), read_json(folder / "config.json")
-
-
-def read_scheduler_config(path: str | os.PathLike) -> dict[str, Any] | None:
-    """``scheduler/scheduler_config.json`` of a pipeline or teacher folder, if there is one."""
-    f = Path(path) / "scheduler" / "scheduler_config.json"
-    return read_json(f) if f.is_file() else None
-
-
 def _write_model_weights(files: list[Path], sd: StateDict) -> None:
     """Rewrite safetensors shards with ``sd``, keeping each shard's keys and metadata."""
     for f in files:
         keys, meta = safetensors_header(f)
-        _atomic_save_safetensors({k: sd[k] for k in keys}, f, meta)
+        save_safetensors({k: sd[k] for k in keys}, f, meta)
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -296,7 +233,7 @@ def merge_single_file(
     merged, report = merge_state_dict(mapped, delta, scale, strict, partial)
     for dk, lk in key_map.items():
         full[lk] = merged[dk]
-    _atomic_save_safetensors(full, out, meta)
+    save_safetensors(full, out, meta)
     return report
 
 
@@ -322,24 +259,12 @@ def _unet_config_for(metadata: Mapping[str, Any], config_from: str | os.PathLike
     )
 
 
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise ValueError(f"{str(out)!r} exists; choose another output or pass overwrite=True (CLI: --overwrite)")
-        old = out.with_name(f"{temp_prefix(out)}old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-
-
 def check_merge_output(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse, before any work, an output that cannot be written or that would clobber the model.
 
     ``out`` inside the model folder would copy the copy into itself; a model inside ``out``
     would be deleted by ``overwrite``; an existing ``out`` needs ``overwrite``; and the path must
-    be writable (see :func:`perflow.state_dicts.check_output_path`).
+    be writable (see :func:`perflow.io.check_output_path`).
     """
     model, out = Path(model), Path(out)
     m, o = model.resolve(), out.resolve()
@@ -408,25 +333,17 @@ def merge_into_path(
     # every weight variant (plain, fp16, ...) is merged; the plain one's report is returned
     merges = {v: merge_state_dict(read_weights(files), delta, scale, strict, partial) for v, files in groups.items()}
     report = merges["" if "" in merges else next(iter(merges))][1]
-    with writing(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
-    try:
-        with writing(out):
-            shutil.copytree(model, tmp, dirs_exist_ok=True)
-            os.chmod(tmp, output_mode(folder=True))
-            dst = tmp / src.relative_to(model)
-            for stale in dst.glob("diffusion_pytorch_model*.bin"):
-                warnings.warn(f"dropping unmerged pickled weights {stale.name} from the output", stacklevel=2)
-                stale.unlink()
-            for v, files in groups.items():
-                _write_model_weights([dst / f.name for f in files], merges[v][0])
-            if src != model:  # a pipeline or teacher folder: also its scheduler
-                _write_pipeline_scheduler(tmp, metadata)
-            _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_folder(out, overwrite) as tmp:
+        shutil.copytree(model, tmp, dirs_exist_ok=True)
+        os.chmod(tmp, output_mode(folder=True))  # copytree gave it the model folder's mode; the writes below need ours
+        dst = tmp / src.relative_to(model)
+        for stale in dst.glob("diffusion_pytorch_model*.bin"):
+            warnings.warn(f"dropping unmerged pickled weights {stale.name} from the output", stacklevel=2)
+            stale.unlink()
+        for v, files in groups.items():
+            _write_model_weights([dst / f.name for f in files], merges[v][0])
+        if src != model:  # a pipeline or teacher folder: also its scheduler
+            _write_pipeline_scheduler(tmp, metadata)
     if report.untouched_addons:
         warnings.warn(f"{len(report.untouched_addons)} adapter tensor(s) left unchanged", stacklevel=2)
     return report
@@ -476,7 +393,7 @@ def scheduler_metadata_for(
         sched = PeRFlowScheduler(**{k: base[k] for k in beta_keys if k in base}, **given)
     config = {"_class_name": "PeRFlowScheduler",
               **{k: v for k, v in dict(sched.config).items() if not k.startswith("_")}}
-    meta = _scheduler_metadata(config)
+    meta = scheduler_metadata(config)
     meta.setdefault("window_boundaries", sched.boundaries.tolist())
     return meta
 
@@ -494,8 +411,6 @@ def extract_from_folders(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``perflow delta extract``: the delta of two model/pipeline/teacher folders, saved with metadata."""
-    from perflow.delta import base_model_info, extract_delta, save_delta
-
     if cfg_mode is not None and cfg_mode not in ("sync", "fixed"):
         raise ValueError(f"cfg_mode must be 'sync' or 'fixed', got {cfg_mode!r}")
     s_sd, s_cfg = read_model_folder(student)
@@ -513,43 +428,3 @@ def extract_from_folders(
     meta["delta_dtype"] = str(dtype).replace("torch.", "")
     save_delta(delta, out, meta)
     return delta, meta
-
-
-# ----------------------------------------------------------------------------- released delta folders
-
-
-def load_delta_folder(path: str | os.PathLike, variant: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The released SD1.5 delta format: a diffusers UNet folder (or a folder with ``unet/``) of deltas.
-
-    Metadata: ``format = "diffusers_unet_delta"``, ``source``, ``unet_config`` and, when a
-    ``scheduler/`` folder sits beside it, that config's PeRFlow settings. A folder holding
-    several weight variants (``diffusion_pytorch_model.safetensors`` and ``...fp16.safetensors``)
-    needs ``variant`` (``"fp16"``; ``""`` for the default file): the variants differ in
-    precision, so picking one silently would be a guess.
-    """
-    root = Path(path)
-    try:
-        folder = model_folder(root)
-    except ValueError as err:
-        raise ValueError(
-            f"{str(root)!r} is not a released delta folder: expected config.json and "
-            f"diffusion_pytorch_model.safetensors in it or in its unet/ subfolder; "
-            f"perflow never unpickles weights ({err})"
-        ) from None
-    groups = weight_files(folder)
-    if variant is None and len(groups) > 1:
-        named = sorted(v for v in groups if v)
-        raise ValueError(
-            f"the delta folder {str(folder)!r} holds weight variants {_variant_files(groups)}; say which one: "
-            f"variant={named[0]!r} (CLI: --variant {named[0]}), or variant='' for the default file"
-        )
-    sd, config = read_model_folder(folder, variant=variant)
-    meta: dict[str, Any] = {"format": "diffusers_unet_delta", "source": str(root), "unet_config": config}
-    if variant:
-        meta["variant"] = variant
-    for sched_dir in (root / "scheduler", folder.parent / "scheduler"):
-        cfg = sched_dir / "scheduler_config.json"
-        if cfg.is_file():
-            meta.update(_scheduler_metadata(read_json(cfg)))
-            break
-    return sd, meta

@@ -1,21 +1,12 @@
-"""The plug-and-play accelerator: ``delta = student - teacher`` (``METHOD.md`` section 5).
-
-The student starts as a copy of the teacher; after training
+"""Extracting and merging: ``delta = student - teacher`` and ``merged = model + scale * delta``.
 
     delta[name] = student[name] - teacher[name]        (fp32, tensor by tensor, whole denoiser)
-
-and adding ``scale * delta`` to another model of the same architecture and
-lineage (a fine-tune, the UNet of a ControlNet or IP-Adapter pipeline) makes it
-a few-step PeRFlow model, sampled with the PeRFlow scheduler of the same ``K``
-and prediction type:
-
     merged[name] = cast_to_model_dtype(fp32(target[name]) + scale * delta[name])
 
-Files are safetensors; the header metadata records what the delta was learned
-on (a fingerprint of the teacher's config, key set and weights), ``K``, the
-prediction type, the CFG mode and the PeRFlow scheduler config, each value a
-JSON-encoded string. :func:`load_delta` also reads the released SD1.5 format (a
-diffusers UNet folder whose weights are the deltas).
+A merge checks before it writes: the delta's keys and shapes against the model's
+(:func:`perflow.delta.keys.plan_merge`), a finite ``scale``, finite delta values and the model's
+config against the teacher config the delta records. A pipeline also gets the PeRFlow
+scheduler the delta's metadata names (:func:`perflow_scheduler_from_metadata`).
 
 Bit-exactness, for a student weight ``s`` and teacher weight ``t`` (both fp32):
 
@@ -36,37 +27,28 @@ Bit-exactness, for a student weight ``s`` and teacher weight ``t`` (both fp32):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from perflow.state_dicts import (  # noqa: F401  (re-exported: part of this module's API)
-    _VOLATILE_CONFIG_KEYS,
+from .io import load_delta
+from .keys import (
     KeyReport,
     StateDict,
-    _denoiser,
-    _listing,
-    atomic_path,
     compare_keys,
     config_differences,
-    config_fingerprint,
+    denoiser_of,
     is_perflow_scheduler_config,
-    keys_fingerprint,
+    key_listing,
     plan_merge,
-    read_safetensors,
     state_dict_of,
-    weights_sha256,
 )
-
-FORMAT = "perflow.delta.v1"
-
+from .metadata import SCHEDULER_SETTINGS, recorded_config
 
 # ----------------------------------------------------------------------------- extraction
 
@@ -104,130 +86,6 @@ def extract_delta(student: Any, teacher: Any, dtype: torch.dtype = torch.float32
             continue
         delta[name] = s.detach().cpu().to(dtype) - t.detach().cpu().to(dtype)
     return delta
-
-
-def base_model_info(teacher: Any, name: str | None = None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Identity of the teacher for the delta's metadata.
-
-    ``{"name", "class", "config_fingerprint", "config", "keys_fingerprint", "weights_sha256"}``;
-    ``teacher`` is a module, pipeline or state dict (then pass its ``config`` if known).
-    """
-    model = _denoiser(teacher)
-    sd = state_dict_of(model)
-    info: dict[str, Any] = {"keys_fingerprint": keys_fingerprint(sd), "weights_sha256": weights_sha256(sd)}
-    if config is None and isinstance(model, nn.Module):
-        config = getattr(model, "config", None)
-    if config is not None:
-        config = dict(config)
-        info["class"] = config.get("_class_name") or type(model).__name__
-        info["config_fingerprint"] = config_fingerprint(config)
-        info["config"] = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
-        name = name or config.get("_name_or_path")
-    if name:
-        info["name"] = str(name)
-    return info
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write a safetensors file through a temporary sibling (see :func:`perflow.state_dicts.atomic_path`)."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path, suffix=".tmp") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """safetensors metadata must be ``str -> str``: every value is JSON-encoded."""
-    return {str(k): json.dumps(v, sort_keys=True, default=str) for k, v in (metadata or {}).items()}
-
-
-def decode_metadata(raw: Mapping[str, str] | None) -> dict[str, Any]:
-    """Inverse of :func:`encode_metadata`; a value that is not JSON is kept as the string it is."""
-    out: dict[str, Any] = {}
-    for k, v in (raw or {}).items():
-        try:
-            out[k] = json.loads(v)
-        except (TypeError, ValueError):
-            out[k] = v
-    return out
-
-
-def save_delta(delta: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``delta`` (fp32) to a ``.safetensors`` file atomically, metadata values JSON-encoded.
-
-    Recommended metadata keys: ``base_model`` (see :func:`base_model_info`),
-    ``num_time_windows``, ``prediction_type``, ``cfg_mode``, ``window_boundaries``,
-    ``scheduler_config`` (the ``PeRFlowScheduler`` config dict, e.g. ``dict(scheduler.config)``:
-    its ``_class_name`` is added when missing); ``format`` and ``perflow_version`` are filled in.
-    """
-    from perflow import __version__
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"a delta is written as safetensors: give a path ending in .safetensors, got {str(path)!r}")
-    bad = [k for k, v in delta.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point()]
-    if bad:
-        raise ValueError(f"delta values must be floating-point tensors; offending keys: {_listing(bad)}")
-    meta = {"format": FORMAT, "perflow_version": __version__}
-    meta.update(metadata or {})
-    sched = meta.get("scheduler_config")
-    if is_perflow_scheduler_config(sched) and not sched.get("_class_name"):
-        meta["scheduler_config"] = {"_class_name": "PeRFlowScheduler", **dict(sched)}
-    keep = (torch.float32, torch.float64)
-    tensors = {k: v if v.dtype in keep else v.float() for k, v in delta.items()}
-    _atomic_save_safetensors(tensors, path, encode_metadata(meta))
-    return path
-
-
-def load_delta(path: str | os.PathLike, variant: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a delta and its metadata.
-
-    Accepts a ``.safetensors`` file written by :func:`save_delta` (or any
-    safetensors file of deltas), or a released-format folder: a diffusers UNet
-    folder whose weights are the deltas (``config.json`` +
-    ``diffusion_pytorch_model.safetensors``), or a folder holding such a
-    ``unet/``. For folders the metadata holds ``format``, the UNet ``config`` and,
-    when a ``scheduler/`` folder is present, its config as ``scheduler_config``.
-    A LoRA written by ``perflow delta to-lora`` is read back as its low-rank delta
-    ``B A`` (metadata ``"partial": true``: it carries no biases or norms).
-    ``variant``: which weights of a folder holding several (``"fp16"``, ...); a folder with
-    more than one variant and no ``variant`` is refused with the variants it holds.
-    A truncated or damaged file is a ``ValueError`` naming it.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no delta at {str(path)!r}")
-    if path.is_dir():
-        from perflow.checkpoint_formats import load_delta_folder
-
-        return load_delta_folder(path, variant=variant)
-    if variant is not None:
-        raise ValueError(f"variant={variant!r} selects weights of a delta folder, but {str(path)!r} is a single file; drop it")
-    if path.suffix != ".safetensors":
-        raise ValueError(
-            f"{str(path)!r} is not a safetensors file; perflow never unpickles weights. "
-            "Convert it to .safetensors first (e.g. with safetensors.torch.save_file after a weights_only load)."
-        )
-    tensors, raw = read_safetensors(path)
-    if any(".lora_A." in k or ".lora_down." in k for k in tensors):
-        from perflow.lora import lora_file_to_delta
-
-        return lora_file_to_delta(tensors, raw, path)
-    return tensors, decode_metadata(raw)
-
-
-def _scheduler_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Delta metadata (``scheduler_config``, ``num_time_windows``, ``prediction_type``, ...) from a scheduler config."""
-    meta: dict[str, Any] = {"scheduler_config": dict(config)}
-    if is_perflow_scheduler_config(config):
-        meta["scheduler_config"].setdefault("_class_name", "PeRFlowScheduler")
-        for key in ("num_time_windows", "prediction_type", "window_boundaries"):
-            if config.get(key) is not None:
-                meta[key] = config[key]
-    return meta
 
 
 # ----------------------------------------------------------------------------- merging
@@ -268,7 +126,7 @@ def _check_finite(delta: StateDict, keys: Any) -> None:
     bad = [k for k in keys if not bool(torch.isfinite(delta[k]).all())]
     if bad:
         raise ValueError(
-            f"the delta holds NaN or infinite values in {len(bad)} tensor(s): {_listing(bad)}; "
+            f"the delta holds NaN or infinite values in {len(bad)} tensor(s): {key_listing(bad)}; "
             "it is damaged or its training diverged: re-extract it from a healthy student"
         )
 
@@ -347,21 +205,12 @@ def merge_delta(
     if isinstance(target, Mapping):
         merged, _ = merge_state_dict(target, delta, scale, strict, partial)
         return merged
-    module = _denoiser(target)
+    module = denoiser_of(target)
     check_base_config(getattr(module, "config", None), metadata)
     merge_into_module(module, delta, scale, strict, partial)
     if module is not target and set_scheduler:
         target.scheduler = perflow_scheduler_from_metadata(metadata, base_config=dict(target.scheduler.config))
     return target
-
-
-def recorded_config(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The teacher's model config a delta records (``base_model.config``, or a released folder's ``unet_config``)."""
-    base = metadata.get("base_model")
-    for config in (base.get("config") if isinstance(base, Mapping) else None, metadata.get("unet_config")):
-        if isinstance(config, Mapping) and config:
-            return dict(config)
-    return None
 
 
 def check_base_config(config: Mapping[str, Any] | None, metadata: Mapping[str, Any]) -> list[str]:
@@ -407,8 +256,7 @@ def perflow_scheduler_from_metadata(metadata: Mapping[str, Any], base_config: Ma
     sched = metadata.get("scheduler_config")
     if is_perflow_scheduler_config(sched):
         return PeRFlowScheduler.from_config(dict(sched))
-    keys = ("num_time_windows", "prediction_type", "window_boundaries")
-    settings = {k: metadata[k] for k in keys if metadata.get(k) is not None}
+    settings = {k: metadata[k] for k in SCHEDULER_SETTINGS if metadata.get(k) is not None}
     if "num_time_windows" not in settings or "prediction_type" not in settings:
         missing = {k: v for k, v in SD15_RELEASE_DEFAULTS.items() if k not in settings}
         warnings.warn(
@@ -422,17 +270,3 @@ def perflow_scheduler_from_metadata(metadata: Mapping[str, Any], base_config: Ma
     config = {k: base[k] for k in beta_keys if k in base}
     config.update(settings)
     return PeRFlowScheduler(**config)
-
-
-def load_pipeline(path: str | os.PathLike, **kwargs: Any):
-    """Load a merged or released PeRFlow pipeline folder; see :func:`perflow.checkpoint_formats.load_pipeline`."""
-    from perflow.checkpoint_formats import load_pipeline as _load
-
-    return _load(path, **kwargs)
-
-
-def delta_to_lora(delta: Mapping[str, torch.Tensor], rank: int, model: nn.Module | None = None, progress: bool = True):
-    """Rank-``rank`` LoRA of a delta by truncated SVD; see :func:`perflow.lora.delta_to_lora`."""
-    from perflow.lora import delta_to_lora as _to_lora
-
-    return _to_lora(delta, rank, model=model, progress=progress)

@@ -1,212 +1,37 @@
-"""Named tensors: which model they belong to, how two sets of them match, their fingerprints and files.
+"""Files: atomic writes, output checks and the readers of weights and configs, with one-line errors.
 
-Helpers of :mod:`perflow.delta`: a model's denoiser and its state dict, the comparison
-of two key sets (missing, extra, shape mismatches) and the matching of a delta to a
-model that may carry adapter tensors (IP-Adapter, unfused LoRA), SHA-256
-fingerprints of a config, a key set and a set of weights, the one reader of
-safetensors files (errors name the file and the fix) and the checks and atomic
-writes of output paths (temporary siblings, permissions from the umask, stale
-temporaries of killed runs removed).
+Every file perflow writes goes through a temporary sibling ``.NAME.perflow-PID-*`` that is
+renamed into place once complete (:func:`atomic_path`, :func:`write_text`,
+:func:`write_bytes`, :func:`save_safetensors`; :func:`atomic_folder` for a folder), gets the
+permissions a new file or folder gets under the process umask (:func:`output_mode`), and is
+removed on failure; the temporaries of killed runs are removed by the next write
+(:func:`remove_stale_temps`). A failed write is an :class:`OutputError` naming the path and the
+fix (disk full, read-only, permission denied, a file on the way), and
+:func:`check_output_path` finds those problems before any long work.
+
+Weights are read from safetensors only (:func:`read_safetensors`, :func:`safetensors_header`;
+a damaged file is a :class:`WeightsFileError` naming it), configs from JSON
+(:func:`read_json`); :func:`read_scheduler_config` is the one reader of a pipeline's
+``scheduler/scheduler_config.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import torch
-from torch import nn
-
-StateDict = Mapping[str, torch.Tensor]
-
-# Keys that adapters add on top of a base UNet (IP-Adapter processors and projection,
-# unfused peft LoRA layers): the delta leaves them alone instead of calling them "extra".
-_ADDON_PATTERNS = (
-    re.compile(r"(^|\.)processor\."),
-    re.compile(r"^encoder_hid_proj\."),
-    re.compile(r"\.lora_(A|B|magnitude_vector|embedding_A|embedding_B)\."),
-)
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "_diffusers_version", "_use_default_values", "_commit_hash"}
-_MAX_LISTED = 12
-
-# ----------------------------------------------------------------------------- state dicts
-
-
-def _denoiser(model: Any) -> Any:
-    """The denoiser of ``model``: a pipeline's ``unet`` (or ``transformer``), else ``model`` itself."""
-    if isinstance(model, Mapping) or isinstance(model, nn.Module):
-        return model
-    for name in ("unet", "transformer"):
-        sub = getattr(model, name, None)
-        if isinstance(sub, nn.Module):
-            return sub
-    raise TypeError(
-        f"expected an nn.Module, a state dict or a diffusers pipeline with a UNet, got {type(model).__name__}"
-    )
-
-
-def state_dict_of(model: Any) -> dict[str, torch.Tensor]:
-    """The denoiser's tensors by name (a module's ``state_dict()``, a mapping as is)."""
-    model = _denoiser(model)
-    if isinstance(model, nn.Module):
-        return dict(model.state_dict())
-    bad = [k for k, v in model.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise TypeError(f"state dict values must be tensors; not tensors: {_listing(bad)}")
-    return dict(model)
-
-
-def _listing(keys: list[str]) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return f"{shown} ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else shown
-
-
-def _is_addon(key: str) -> bool:
-    return any(p.search(key) for p in _ADDON_PATTERNS)
-
-
-def _base_key(key: str) -> str:
-    """``a.to_q.base_layer.weight -> a.to_q.weight`` (a peft-wrapped layer's base weight)."""
-    return key.replace(".base_layer.", ".")
-
-
-@dataclass
-class KeyReport:
-    """How two key sets compare: keys only in the delta, only in the model, and shape mismatches."""
-
-    missing: list[str] = field(default_factory=list)  # in the delta/student, not in the model/teacher
-    extra: list[str] = field(default_factory=list)  # in the model/teacher, not in the delta/student
-    shape: list[str] = field(default_factory=list)  # "key: (a, b) vs (c, d)"
-
-    def __bool__(self) -> bool:
-        return bool(self.missing or self.extra or self.shape)
-
-    def describe(self, left: str, right: str) -> str:
-        lines = []
-        if self.missing:
-            lines.append(f"{len(self.missing)} key(s) in the {left} but not in the {right}: {_listing(self.missing)}")
-        if self.extra:
-            lines.append(f"{len(self.extra)} key(s) in the {right} but not in the {left}: {_listing(self.extra)}")
-        if self.shape:
-            lines.append(f"{len(self.shape)} shape mismatch(es): {_listing(self.shape)}")
-        return "; ".join(lines)
-
-
-def compare_keys(left: StateDict, right: StateDict) -> KeyReport:
-    """Keys of ``left`` missing from ``right``, keys of ``right`` missing from ``left``, shape mismatches."""
-    report = KeyReport(
-        missing=[k for k in left if k not in right],
-        extra=[k for k in right if k not in left],
-    )
-    for k in left:
-        if k in right and tuple(left[k].shape) != tuple(right[k].shape):
-            report.shape.append(f"{k}: {tuple(left[k].shape)} vs {tuple(right[k].shape)}")
-    return report
-
-
-def plan_merge(
-    model_sd: StateDict, delta: StateDict, partial: bool = False
-) -> tuple[dict[str, str], KeyReport, list[str], list[str]]:
-    """Match delta keys to model keys.
-
-    Returns ``(mapping delta key -> model key, problems, add-on keys, uncovered keys)``.
-    A model tensor the delta does not cover is a problem ("extra") unless the delta is
-    ``partial`` by design (the non-LoRA rest of a LoRA export), then it is listed as
-    uncovered. Model keys of adapters (IP-Adapter processors, ``encoder_hid_proj``,
-    unfused LoRA layers) are add-ons the delta does not touch; a peft-wrapped
-    ``x.base_layer.weight`` takes the delta of ``x.weight``.
-    """
-    by_base: dict[str, str] = {}
-    addons: list[str] = []
-    for k in model_sd:
-        if _is_addon(k):
-            addons.append(k)
-        else:
-            by_base[_base_key(k)] = k
-    mapping: dict[str, str] = {}
-    report = KeyReport()
-    for k, d in delta.items():
-        mk = by_base.get(k)
-        if mk is None:
-            report.missing.append(k)
-        elif tuple(model_sd[mk].shape) != tuple(d.shape):
-            report.shape.append(f"{k}: delta {tuple(d.shape)} vs model {tuple(model_sd[mk].shape)}")
-        else:
-            mapping[k] = mk
-    skip = {by_base[k] for k in delta if k in by_base} | set(addons)
-    uncovered = [mk for mk, v in model_sd.items() if mk not in skip and v.is_floating_point()]
-    if not partial:
-        report.extra, uncovered = uncovered, []
-    return mapping, report, addons, uncovered
-
-
-# ----------------------------------------------------------------------------- fingerprints
-
-
-def config_fingerprint(config: Mapping[str, Any]) -> str:
-    """SHA-256 (16 hex digits) of a diffusers model config, ignoring paths and library versions."""
-    clean = {k: v for k, v in dict(config).items() if k not in _VOLATILE_CONFIG_KEYS}
-    blob = json.dumps(clean, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def keys_fingerprint(sd: StateDict) -> str:
-    """SHA-256 (16 hex digits) of the sorted ``name:shape`` list: the architecture as the weights see it."""
-    blob = "\n".join(f"{k}:{tuple(sd[k].shape)}" for k in sorted(sd)).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def weights_sha256(sd: StateDict) -> str:
-    """SHA-256 (16 hex digits) over names, dtypes, shapes and bytes of every tensor, in sorted name order."""
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        v = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def config_differences(left: Mapping[str, Any], right: Mapping[str, Any]) -> list[str]:
-    """Sorted config fields (paths and library versions ignored) whose values differ between two configs."""
-    keys = (set(left) | set(right)) - _VOLATILE_CONFIG_KEYS
-
-    def enc(config: Mapping[str, Any], k: str) -> str:
-        return json.dumps(config.get(k), sort_keys=True, default=str)
-
-    return sorted(k for k in keys if enc(left, k) != enc(right, k))
-
-
-def is_perflow_scheduler_config(config: Any) -> bool:
-    """Whether a scheduler config dict configures a ``PeRFlowScheduler``.
-
-    True when its ``_class_name`` names PeRFlow, or, since ``dict(scheduler.config)`` carries
-    no class name, when its keys are PeRFlow's own: a PeRFlow ``prediction_type``
-    (``diff_eps``, ``ddim_eps``, ``velocity``) together with ``num_time_windows`` or
-    ``window_boundaries``.
-    """
-    from perflow.windows import PREDICTION_TYPES
-
-    if not isinstance(config, Mapping):
-        return False
-    if "PeRFlow" in str(config.get("_class_name") or ""):
-        return True
-    has_windows = config.get("num_time_windows") is not None or config.get("window_boundaries") is not None
-    return config.get("prediction_type") in PREDICTION_TYPES and has_windows
-
-
-# ----------------------------------------------------------------------------- files
+if TYPE_CHECKING:  # imported by the CLI before any work: torch is not needed to check or write files
+    import torch
 
 REEXPORT_HINT = "the file is truncated or not a safetensors file: re-download or re-export it"
+SCHEDULER_CONFIG = "scheduler_config.json"
 
 
 class WeightsFileError(ValueError):
@@ -233,6 +58,8 @@ _FIXES = {
     errno.ENOTDIR: "a part of the path is a regular file, not a folder; choose another output location",
     errno.EISDIR: "it is a folder; give a file path",
 }
+
+# ----------------------------------------------------------------------------- output checks and errors
 
 
 def _error_code(err: BaseException) -> int | None:
@@ -291,6 +118,9 @@ def check_output_path(path: str | os.PathLike, folder: bool = False) -> Path:
         except OSError as err:
             raise output_error(path, err) from err
     return path
+
+
+# ----------------------------------------------------------------------------- atomic writes
 
 
 def output_mode(folder: bool = False) -> int:
@@ -365,6 +195,71 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.remove(tmp)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (made contiguous, on the CPU) as a safetensors file atomically (see :func:`atomic_path`)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path, suffix=".tmp") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def replace_folder(tmp: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> None:
+    """Move the finished folder ``tmp`` to ``out``; an existing ``out`` needs ``overwrite`` and is replaced.
+
+    The old ``out`` is first renamed aside (``.OUT.perflow-PID-old``), so ``out`` is never
+    missing for longer than between two renames, and is deleted once the new one is in place.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        if not overwrite:
+            raise ValueError(f"{str(out)!r} exists; choose another output or pass overwrite=True (CLI: --overwrite)")
+        old = out.with_name(f"{temp_prefix(out)}old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success it becomes ``path`` (:func:`replace_folder`).
+
+    The folder gets the permissions a new folder would (``0o777`` less the umask) once the
+    body is done (a ``copytree`` into it copies the source's); write errors become an
+    :class:`OutputError`; on failure the temporary is deleted, and those of killed runs are
+    removed first.
+    """
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
+    try:
+        with writing(path):
+            yield tmp
+            os.chmod(tmp, output_mode(folder=True))
+            replace_folder(tmp, path, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- readers
+
+
 def _check_readable(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"no file at {str(path)!r}")
@@ -401,6 +296,13 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Check every ``*.safetensors`` in ``folder`` and its subfolders (one level) before a library loads them."""
+    folder = Path(folder)
+    for f in sorted([*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors")]):
+        safetensors_header(f)
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON object from a config file; a damaged file is a ``ValueError`` naming it."""
     path = Path(path)
@@ -413,8 +315,24 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def check_weight_files(folder: str | os.PathLike) -> None:
-    """Check every ``*.safetensors`` in ``folder`` and its subfolders (one level) before a library loads them."""
-    folder = Path(folder)
-    for f in sorted([*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors")]):
-        safetensors_header(f)
+def scheduler_config_file(path: str | os.PathLike) -> Path:
+    """Where the scheduler config of ``path`` is: ``path`` itself for a file, else ``path/scheduler/scheduler_config.json``."""
+    path = Path(path)
+    return path if path.is_file() else path / "scheduler" / SCHEDULER_CONFIG
+
+
+def read_scheduler_config(path: str | os.PathLike, required: bool = False) -> dict[str, Any] | None:
+    """The scheduler config of a pipeline, teacher or student folder (its ``scheduler/scheduler_config.json``),
+    or of a ``scheduler_config.json`` file given directly.
+
+    ``None`` when there is none, unless ``required``: then a ``FileNotFoundError`` naming the
+    file it looked for. A damaged file is a ``ValueError`` naming it (see :func:`read_json`).
+    """
+    f = scheduler_config_file(path)
+    if f.is_file():
+        return read_json(f)
+    if required:
+        raise FileNotFoundError(
+            f"no scheduler config at {str(f)!r}; give a pipeline or teacher folder with scheduler/{SCHEDULER_CONFIG}"
+        )
+    return None

@@ -32,6 +32,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from perflow.io import save_safetensors
+
+from .metadata import decode_metadata, encode_metadata
+
 LORA_PREFIX = "unet"  # the default role: a UNet denoiser
 LORA_ROLES = ("unet", "transformer")
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -185,8 +189,6 @@ def lora_file_to_delta(
     diffusers' own default). Other LoRA layouts (kohya ``lora_down``/``lora_up``, text-encoder
     LoRAs) are refused: load those with ``pipe.load_lora_weights``.
     """
-    from perflow.delta import decode_metadata
-
     roles = {k.partition(".")[0] for k in tensors}
     role = next(iter(roles)) if len(roles) == 1 else None
     foreign = [k for k in tensors if role not in LORA_ROLES or ".lora_down." in k]
@@ -220,8 +222,6 @@ def save_lora(export: LoraExport, path: str, metadata: Mapping[str, Any] | None 
     the denoiser's role, ``unet.`` or ``transformer.``) and perflow's own metadata
     (JSON-encoded values). ``path`` must end in ``.safetensors``.
     """
-    from perflow.delta import _atomic_save_safetensors, encode_metadata
-
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"a LoRA is written as safetensors: give a path ending in .safetensors, got {str(path)!r}")
     adapter = {f"{export.prefix}.{k}": v for k, v in export.adapter_config().items()}
@@ -229,7 +229,7 @@ def save_lora(export: LoraExport, path: str, metadata: Mapping[str, Any] | None 
     meta["format"] = "pt"  # what diffusers writes; perflow's format tag is in perflow_format
     meta["perflow_format"] = json.dumps("perflow.lora.v1")
     meta[LORA_METADATA_KEY] = json.dumps(adapter, sort_keys=True)
-    _atomic_save_safetensors(export.lora, path, meta)
+    save_safetensors(export.lora, path, meta)
 
 
 def error_table(export: LoraExport, ranks: Sequence[int], per_layer: bool = True) -> str:
