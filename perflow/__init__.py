@@ -3,7 +3,8 @@
 Public API (imported lazily, so ``import perflow`` stays cheap, e.g. for ``perflow --help``):
 
 - sampling: :class:`PeRFlowScheduler`
-- maths: :mod:`perflow.windows`, :mod:`perflow.parameterization`, :func:`solve_window`
+- maths: :mod:`perflow.schedule`, :mod:`perflow.windows`, :mod:`perflow.parameterization`,
+  :func:`solve_window` (:mod:`perflow.solver`), :mod:`perflow.objective`
 - training: :class:`TrainConfig`, :func:`train`
 - plug-and-play: :func:`extract_delta`, :func:`merge_delta`, :func:`load_delta`,
   :func:`save_delta`, :func:`delta_to_lora`, :func:`load_pipeline`
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PeRFlowScheduler": "perflow.scheduler",
     "PeRFlowSchedulerOutput": "perflow.scheduler",
-    "solve_window": "perflow.teacher",
+    "solve_window": "perflow.solver",
     "TrainConfig": "perflow.training",
     "train": "perflow.training",
     "extract_delta": "perflow.delta",

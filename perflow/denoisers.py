@@ -1,20 +1,20 @@
 """Adapters that turn a teacher (a UNet plus its conditioning) into the solver's denoiser callable.
 
-:func:`perflow.teacher.solve_window` takes ``denoiser(z, i) -> model_output`` with ``z``
+:func:`perflow.solver.solve_window` takes ``denoiser(z, i) -> model_output`` with ``z``
 ``(B, ...)`` and ``i`` the teacher's discrete timestep index ``(B,)``. This module builds
 that callable for
 
 - a diffusers UNet under a :class:`Condition` (SD1.5/2.1 text embeddings, SDXL's added
   text embeds and time ids, a class-conditional teacher's label embedding), with
-  classifier-free guidance ``guided = uncond + w (cond - uncond)`` (``METHOD.md`` section 2):
+  classifier-free guidance ``guided = uncond + w (cond - uncond)`` (``docs/method.md``, row
+  "conditioning and CFG"):
 
   - **CFG-sync**: ``w = 1`` on the student's own condition, so a dropped caption means the
     teacher sees the null condition too;
   - **CFG-fixed**: ``w = w*`` on ``(condition, null)``; for a sample whose caption was
-    dropped the teacher runs unconditionally (``w`` irrelevant), never the guided target;
+    dropped the teacher runs unconditionally (``w`` irrelevant), never the guided target.
 
-- an analytic teacher of Gaussian data ``N(mu, s^2 I)`` whose exact prediction is known in
-  closed form (for tests and examples).
+The CFG modes are defined here once (:data:`CFG_MODES`).
 
 The teacher models themselves (loading from folders, text/label/VAE encoding) live in
 :mod:`perflow.training.teachers`.
@@ -26,10 +26,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .parameterization import _bcast
-from .teacher import Denoiser
+from .solver import Denoiser
+from .tensors import expand_like
 
 CFG_MODES = ("sync", "fixed")
+"""How the teacher is guided in training: ``sync`` (scale 1 on the student's condition) or ``fixed`` (``w*``)."""
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Condition:
     def __len__(self) -> int:
         return self.encoder_hidden_states.shape[0]
 
-    def _tensors(self) -> dict[str, torch.Tensor | None]:
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """``{field name: tensor or None}``, in field order."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def unet_kwargs(self) -> dict:
@@ -63,7 +65,7 @@ class Condition:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Condition":
         """Move every tensor; ``dtype`` applies to floating tensors only."""
         out = {}
-        for name, x in self._tensors().items():
+        for name, x in self.tensors().items():
             if x is not None:
                 x = x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None)
             out[name] = x
@@ -72,7 +74,7 @@ class Condition:
     def cat(self, other: "Condition") -> "Condition":
         """Concatenate along the batch: ``[self; other]``."""
         out = {}
-        for name, x in self._tensors().items():
+        for name, x in self.tensors().items():
             y = getattr(other, name)
             if (x is None) != (y is None):
                 raise ValueError(f"cannot concatenate conditions: {name} is missing on one side")
@@ -82,7 +84,7 @@ class Condition:
     def where(self, mask: torch.Tensor, other: "Condition") -> "Condition":
         """Row ``b`` from ``other`` where ``mask[b]`` is true, else from ``self``."""
         out = {}
-        for name, x in self._tensors().items():
+        for name, x in self.tensors().items():
             y = getattr(other, name)
             if x is None or y is None:
                 out[name] = x if y is None else y
@@ -95,7 +97,7 @@ class Condition:
         """Expand a batch-1 condition (e.g. the null condition) to ``batch_size`` rows."""
         if len(self) != 1:
             raise ValueError(f"repeat expects a batch-1 condition, got batch {len(self)}")
-        return Condition(**{n: None if x is None else x.expand(batch_size, *x.shape[1:]) for n, x in self._tensors().items()})
+        return Condition(**{n: None if x is None else x.expand(batch_size, *x.shape[1:]) for n, x in self.tensors().items()})
 
 
 def unet_denoiser(
@@ -126,7 +128,7 @@ def unet_denoiser(
             return unet(zin, i.to(device), **single, return_dict=False)[0]
         out = unet(torch.cat([zin, zin]), torch.cat([i, i]).to(device), **both, return_dict=False)[0]
         out_c, out_u = out.float().chunk(2)
-        return out_u + _bcast(w, out_c) * (out_c - out_u)
+        return out_u + expand_like(w, out_c) * (out_c - out_u)
 
     return denoiser
 
@@ -161,50 +163,9 @@ def guided_teacher_denoiser(
     return unet_denoiser(unet, cond, uncond, w)
 
 
-def gaussian_denoiser(
-    mu: torch.Tensor | float,
-    s: float,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: str = "epsilon",
-) -> Denoiser:
-    """Exact teacher of Gaussian data ``x0 ~ N(mu, s^2 I)`` at the discrete noise levels ``abar[i]``.
-
-    ``eps(z) = sqrt(1 - abar) (z - sqrt(abar) mu) / (abar s^2 + 1 - abar)``; for ``v_prediction``
-    ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` with ``x0 = (z - sqrt(1 - abar) eps) / sqrt(abar)``.
-    Computed in float64, returned in ``z``'s dtype.
-    """
-    ac = alphas_cumprod.to(torch.float64)
-
-    def denoiser(z: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        z64 = z.to(torch.float64)
-        a = _bcast(ac.to(z.device)[i.to(z.device)], z64)
-        m = torch.as_tensor(mu, dtype=torch.float64, device=z.device)
-        eps = (1 - a).sqrt() * (z64 - a.sqrt() * m) / (a * s**2 + 1 - a)
-        if prediction_type == "epsilon":
-            return eps.to(z.dtype)
-        if prediction_type == "v_prediction":
-            x0 = (z64 - (1 - a).sqrt() * eps) / a.sqrt()
-            return (a.sqrt() * eps - (1 - a).sqrt() * x0).to(z.dtype)
-        raise ValueError(f"gaussian_denoiser supports 'epsilon' and 'v_prediction', got {prediction_type!r}")
-
-    return denoiser
-
-
-def gaussian_flow(z: torch.Tensor, abar_a: torch.Tensor, abar_b: torch.Tensor, mu: torch.Tensor | float, s: float) -> torch.Tensor:
-    """Exact probability-flow map of ``N(mu, s^2 I)`` data from noise level ``abar_a`` to ``abar_b``:
-    ``z -> sqrt(abar_b) mu + sqrt((abar_b s^2 + 1 - abar_b) / (abar_a s^2 + 1 - abar_a)) (z - sqrt(abar_a) mu)``."""
-    z64 = z.to(torch.float64)
-    a, b = _bcast(abar_a, z64), _bcast(abar_b, z64)
-    m = torch.as_tensor(mu, dtype=torch.float64, device=z.device)
-    ratio = ((b * s**2 + 1 - b) / (a * s**2 + 1 - a)).sqrt()
-    return b.sqrt() * m + ratio * (z64 - a.sqrt() * m)
-
-
 __all__ = [
     "CFG_MODES",
     "Condition",
     "unet_denoiser",
     "guided_teacher_denoiser",
-    "gaussian_denoiser",
-    "gaussian_flow",
 ]

@@ -1,40 +1,36 @@
-"""One piecewise-reflow training example, model-agnostic.
+"""One piecewise-reflow training example and its loss, model-agnostic.
 
-``shared/METHOD.md`` sections 2-3, in the order a training step needs them:
+``docs/method.md``, row "one training batch", in the order a training step needs them:
 
-1. draw ``t`` (uniform on ``[0, 1]`` by default) and look up its window ``(t_s, t_e)``;
-2. noise a real sample to the window start: ``z_s = sqrt(abar(t_s)) x0 + sqrt(1 - abar(t_s)) noise``;
+1. draw ``t`` (:mod:`perflow.time_sampling`; uniform on ``[0, 1]`` by default) and look up its
+   :class:`~perflow.windows.Window` ``(t_s, t_e, lam, eta)``;
+2. noise a real sample to the window start with the teacher's forward process
+   (:meth:`perflow.schedule.NoiseSchedule.marginal`):
+   ``z_s = sqrt(abar(t_s)) x0 + sqrt(1 - abar(t_s)) noise``;
 3. solve the teacher's ODE to the window end with ``n`` DDIM steps: ``z_e = Phi(z_s, t_s, t_e)``;
 4. the student input is the segment point ``z_t = z_s + (z_e - z_s) (t - t_s) / (t_e - t_s)``
-   at student timestep ``t T``, and the regression target is given by the parameterization.
+   at student timestep ``t T``, and the regression target is given by the parameterization;
+5. the loss ``mean_b w_b mean_i rho(student(z_t, t T) - target)`` (:func:`batch_loss`), with
+   ``rho`` the squared error or pseudo-Huber and ``w`` optionally the window-end weight.
 
 The trainer (:mod:`perflow.training`) and the small analytic examples call the same
-function, so there is one implementation of the objective.
+functions, so there is one implementation of the objective.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from .parameterization import _bcast, interpolate, target_from_window
-from .teacher import Denoiser, solve_window
-from .windows import abar_at, window_bounds, window_coefficients
+from .parameterization import interpolate, target_from_window, window_end_denominator
+from .schedule import NoiseSchedule, as_schedule
+from .solver import Denoiser, solve_window
+from .time_sampling import TimeSampler, uniform_times
+from .windows import Window, window_of
 
-TimeSampler = Callable[[int, torch.Generator | None, torch.device], torch.Tensor]
-
-
-def uniform_times(batch_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """``t ~ U[0, 1)`` per sample, float64 (drawn on the CPU generator, then moved)."""
-    return torch.rand(batch_size, generator=generator, dtype=torch.float64).to(device)
-
-
-def forward_marginal(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """``z_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) noise`` (the teacher's forward process at time ``t``)."""
-    a = _bcast(abar_at(t, alphas_cumprod), x0)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+LOSSES = ("mse", "huber")
+LOSS_WEIGHTINGS = ("none", "window_end")
 
 
 @dataclass
@@ -49,13 +45,14 @@ class ReflowExample:
     t_e: torch.Tensor
     z_s: torch.Tensor
     z_e: torch.Tensor
+    window: Window | None = None  # the window of each t, with the parameterization's (lam, eta)
 
 
 def reflow_example(
     denoiser: Denoiser,
     x0: torch.Tensor,
     boundaries: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
+    schedule: NoiseSchedule | torch.Tensor,
     num_solver_steps: int,
     prediction_type: str,
     teacher_prediction_type: str = "epsilon",
@@ -66,25 +63,89 @@ def reflow_example(
 ) -> ReflowExample:
     """Build one piecewise-reflow batch from clean samples ``x0`` (B, ...) and a teacher denoiser.
 
-    ``noise`` and ``t`` may be given (for exact reproducibility); otherwise they are drawn
-    from ``generator`` (``t`` through ``time_sampler``). ``prediction_type`` is the
+    ``schedule`` is the teacher's :class:`~perflow.schedule.NoiseSchedule` (or its raw
+    ``alphas_cumprod``). ``noise`` and ``t`` may be given (for exact reproducibility); otherwise
+    they are drawn from ``generator`` (``t`` through ``time_sampler``). ``prediction_type`` is the
     student's (``diff_eps``, ``ddim_eps`` or ``velocity``).
     """
+    schedule = as_schedule(schedule)
     batch = x0.shape[0]
     if t is None:
         t = time_sampler(batch, generator, x0.device)
     t = t.to(device=x0.device, dtype=torch.float64)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    t_s, t_e = window_bounds(t, boundaries)
-    z_s = forward_marginal(x0, noise, t_s, alphas_cumprod)
-    z_e = solve_window(denoiser, z_s, t_s, t_e, num_solver_steps, alphas_cumprod, teacher_prediction_type)
-    lam, eta = window_coefficients(t_s, t_e, alphas_cumprod.to(torch.float64), prediction_type)
+    window = window_of(t, boundaries, schedule, prediction_type)
+    z_s = schedule.marginal(x0, noise, window.t_s)
+    z_e = solve_window(denoiser, z_s, window.t_s, window.t_e, num_solver_steps, schedule, teacher_prediction_type)
     work = torch.promote_types(x0.dtype, torch.float32)
     z_s32, z_e32 = z_s.to(work), z_e.to(work)
-    target = target_from_window(z_s32, z_e32, t_s, t_e, lam, eta, prediction_type)
-    z_t = interpolate(z_s32, z_e32, t, t_s, t_e)
-    T = alphas_cumprod.numel()
+    target = target_from_window(z_s32, z_e32, window)
+    z_t = interpolate(z_s32, z_e32, t, window.t_s, window.t_e)
+    T = schedule.num_train_timesteps
     return ReflowExample(
-        z_t=z_t, timestep=(t * T).float(), target=target, t=t, t_s=t_s, t_e=t_e, z_s=z_s, z_e=z_e
+        z_t=z_t, timestep=(t * T).float(), target=target, t=t, t_s=window.t_s, t_e=window.t_e, z_s=z_s, z_e=z_e,
+        window=window,
     )
+
+
+def window_end_weight(t: torch.Tensor, window: Window) -> torch.Tensor:
+    """Weight making the loss the squared error of the predicted window end ``z_e_hat`` (float32, ``(B,)``).
+
+    From ``z_e_hat = (lam (t_e - t_s) z + eta (t_e - t) out) / (lam (t - t_s) + (t_e - t))``
+    (:func:`perflow.parameterization.window_end_from_output`):
+    ``w = (d z_e_hat / d out)^2 = (eta (t_e - t) / (lam (t - t_s) + t_e - t))^2``; for ``velocity``
+    (``z_e_hat = z + (t_e - t) out``) it is ``(t_e - t)^2``. Computed in the window's dtype.
+    """
+    if window.prediction_type == "velocity":
+        return ((window.t_e - t) ** 2).float()
+    return (window.eta * (window.t_e - t) / window_end_denominator(t, window)).square().float()
+
+
+def reflow_loss(
+    pred: torch.Tensor, target: torch.Tensor, kind: str, huber_c: float, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """``mean_b weight_b mean_i rho(pred - target)``, ``rho(d) = d^2`` (``mse``) or ``sqrt(d^2 + c^2) - c`` (``huber``)."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown loss {kind!r}; expected one of {LOSSES}")
+    d = pred.float() - target.float()
+    rho = d.square() if kind == "mse" else (d.square() + huber_c**2).sqrt() - huber_c
+    per_sample = rho.flatten(1).mean(1)  # (B,)
+    if weight is not None:
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
+def batch_loss(
+    student: Denoiser,
+    example: ReflowExample,
+    loss: str = "mse",
+    huber_c: float = 0.001,
+    weighting: str = "none",
+) -> torch.Tensor:
+    """The training loss of one batch: ``reflow_loss(student(z_t, t T), target)``, weighted by
+    :func:`window_end_weight` when ``weighting == "window_end"``.
+
+    ``student(z_t, timestep)`` is the student as a denoiser callable (bind its condition in a
+    closure); ``example`` comes from :func:`reflow_example`.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+    pred = student(example.z_t, example.timestep)
+    weight = None
+    if weighting == "window_end":
+        if example.window is None:
+            raise ValueError("the window_end weighting needs example.window; build the example with reflow_example")
+        weight = window_end_weight(example.t, example.window)
+    return reflow_loss(pred, example.target, loss, huber_c, weight)
+
+
+__all__ = [
+    "LOSSES",
+    "LOSS_WEIGHTINGS",
+    "ReflowExample",
+    "batch_loss",
+    "reflow_example",
+    "reflow_loss",
+    "window_end_weight",
+]

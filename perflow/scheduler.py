@@ -1,8 +1,10 @@
 """``PeRFlowScheduler``: the diffusers adapter for sampling a PeRFlow model.
 
-``shared/METHOD.md`` section 4. The scheduler holds no maths of its own: the
-window look-up, ``abar``, ``lam``/``eta`` and the output-to-velocity conversion come
-from :mod:`perflow.windows` and :mod:`perflow.parameterization`; this module only
+``docs/method.md``, row "sampler". The scheduler holds no maths of its own: the teacher's
+noise schedule (:class:`perflow.schedule.DiscreteVPSchedule`), the window look-up and its
+``lam``/``eta`` (:func:`perflow.windows.window_of`), the boundaries
+(:func:`perflow.windows.resolve_boundaries`) and the output-to-velocity conversion
+(:mod:`perflow.parameterization`) come from the maths modules; this module only
 follows diffusers' scheduler contract (``ConfigMixin``, ``set_timesteps``, ``step``,
 ``add_noise``, an output dataclass).
 
@@ -28,25 +30,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 
-from .objective import forward_marginal
-from .parameterization import _bcast, velocity_from_output
-from .windows import (
-    PREDICTION_TYPES,
-    SCHEDULE_KEYS,
-    alphas_cumprod_from_config,
-    check_boundaries,
-    check_nonzero_abar,
-    check_prediction_type,
-    check_window_spacing,
-    equal_boundaries,
-    inference_times,
-    window_bounds,
-    window_coefficients,
-)
+from .parameterization import velocity_from_output
+from .schedule import DiscreteVPSchedule
+from .solver import TEACHER_PREDICTION_TYPES
+from .tensors import expand_like
+from .windows import PREDICTION_TYPES, check_prediction_type, inference_times, resolve_boundaries, window_of
 
 logger = logging.get_logger(__name__)
-
-_TEACHER_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass
@@ -75,7 +65,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps: ``T``, the teacher's number of training timesteps.
         beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr: the teacher's
             noise schedule, turned into ``alphas_cumprod`` exactly as ``DDIMScheduler`` does
-            (:func:`perflow.windows.alphas_cumprod_from_config`); with zero terminal SNR only the
+            (:func:`perflow.schedule.alphas_cumprod_from_config`); with zero terminal SNR only the
             ``velocity`` parameterization is accepted.
         set_alpha_to_one: kept for compatibility with released configs; unused (the sampler
             ends at ``t = 0``, whose ``abar`` is ``abar[0]``).
@@ -106,7 +96,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         window_boundaries: list[float] | None = None,
         rescale_betas_zero_snr: bool = False,
     ):
-        if prediction_type in _TEACHER_TYPES:
+        if prediction_type in TEACHER_PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type={prediction_type!r} is a teacher's (diffusion) prediction type; a PeRFlow "
                 f"model uses one of {PREDICTION_TYPES}: pass it explicitly, e.g. "
@@ -115,27 +105,19 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         check_prediction_type(prediction_type)
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
+        schedule = DiscreteVPSchedule.from_config(self.config)  # abar (T,) float32, as DDIMScheduler
+        boundaries = resolve_boundaries(
+            num_time_windows, window_boundaries, schedule, prediction_type=prediction_type,
+            t_noise=t_noise, t_clean=t_clean,
+        )  # (K + 1,) float64, decreasing: [t_K, ..., t_0]
         if window_boundaries is not None:
-            if (t_noise, t_clean) != (1.0, 0.0):
-                raise ValueError(
-                    "window_boundaries already fix the first and last boundary (1 and 0); "
-                    f"leave t_noise=1.0 and t_clean=0.0 (got {t_noise}, {t_clean})"
-                )
-            boundaries = check_boundaries(window_boundaries)
             # the explicit boundaries define K; keep the config consistent and JSON-serialisable
             self.register_to_config(
                 window_boundaries=boundaries.tolist(), num_time_windows=boundaries.numel() - 1
             )
-        else:
-            boundaries = equal_boundaries(num_time_windows, t_noise, t_clean)
-
-        check_window_spacing(boundaries, num_train_timesteps)
-        self.alphas_cumprod = alphas_cumprod_from_config(
-            {k: v for k, v in self.config.items() if k in SCHEDULE_KEYS}
-        )  # (T,) float32, as DDIMScheduler
-        check_nonzero_abar(boundaries, self.alphas_cumprod, prediction_type)
-        self.boundaries = boundaries  # (K + 1,) float64, decreasing: [t_K, ..., t_0]
-        self._abar64 = self.alphas_cumprod.to(torch.float64)  # the same values, for lam/eta
+        self.alphas_cumprod = schedule.alphas_cumprod  # (T,) float32
+        self.schedule = schedule.to(dtype=torch.float64)  # the same values; lam/eta are computed in float64
+        self.boundaries = boundaries
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
@@ -207,7 +189,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         """Keep the look-up tables on the sampling device, so ``step`` copies nothing host-to-device."""
         if self.boundaries.device != device:
             self.boundaries = self.boundaries.to(device)
-            self._abar64 = self._abar64.to(device)
+            self.schedule = self.schedule.to(device)
         if self._times is not None and self._times.device != device:
             self._scheduled, self._times, self._step_ts = (
                 x.to(device) for x in (self._scheduled, self._times, self._step_ts)
@@ -278,13 +260,12 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self._to_device(device)
         step_t = self._timestep_tensor(timestep, device)  # () or (B,)
         t_c, dt, t_lookup = self._step_times(step_t)
-        t_s, t_e = window_bounds(t_lookup, self.boundaries)
-        lam, eta = window_coefficients(t_s, t_e, self._abar64, self.config.prediction_type)
-        v = velocity_from_output(out, z, t_c, t_s, t_e, lam, eta, self.config.prediction_type)
+        window = window_of(t_lookup, self.boundaries, self.schedule, self.config.prediction_type)
+        v = velocity_from_output(out, z, t_c, window)
         # at or below t = 0 the flow has arrived: no velocity (avoids 0/0 at the last window's end)
-        v = torch.where(_bcast(t_c, z) > 0, v, torch.zeros((), dtype=work, device=device))
-        prev = z + _bcast(dt, z) * v
-        x0 = z - _bcast(t_c, z) * v
+        v = torch.where(expand_like(t_c, z) > 0, v, torch.zeros((), dtype=work, device=device))
+        prev = z + expand_like(dt, z) * v
+        x0 = z - expand_like(t_c, z) * v
         prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
         if not return_dict:
             return (prev, x0)
@@ -298,4 +279,4 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         (so timestep 0 uses ``abar[0]``, no wrap-around)."""
         T = self.config.num_train_timesteps
         t = self._timestep_tensor(timesteps, original_samples.device) / T
-        return forward_marginal(original_samples, noise, t, self.alphas_cumprod)
+        return self.schedule.marginal(original_samples, noise, t)

@@ -1,61 +1,37 @@
-"""Time windows and the noise schedule as plain tensor functions.
+"""Time windows as plain tensor functions: boundaries, look-up, a window's coefficients, sampling times.
 
-Notation (``shared/METHOD.md`` sections 1-3): continuous time ``t`` runs from 1
-(noise) to 0 (data); ``T`` is the teacher's number of training timesteps and
-``abar`` its cumulative alpha products. ``K`` windows have boundaries
+Notation (``docs/method.md``, rows "windows, look-up" and "parameterizations"): continuous time
+``t`` runs from 1 (noise) to 0 (data). ``K`` windows have boundaries
 ``1 = t_K > t_{K-1} > ... > t_0 = 0``; window ``k`` spans ``(t_s, t_e) = (t_k, t_{k-1})``.
 
 In code the boundaries are one decreasing tensor ``boundaries = [t_K, ..., t_0]``
 of length ``K + 1`` and windows are numbered ``j = 0 .. K-1`` in sampling order,
 so window ``j`` is ``(boundaries[j], boundaries[j + 1])`` (``j = K - k``).
 
+A :class:`Window` carries, per sample, the window's ends and the student parameterization's
+coefficients ``(lam, eta)`` (``z_e = lam z_s + eta eps``); :func:`window_of` builds it from
+times, boundaries and the teacher's :class:`~perflow.schedule.NoiseSchedule`.
+:func:`resolve_boundaries` turns settings (``K`` equal windows or explicit boundaries) into
+checked boundaries, for the config, the trainer, the export and the scheduler alike.
+
 The look-up and coefficient functions are pure, vectorised over the batch and free
 of host-device synchronisation, so the scheduler's ``step`` and the trainer's targets
 can share them and a sampling loop can be captured or compiled. The ``check_*``
-functions and :func:`alphas_cumprod_from_config` run once, at construction.
+functions and :func:`resolve_boundaries` run once, at construction.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
+from .schedule import NoiseSchedule, as_schedule, check_index_spacing
+from .tensors import expand_like
+
 PREDICTION_TYPES = ("diff_eps", "ddim_eps", "velocity")
 EPSILON_TYPES = ("diff_eps", "ddim_eps")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-SCHEDULE_KEYS = (
-    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
-)
-"""The keys of a diffusers scheduler config that determine ``alphas_cumprod``."""
-
-
-def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
-    """``abar[0..T-1]`` (float32) of a diffusers scheduler config, built by diffusers' ``DDIMScheduler``.
-
-    ``betas`` from ``beta_schedule`` (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``) over
-    ``[beta_start, beta_end]`` or ``trained_betas``; with ``rescale_betas_zero_snr`` they are
-    rescaled to zero terminal SNR (diffusers' ``rescale_zero_terminal_snr``), so ``abar[T-1] = 0``
-    exactly, as ``DDIMScheduler`` has it (no clamping); ``abar = cumprod(1 - betas)``. Only
-    :data:`SCHEDULE_KEYS` are read; a missing key takes ``DDIMScheduler``'s default. The one
-    implementation behind the trainer's teacher schedule and :class:`perflow.PeRFlowScheduler`.
-    """
-    from diffusers import DDIMScheduler
-
-    kwargs = {k: config[k] for k in SCHEDULE_KEYS if k in config}
-    betas, schedule = kwargs.get("trained_betas"), kwargs.get("beta_schedule", "linear")
-    if betas is None and schedule not in BETA_SCHEDULES:
-        raise ValueError(
-            f"unknown beta_schedule {schedule!r}; expected one of {BETA_SCHEDULES} or pass trained_betas"
-        )
-    num_train_timesteps = kwargs.get("num_train_timesteps", 1000)
-    if betas is not None and len(betas) != num_train_timesteps:
-        raise ValueError(
-            f"trained_betas has {len(betas)} values but num_train_timesteps={num_train_timesteps}; "
-            "pass one beta per training timestep"
-        )
-    return DDIMScheduler(**kwargs).alphas_cumprod
 
 
 def equal_boundaries(num_windows: int, t_noise: float = 1.0, t_clean: float = 0.0) -> torch.Tensor:
@@ -96,38 +72,24 @@ def check_boundaries(boundaries: Sequence[float] | torch.Tensor) -> torch.Tensor
 
 
 def check_window_spacing(
-    boundaries: torch.Tensor, num_train_timesteps: int, num_solver_steps: int | None = None
+    boundaries: Sequence[float] | torch.Tensor, num_train_timesteps: int, num_solver_steps: int | None = None
 ) -> torch.Tensor:
-    """Refuse windows whose two ends share a teacher timestep index ``i(t) = clamp(round(t T) - 1, 0, T - 1)``.
+    """Validate ``boundaries`` (:func:`check_boundaries`) and refuse windows whose two ends share a
+    teacher timestep index ``i(t) = clamp(round(t T) - 1, 0, T - 1)`` (:func:`perflow.schedule.check_index_spacing`).
 
     Such a window (e.g. ``[1, 0.9995, 0]`` with ``T = 1000``: both ends at index 999) has
     ``abar(t_s) = abar(t_e)``, so the teacher's solve is the identity, ``eta = 0`` and the
     epsilon-type targets are infinite. With ``num_solver_steps = n``, a window spanning fewer
-    than ``n`` indices is accepted with a warning (some of its DDIM steps start and end at the
-    same index and do nothing). Returns ``boundaries`` (float64, validated by :func:`check_boundaries`).
+    than ``n`` indices is accepted with a warning. Returns the boundaries (float64).
     """
     b = check_boundaries(boundaries)
-    idx = timestep_index(b, num_train_timesteps).tolist()  # (K + 1,)
-    for j in range(len(idx) - 1):
-        t_s, t_e, span = b[j].item(), b[j + 1].item(), idx[j] - idx[j + 1]
-        if span < 1:
-            raise ValueError(
-                f"window ({t_s:g}, {t_e:g}) starts and ends at the same teacher timestep index {idx[j]} "
-                f"(i(t) = clamp(round(t*T) - 1, 0, T-1), T={num_train_timesteps}), so its targets are "
-                f"infinite; move its boundaries apart so that round(t*T) differs "
-                f"(at least 1/T = {1 / num_train_timesteps:g} apart, ideally n/T)"
-            )
-        if num_solver_steps is not None and span < num_solver_steps:
-            warnings.warn(
-                f"window ({t_s:g}, {t_e:g}) spans {span} teacher timestep(s) but the teacher solver takes "
-                f"n={num_solver_steps} steps, some of which start and end at the same index and do nothing; "
-                "widen the window or lower num_solver_steps",
-                stacklevel=2,
-            )
+    check_index_spacing(b, num_train_timesteps, num_solver_steps)
     return b
 
 
-def check_nonzero_abar(boundaries: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> None:
+def check_nonzero_abar(
+    boundaries: Sequence[float] | torch.Tensor, schedule: NoiseSchedule | torch.Tensor, prediction_type: str
+) -> None:
     """Refuse a prediction type that divides by ``abar = 0`` at a window boundary (zero terminal SNR).
 
     A schedule rescaled to zero terminal SNR (``rescale_betas_zero_snr=True``) has
@@ -135,12 +97,15 @@ def check_nonzero_abar(boundaries: torch.Tensor, alphas_cumprod: torch.Tensor, p
     ``x0 = (z - sqrt(1 - abar) eps) / sqrt(abar)`` undefined, and the epsilon-type
     parameterizations have ``lam = 1 / g`` (``diff_eps``, ``g = sqrt(abar_s / abar_e)``) or
     ``sqrt(abar_e / abar_s)`` (``ddim_eps``) infinite. ``velocity`` students and ``v_prediction``
-    or ``sample`` teachers need no division by ``abar`` and are accepted.
+    or ``sample`` teachers need no division by ``abar`` and are accepted. ``schedule`` is a
+    :class:`~perflow.schedule.NoiseSchedule` or an ``alphas_cumprod`` tensor; the test is on its
+    signal coefficient, ``alpha(t) = sqrt(abar(t)) = 0``.
     """
     if prediction_type not in EPSILON_TYPES + ("epsilon",):
         return
     b = torch.as_tensor(boundaries, dtype=torch.float64)
-    zero = abar_at(b, alphas_cumprod.cpu()) == 0
+    alpha, _ = as_schedule(schedule).to("cpu").alpha_sigma(b, b)
+    zero = alpha == 0
     if bool(zero.any()):
         t = b[zero].tolist()
         who, fix = (
@@ -152,6 +117,41 @@ def check_nonzero_abar(boundaries: torch.Tensor, alphas_cumprod: torch.Tensor, p
             f"{who} divides by abar = 0, which this schedule has at t = {t} "
             f"(zero terminal SNR, rescale_betas_zero_snr=True); {fix}"
         )
+
+
+def resolve_boundaries(
+    num_time_windows: int | None = None,
+    window_boundaries: Sequence[float] | torch.Tensor | None = None,
+    schedule: NoiseSchedule | None = None,
+    num_solver_steps: int | None = None,
+    prediction_type: str | None = None,
+    t_noise: float = 1.0,
+    t_clean: float = 0.0,
+) -> torch.Tensor:
+    """Window boundaries ``[1, ..., 0]`` (float64) from settings, checked: the one place they are resolved.
+
+    Explicit ``window_boundaries`` (:func:`check_boundaries`; ``num_time_windows`` is then ignored
+    and ``t_noise, t_clean`` must stay 1 and 0), else ``num_time_windows`` equal windows between
+    ``t_noise`` and ``t_clean`` (:func:`equal_boundaries`). With the teacher's ``schedule`` the
+    windows are checked against it (:meth:`~perflow.schedule.NoiseSchedule.check_windows`: for a
+    discrete teacher, distinct timestep indices at each window's ends, a warning below
+    ``num_solver_steps`` indices) and, with ``prediction_type`` (the student's, or a teacher's
+    ``epsilon``), for a division by ``abar = 0`` (:func:`check_nonzero_abar`).
+    """
+    if window_boundaries is not None:
+        if (t_noise, t_clean) != (1.0, 0.0):
+            raise ValueError(
+                "window_boundaries already fix the first and last boundary (1 and 0); "
+                f"leave t_noise=1.0 and t_clean=0.0 (got {t_noise}, {t_clean})"
+            )
+        b = check_boundaries(window_boundaries)
+    else:
+        b = equal_boundaries(num_time_windows, t_noise, t_clean)
+    if schedule is not None:
+        schedule.check_windows(b, num_solver_steps)
+        if prediction_type is not None:
+            check_nonzero_abar(b, schedule, prediction_type)
+    return b
 
 
 def window_index(t: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
@@ -176,48 +176,6 @@ def window_bounds(t: torch.Tensor, boundaries: torch.Tensor) -> tuple[torch.Tens
     return torch.take(b, j), torch.take(b, j + 1)
 
 
-def timestep_index(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """Discrete teacher index of a continuous time: ``i(t) = clamp(round(t T) - 1, 0, T - 1)``."""
-    idx = torch.round(t.to(torch.float64) * num_train_timesteps).long() - 1
-    return idx.clamp(0, num_train_timesteps - 1)
-
-
-def abar_at(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """``abar(t) = abar[i(t)]``, gathered on ``t``'s device in ``alphas_cumprod``'s dtype."""
-    ac = alphas_cumprod.to(t.device)
-    return torch.take(ac, timestep_index(t, ac.numel()))  # not ac[i]: see window_bounds
-
-
-def window_coefficients(
-    t_s: torch.Tensor,
-    t_e: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lam, eta)`` with ``z_e = lam z_s + eta eps`` for an epsilon-type parameterization.
-
-    - ``diff_eps``: ``g = sqrt(abar(t_s) / abar(t_e))``, ``lam = 1 / g``, ``eta = -sqrt(1 - g^2) / g``.
-    - ``ddim_eps``: ``lam = sqrt(abar(t_e) / abar(t_s))``,
-      ``eta = sqrt(1 - abar(t_e)) - sqrt(abar(t_e) (1 - abar(t_s)) / abar(t_s))``.
-    - ``velocity`` has no such coefficients: ``lam = 1, eta = 0`` are returned and unused.
-    """
-    if prediction_type == "velocity":
-        one = torch.ones_like(t_s, dtype=alphas_cumprod.dtype)
-        return one, torch.zeros_like(one)
-    a_s = abar_at(t_s, alphas_cumprod)
-    a_e = abar_at(t_e, alphas_cumprod)
-    if prediction_type == "diff_eps":
-        g = (a_s / a_e).sqrt()
-        return 1.0 / g, -(1.0 - g**2).clamp(min=0).sqrt() / g
-    if prediction_type == "ddim_eps":
-        lam = (a_e / a_s).sqrt()
-        eta = (1.0 - a_e).sqrt() - (a_e * (1.0 - a_s) / a_s).sqrt()
-        return lam, eta
-    raise ValueError(
-        f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}"
-    )
-
-
 def check_prediction_type(prediction_type: str) -> str:
     """Return ``prediction_type`` if it is a PeRFlow parameterization, else raise a clear error."""
     if prediction_type not in PREDICTION_TYPES:
@@ -226,6 +184,70 @@ def check_prediction_type(prediction_type: str) -> str:
             "(diff_eps: SD1.5 recipe, ddim_eps: SDXL recipe, velocity: SD2.1 recipe)"
         )
     return prediction_type
+
+
+def window_coefficients(
+    t_s: torch.Tensor,
+    t_e: torch.Tensor,
+    schedule: NoiseSchedule | torch.Tensor,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lam, eta)`` with ``z_e = lam z_s + eta eps`` for an epsilon-type parameterization.
+
+    ``schedule`` is the teacher's :class:`~perflow.schedule.NoiseSchedule` (or its raw
+    ``alphas_cumprod``); on today's variance-preserving schedule
+    (:func:`perflow.schedule.vp_epsilon_coefficients`):
+
+    - ``diff_eps``: ``g = sqrt(abar(t_s) / abar(t_e))``, ``lam = 1 / g``, ``eta = -sqrt(1 - g^2) / g``.
+    - ``ddim_eps``: ``lam = sqrt(abar(t_e) / abar(t_s))``,
+      ``eta = sqrt(1 - abar(t_e)) - sqrt(abar(t_e) (1 - abar(t_s)) / abar(t_s))``.
+    - ``velocity`` has no such coefficients: ``lam = 1, eta = 0`` are returned and unused.
+
+    Computed in the schedule's dtype.
+    """
+    schedule = as_schedule(schedule)
+    if prediction_type == "velocity":
+        one = torch.ones_like(t_s, dtype=schedule.dtype)
+        return one, torch.zeros_like(one)
+    if prediction_type not in EPSILON_TYPES:
+        raise ValueError(
+            f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}"
+        )
+    return schedule.epsilon_coefficients(t_s, t_e, prediction_type)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The window holding each sample's time and its parameterization coefficients.
+
+    ``t_s``, ``t_e``: the window's start and end; ``lam``, ``eta``: ``z_e = lam z_s + eta eps``
+    (``1, 0`` for ``velocity``); each per sample ``(B,)`` or 0-d. ``prediction_type`` is the
+    student's parameterization (checked on construction).
+    """
+
+    t_s: torch.Tensor
+    t_e: torch.Tensor
+    lam: torch.Tensor
+    eta: torch.Tensor
+    prediction_type: str
+
+    def __post_init__(self) -> None:
+        check_prediction_type(self.prediction_type)
+
+    def expand_like(self, like: torch.Tensor) -> "Window":
+        """The same window with every tensor broadcast against ``like`` in its dtype (:func:`perflow.tensors.expand_like`)."""
+        t_s, t_e, lam, eta = (expand_like(v, like) for v in (self.t_s, self.t_e, self.lam, self.eta))
+        return Window(t_s, t_e, lam, eta, self.prediction_type)
+
+
+def window_of(
+    t: torch.Tensor, boundaries: torch.Tensor, schedule: NoiseSchedule, prediction_type: str
+) -> Window:
+    """The :class:`Window` holding each time ``t``: its ends (:func:`window_bounds`, in ``t``'s dtype)
+    and ``(lam, eta)`` (:func:`window_coefficients`, computed in float64)."""
+    t_s, t_e = window_bounds(t, boundaries)
+    lam, eta = window_coefficients(t_s, t_e, schedule.to(dtype=torch.float64), prediction_type)
+    return Window(t_s, t_e, lam, eta, prediction_type)
 
 
 def inference_times(num_inference_steps: int, boundaries: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,7 @@ def test_gmm_log_prob_is_a_normalised_density():
 
 def test_gmm_single_component_equals_the_gaussian_teacher():
     # one isotropic component N(mu, s^2 I): eps = sqrt(1 - a)(z - sqrt(a) mu) / (a s^2 + 1 - a), as perflow.denoisers
-    from perflow.denoisers import gaussian_denoiser
+    from gaussian_helpers import gaussian_denoiser
     from perflow.evaluation.toy2d import sd_alphas_cumprod
 
     mu, s = torch.tensor([0.5, -1.0], dtype=torch.float64), 0.7
@@ -150,7 +150,7 @@ def test_gmm_teacher_window_solve_converges_to_the_exact_flow():
     # DDIM on the exact eps converges (first order) to the probability-flow map: with a single
     # Gaussian the exact map is known (perflow.denoisers.gaussian_flow); the mixture's solve
     # must agree with a much finer solve of itself, better with more steps.
-    from perflow.teacher import solve_window
+    from perflow.solver import solve_window
     from perflow.evaluation.toy2d import sd_alphas_cumprod
 
     gmm = default_mixture()

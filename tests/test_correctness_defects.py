@@ -29,7 +29,8 @@ from diffusers import DDIMScheduler
 
 import perflow
 from perflow import PeRFlowScheduler
-from perflow.windows import alphas_cumprod_from_config, check_nonzero_abar, check_window_spacing
+from perflow.schedule import alphas_cumprod_from_config
+from perflow.windows import check_nonzero_abar, check_window_spacing
 
 T = 1000
 SHAPE = (2, 3, 4, 4)

@@ -48,6 +48,13 @@ def test_condition_where_cat_repeat():
         Condition(cond.encoder_hidden_states, torch.zeros(4, 2), torch.zeros(4, 6)).cat(cond)
 
 
+def test_condition_tensors_is_public_and_in_field_order():
+    cond, _ = _conds()
+    sdxl = Condition(cond.encoder_hidden_states, torch.zeros(4, 2), torch.zeros(4, 6))
+    assert list(cond.tensors()) == ["encoder_hidden_states", "text_embeds", "time_ids"]
+    assert cond.tensors()["text_embeds"] is None and sdxl.tensors()["time_ids"] is sdxl.time_ids
+
+
 def test_cfg_sync_uses_the_students_condition_at_scale_one():
     unet, (cond, uncond) = ProbeUNet(), _conds()
     z, i = torch.randn(4, 1, 2, 2), torch.tensor([999, 500, 10, 0])

@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perflow.parameterization import (
-    _bcast,
-    interpolate,
-    target_from_window,
-    velocity_from_output,
-    window_end_from_output,
-)
+from loose_window_args import target_from_window, velocity_from_output, window_end_from_output
+from perflow.parameterization import interpolate
+from perflow.tensors import expand_like as _bcast
 from perflow.windows import equal_boundaries, window_bounds, window_coefficients
 
 B = 6

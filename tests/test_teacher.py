@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from perflow.denoisers import gaussian_denoiser, gaussian_flow
+from gaussian_helpers import gaussian_denoiser, gaussian_flow
 from perflow.objective import reflow_example
-from perflow.teacher import solve_window
-from perflow.windows import abar_at, check_boundaries, window_bounds
+from perflow.schedule import abar_at
+from perflow.solver import solve_window
+from perflow.windows import check_boundaries, window_bounds
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

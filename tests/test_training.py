@@ -16,7 +16,7 @@ from perflow.training.config import from_dict
 from perflow.training.data import ImageFolderDataset, ResumableBatchSampler, TarShardDataset
 from perflow.training.loop import _micro_step, boundaries_of, reflow_loss, window_end_weight
 from perflow.training.teachers import tiny_class_teacher
-from perflow.training.time_sampling import make_time_sampler, u_shaped_fraction
+from perflow.time_sampling import make_time_sampler, u_shaped_fraction
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -236,7 +236,7 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path):
 
 def test_window_end_weight_measures_the_window_end_error():
     from perflow.objective import ReflowExample
-    from perflow.parameterization import window_end_from_output
+    from loose_window_args import window_end_from_output
     from perflow.windows import window_coefficients
 
     teacher = tiny_class_teacher()

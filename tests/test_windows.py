@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from perflow.schedule import abar_at, timestep_index
 from perflow.windows import (
-    abar_at,
     check_boundaries,
     check_prediction_type,
     equal_boundaries,
     inference_times,
-    timestep_index,
     window_bounds,
     window_coefficients,
     window_index,

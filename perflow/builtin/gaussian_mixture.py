@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from perflow.teacher import Denoiser
+from perflow.solver import Denoiser
 
 
 @dataclass

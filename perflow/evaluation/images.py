@@ -70,7 +70,7 @@ def _chunked_denoiser(unet, cond, uncond, guidance_scale: float, batch_size: int
     from perflow.denoisers import Condition, unet_denoiser
 
     def part(c: Condition, sl: slice) -> Condition:
-        return Condition(**{n: None if x is None else x[sl] for n, x in c._tensors().items()})
+        return Condition(**{n: None if x is None else x[sl] for n, x in c.tensors().items()})
 
     fns = []
     for start in range(0, len(cond), batch_size):

@@ -12,13 +12,12 @@ guidance, for every sampler alike).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-BASELINE_SAMPLERS = ("ddim", "dpmsolver++", "unipc")
+from perflow.solver import Denoiser as ModelFn  # (z (B, ...), timestep (B,)) -> output
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z (B, ...), timestep (B,)) -> output
+BASELINE_SAMPLERS = ("ddim", "dpmsolver++", "unipc")
 
 
 def baseline_scheduler(name: str, teacher_scheduler_config: dict):

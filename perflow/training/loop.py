@@ -152,7 +152,7 @@ def train(
     from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
     from .data import build_dataset, make_loader
     from .export import export_student, perflow_scheduler
-    from .time_sampling import make_time_sampler
+    from ..time_sampling import make_time_sampler
 
     cfg = make_config(config, overrides)
     p, tr, out, dc = cfg.perflow, cfg.training, cfg.output, cfg.data

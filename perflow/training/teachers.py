@@ -39,10 +39,12 @@ def _schedule_from_config(config: dict) -> tuple[torch.Tensor, str, dict]:
     """
     from diffusers import DDIMScheduler
 
-    from ..windows import SCHEDULE_KEYS, alphas_cumprod_from_config, check_nonzero_abar, equal_boundaries
+    from ..schedule import SCHEDULE_KEYS, alphas_cumprod_from_config
+    from ..solver import TEACHER_PREDICTION_TYPES
+    from ..windows import check_nonzero_abar, equal_boundaries
 
     prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+    if prediction_type not in TEACHER_PREDICTION_TYPES:
         raise ValueError(f"the teacher's scheduler has unsupported prediction_type {prediction_type!r}")
     filled = DDIMScheduler.from_config(dict(config)).config
     keys = SCHEDULE_KEYS + ("set_alpha_to_one",)

@@ -90,7 +90,7 @@ def trajectory_error(
     """Mean squared distance between the student's ``num_steps``-step PeRFlow sample and the teacher's
     own ODE solution from the same noise ``z_1`` (window by window, ``solver_steps`` DDIM steps each,
     guidance 1 on ``cond``): ``mean |z_0^student - Phi(z_1, 1, 0)|^2``. What piecewise reflow minimises."""
-    from ..teacher import solve_window
+    from ..solver import solve_window
 
     device = next(student.parameters()).device
     gen_state = generator.get_state() if generator is not None else None

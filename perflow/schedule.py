@@ -1,0 +1,260 @@
+"""The teacher's noise schedule as one object: its forward process, its timesteps and its window maths.
+
+Notation (``docs/method.md``, rows "schedule" and "one training batch"): continuous time ``t``
+runs from 1 (noise) to 0 (data), and the teacher's forward process is
+
+    z_t = alpha(t) x0 + sigma(t) eps.
+
+:class:`NoiseSchedule` is the small interface everything else takes (the window look-up, the
+teacher solver, the training targets, the scheduler); a schedule kind implements
+
+- :meth:`~NoiseSchedule.alpha_sigma`: ``(alpha(t), sigma(t))``, broadcast against a batch;
+  :meth:`~NoiseSchedule.marginal` (the forward process) and the solver's steps are built on it;
+- :meth:`~NoiseSchedule.timestep`: the timestep the teacher's denoiser is told at time ``t``;
+- :meth:`~NoiseSchedule.epsilon_coefficients`: the epsilon-type parameterizations' ``(lam, eta)``
+  of a window (``z_e = lam z_s + eta eps``);
+- :meth:`~NoiseSchedule.check_windows`: the schedule's own limits on window boundaries.
+
+Today's kind is :class:`DiscreteVPSchedule`, a discrete variance-preserving diffusion teacher
+(``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``, ``abar(t) = abar[i(t)]``,
+``i(t) = clamp(round(t T) - 1, 0, T - 1)``). A continuous flow-matching teacher
+(``z = (1 - sigma) x0 + sigma eps`` with ``sigma = t``) is a second kind of the same interface.
+
+The per-time functions are pure, vectorised over the batch and free of host-device
+synchronisation (the scheduler's ``step`` calls them); the checks run once, at construction.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .tensors import expand_like
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SCHEDULE_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+)
+"""The keys of a diffusers scheduler config that determine ``alphas_cumprod``."""
+
+
+def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
+    """``abar[0..T-1]`` (float32) of a diffusers scheduler config, built by diffusers' ``DDIMScheduler``.
+
+    ``betas`` from ``beta_schedule`` (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``) over
+    ``[beta_start, beta_end]`` or ``trained_betas``; with ``rescale_betas_zero_snr`` they are
+    rescaled to zero terminal SNR (diffusers' ``rescale_zero_terminal_snr``), so ``abar[T-1] = 0``
+    exactly, as ``DDIMScheduler`` has it (no clamping); ``abar = cumprod(1 - betas)``. Only
+    :data:`SCHEDULE_KEYS` are read; a missing key takes ``DDIMScheduler``'s default. The one
+    implementation behind the trainer's teacher schedule and :class:`perflow.PeRFlowScheduler`.
+    """
+    from diffusers import DDIMScheduler
+
+    kwargs = {k: config[k] for k in SCHEDULE_KEYS if k in config}
+    betas, schedule = kwargs.get("trained_betas"), kwargs.get("beta_schedule", "linear")
+    if betas is None and schedule not in BETA_SCHEDULES:
+        raise ValueError(
+            f"unknown beta_schedule {schedule!r}; expected one of {BETA_SCHEDULES} or pass trained_betas"
+        )
+    num_train_timesteps = kwargs.get("num_train_timesteps", 1000)
+    if betas is not None and len(betas) != num_train_timesteps:
+        raise ValueError(
+            f"trained_betas has {len(betas)} values but num_train_timesteps={num_train_timesteps}; "
+            "pass one beta per training timestep"
+        )
+    return DDIMScheduler(**kwargs).alphas_cumprod
+
+
+def timestep_index(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """Discrete teacher index of a continuous time: ``i(t) = clamp(round(t T) - 1, 0, T - 1)``."""
+    idx = torch.round(t.to(torch.float64) * num_train_timesteps).long() - 1
+    return idx.clamp(0, num_train_timesteps - 1)
+
+
+def abar_at(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``abar(t) = abar[i(t)]``, gathered on ``t``'s device in ``alphas_cumprod``'s dtype."""
+    ac = alphas_cumprod.to(t.device)
+    # torch.take, not ac[i]: indexing with a 0-d tensor would convert it to a Python int (a host sync)
+    return torch.take(ac, timestep_index(t, ac.numel()))
+
+
+def check_index_spacing(
+    boundaries: torch.Tensor, num_train_timesteps: int, num_solver_steps: int | None = None
+) -> None:
+    """Refuse windows whose two ends share a teacher timestep index ``i(t) = clamp(round(t T) - 1, 0, T - 1)``.
+
+    ``boundaries`` are valid ones (:func:`perflow.windows.check_boundaries`), float64. Such a window
+    (e.g. ``[1, 0.9995, 0]`` with ``T = 1000``: both ends at index 999) has ``abar(t_s) = abar(t_e)``,
+    so the teacher's solve is the identity, ``eta = 0`` and the epsilon-type targets are infinite.
+    With ``num_solver_steps = n``, a window spanning fewer than ``n`` indices is accepted with a
+    warning (some of its DDIM steps start and end at the same index and do nothing).
+    """
+    b = boundaries
+    idx = timestep_index(b, num_train_timesteps).tolist()  # (K + 1,)
+    for j in range(len(idx) - 1):
+        t_s, t_e, span = b[j].item(), b[j + 1].item(), idx[j] - idx[j + 1]
+        if span < 1:
+            raise ValueError(
+                f"window ({t_s:g}, {t_e:g}) starts and ends at the same teacher timestep index {idx[j]} "
+                f"(i(t) = clamp(round(t*T) - 1, 0, T-1), T={num_train_timesteps}), so its targets are "
+                f"infinite; move its boundaries apart so that round(t*T) differs "
+                f"(at least 1/T = {1 / num_train_timesteps:g} apart, ideally n/T)"
+            )
+        if num_solver_steps is not None and span < num_solver_steps:
+            warnings.warn(
+                f"window ({t_s:g}, {t_e:g}) spans {span} teacher timestep(s) but the teacher solver takes "
+                f"n={num_solver_steps} steps, some of which start and end at the same index and do nothing; "
+                "widen the window or lower num_solver_steps",
+                stacklevel=3,
+            )
+
+
+def vp_epsilon_coefficients(
+    t_s: torch.Tensor, t_e: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lam, eta)`` with ``z_e = lam z_s + eta eps`` on a variance-preserving schedule, in ``alphas_cumprod``'s dtype.
+
+    - ``diff_eps``: ``g = sqrt(abar(t_s) / abar(t_e))``, ``lam = 1 / g``, ``eta = -sqrt(1 - g^2) / g``
+      (the inverse of the forward transition ``t_e -> t_s``).
+    - ``ddim_eps``: ``lam = sqrt(abar(t_e) / abar(t_s))``,
+      ``eta = sqrt(1 - abar(t_e)) - sqrt(abar(t_e) (1 - abar(t_s)) / abar(t_s))`` (the DDIM jump ``t_s -> t_e``).
+    """
+    a_s = abar_at(t_s, alphas_cumprod)
+    a_e = abar_at(t_e, alphas_cumprod)
+    if prediction_type == "diff_eps":
+        g = (a_s / a_e).sqrt()
+        return 1.0 / g, -(1.0 - g**2).clamp(min=0).sqrt() / g
+    if prediction_type == "ddim_eps":
+        lam = (a_e / a_s).sqrt()
+        eta = (1.0 - a_e).sqrt() - (a_e * (1.0 - a_s) / a_s).sqrt()
+        return lam, eta
+    raise ValueError(f"no epsilon-type coefficients for prediction_type {prediction_type!r}; expected 'diff_eps' or 'ddim_eps'")
+
+
+class NoiseSchedule(ABC):
+    """The teacher's forward process ``z_t = alpha(t) x0 + sigma(t) eps`` on ``t`` in ``[0, 1]`` (1 = noise).
+
+    ``num_train_timesteps`` is ``T``: the student is evaluated at timestep ``t T`` (the released
+    PeRFlow checkpoints' convention), whatever the teacher's own timesteps are.
+    """
+
+    num_train_timesteps: int
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """The dtype the schedule's per-time quantities are computed in."""
+
+    @abstractmethod
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha(t), sigma(t))``, each broadcast against ``like`` in its dtype (:func:`perflow.tensors.expand_like`)."""
+
+    @abstractmethod
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the teacher's denoiser is evaluated at for time ``t`` (per sample)."""
+
+    @abstractmethod
+    def epsilon_coefficients(
+        self, t_s: torch.Tensor, t_e: torch.Tensor, prediction_type: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lam, eta)`` of an epsilon-type parameterization for windows ``(t_s, t_e)``: ``z_e = lam z_s + eta eps``."""
+
+    @abstractmethod
+    def check_windows(self, boundaries: torch.Tensor, num_solver_steps: int | None = None) -> None:
+        """Refuse (``ValueError``) or warn about valid boundaries the schedule cannot resolve."""
+
+    @abstractmethod
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "NoiseSchedule":
+        """The same schedule on ``device`` / in ``dtype`` (``self`` when nothing changes)."""
+
+    def marginal(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The forward process at time ``t``: ``z_t = alpha(t) x0 + sigma(t) noise``, in ``x0``'s dtype."""
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return alpha * x0 + sigma * noise
+
+
+@dataclass(frozen=True, eq=False)
+class DiscreteVPSchedule(NoiseSchedule):
+    """A discrete variance-preserving diffusion teacher: ``abar[0..T-1]`` (diffusers' ``alphas_cumprod``).
+
+    ``abar(t) = abar[i(t)]`` with ``i(t) = clamp(round(t T) - 1, 0, T - 1)`` (so ``t = 1`` is index
+    ``T - 1`` and ``t = 0`` index 0, whose ``abar`` is not exactly 1);
+    ``z_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps``; the teacher is evaluated at index ``i(t)``.
+    """
+
+    alphas_cumprod: torch.Tensor  # (T,)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "DiscreteVPSchedule":
+        """The schedule of a diffusers scheduler config (:func:`alphas_cumprod_from_config`, float32)."""
+        return cls(alphas_cumprod_from_config(config))
+
+    @property
+    def num_train_timesteps(self) -> int:  # type: ignore[override]
+        return self.alphas_cumprod.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.alphas_cumprod.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    def index(self, t: torch.Tensor) -> torch.Tensor:
+        """``i(t) = clamp(round(t T) - 1, 0, T - 1)`` (:func:`timestep_index`)."""
+        return timestep_index(t, self.num_train_timesteps)
+
+    def abar(self, t: torch.Tensor) -> torch.Tensor:
+        """``abar(t) = abar[i(t)]`` (:func:`abar_at`), on ``t``'s device in the schedule's dtype."""
+        return abar_at(t, self.alphas_cumprod)
+
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sqrt(abar(t)), sqrt(1 - abar(t)))``, ``abar`` cast to ``like``'s dtype first."""
+        a = expand_like(self.abar(t), like)
+        return a.sqrt(), (1 - a).sqrt()
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The teacher's discrete index ``i(t)`` (int64)."""
+        return self.index(t)
+
+    def epsilon_coefficients(
+        self, t_s: torch.Tensor, t_e: torch.Tensor, prediction_type: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`vp_epsilon_coefficients` on this schedule's ``abar``."""
+        return vp_epsilon_coefficients(t_s, t_e, self.alphas_cumprod, prediction_type)
+
+    def check_windows(self, boundaries: torch.Tensor, num_solver_steps: int | None = None) -> None:
+        """Each window's ends at distinct teacher indices (:func:`check_index_spacing`)."""
+        check_index_spacing(boundaries, self.num_train_timesteps, num_solver_steps)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DiscreteVPSchedule":
+        ac = self.alphas_cumprod.to(device=device, dtype=dtype)
+        return self if ac is self.alphas_cumprod else DiscreteVPSchedule(ac)
+
+
+def as_schedule(schedule: NoiseSchedule | torch.Tensor) -> NoiseSchedule:
+    """``schedule`` itself, or a raw ``alphas_cumprod`` tensor wrapped as a :class:`DiscreteVPSchedule`."""
+    if isinstance(schedule, NoiseSchedule):
+        return schedule
+    if isinstance(schedule, torch.Tensor):
+        return DiscreteVPSchedule(schedule)
+    raise TypeError(f"expected a NoiseSchedule or an alphas_cumprod tensor, got {type(schedule).__name__}")
+
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "SCHEDULE_KEYS",
+    "DiscreteVPSchedule",
+    "NoiseSchedule",
+    "abar_at",
+    "alphas_cumprod_from_config",
+    "as_schedule",
+    "check_index_spacing",
+    "timestep_index",
+    "vp_epsilon_coefficients",
+]

@@ -1,0 +1,91 @@
+"""The teacher's probability-flow ODE solved over one time window: the window solver.
+
+``docs/method.md``, row "teacher window solve". The solver takes a *denoiser callable*
+``denoiser(z, timestep) -> model_output`` (:data:`Denoiser`): ``z`` is ``(B, ...)``,
+``timestep`` the teacher's own timestep per sample ``(B,)`` (for a discrete diffusion teacher
+its index ``i(t)``, :meth:`perflow.schedule.NoiseSchedule.timestep`), and the output is in
+the teacher's prediction type (:data:`TEACHER_PREDICTION_TYPES`). Conditioning and
+classifier-free guidance live in the adapter that builds the callable
+(:mod:`perflow.denoisers`); the solver never knows which model it runs. The noise schedule
+is a :class:`perflow.schedule.NoiseSchedule`: each step turns the output into ``(x0, eps)``
+and moves to the next time on the schedule's forward process (DDIM).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .schedule import NoiseSchedule, as_schedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``denoiser(z (B, ...), timestep (B,)) -> model output (B, ...)``: a teacher, a student, any model."""
+
+TEACHER_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+"""What a teacher's output predicts (diffusers' ``prediction_type``)."""
+
+
+def x0_eps_from_output(
+    output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean sample and noise ``(x0, eps)`` from a teacher output at ``z = alpha x0 + sigma eps``.
+
+    ``epsilon``: ``x0 = (z - sigma eps) / alpha``;
+    ``v_prediction`` (``v = alpha eps - sigma x0``, variance preserving: ``alpha^2 + sigma^2 = 1``):
+    ``x0 = alpha z - sigma v``, ``eps = sigma z + alpha v``;
+    ``sample``: ``eps = (z - alpha x0) / sigma``.
+    ``alpha``, ``sigma`` broadcast against ``z`` (:meth:`perflow.schedule.NoiseSchedule.alpha_sigma`).
+    """
+    if prediction_type == "epsilon":
+        return (z - sigma * output) / alpha, output
+    if prediction_type == "v_prediction":
+        return alpha * z - sigma * output, sigma * z + alpha * output
+    if prediction_type == "sample":
+        return output, (z - alpha * output) / sigma
+    raise ValueError(
+        f"unknown teacher prediction_type {prediction_type!r}; expected one of {TEACHER_PREDICTION_TYPES}"
+    )
+
+
+@torch.no_grad()
+def solve_window(
+    denoiser: Denoiser,
+    z_s: torch.Tensor,
+    t_s: torch.Tensor,
+    t_e: torch.Tensor,
+    num_steps: int,
+    schedule: NoiseSchedule | torch.Tensor,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """``z_e = Phi(z_s, t_s, t_e)``: ``n`` DDIM steps on the times ``t_s + j (t_e - t_s) / n``, ``j = 0..n``.
+
+    Step ``j`` evaluates the teacher at ``schedule.timestep(t_j)`` (index ``i(t_j)`` for a
+    discrete teacher), turns its output into ``(x0, eps)`` at ``t_j`` and moves to
+    ``z_{j+1} = alpha(t_{j+1}) x0 + sigma(t_{j+1}) eps``: the step's own start and end times,
+    not a fixed integer stride. Each sample may sit in a different window (``t_s``, ``t_e``
+    are ``(B,)``). ``schedule`` is the teacher's :class:`~perflow.schedule.NoiseSchedule` (or
+    its raw ``alphas_cumprod``). The update is computed in float32 (or ``z_s``'s dtype if
+    wider); the denoiser casts to its own dtype.
+    """
+    if num_steps < 1:
+        raise ValueError(f"the teacher solver needs num_steps >= 1, got {num_steps}")
+    if prediction_type not in TEACHER_PREDICTION_TYPES:
+        raise ValueError(
+            f"unknown teacher prediction_type {prediction_type!r}; expected one of {TEACHER_PREDICTION_TYPES}"
+        )
+    work_dtype = torch.promote_types(z_s.dtype, torch.float32)
+    z = z_s.to(work_dtype)
+    t_s = torch.as_tensor(t_s, device=z.device, dtype=torch.float64).expand(z.shape[0])
+    t_e = torch.as_tensor(t_e, device=z.device, dtype=torch.float64).expand(z.shape[0])
+    schedule = as_schedule(schedule).to(device=z.device, dtype=work_dtype)
+    for j in range(num_steps):
+        t_a = t_s + (t_e - t_s) * (j / num_steps)
+        t_b = t_s + (t_e - t_s) * ((j + 1) / num_steps)
+        out = denoiser(z, schedule.timestep(t_a)).to(work_dtype)
+        x0, eps = x0_eps_from_output(out, z, *schedule.alpha_sigma(t_a, z), prediction_type)
+        z = schedule.marginal(x0, eps, t_b)
+    return z.to(z_s.dtype)
+
+
+__all__ = ["Denoiser", "TEACHER_PREDICTION_TYPES", "solve_window", "x0_eps_from_output"]
