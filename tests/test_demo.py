@@ -1,7 +1,6 @@
 """The demo end to end (reduced size), the evaluation harness and `perflow eval`."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -13,14 +12,13 @@ from perflow.cli import main as cli_main
 def quick_demo(tmp_path_factory):
     """`perflow demo --quick`, through the CLI (the README's main command, reduced)."""
     out = tmp_path_factory.mktemp("demo")
-    t0 = time.perf_counter()
     rc = cli_main(["demo", "--quick", "--output-dir", str(out), "--no-progress"])
-    return out, rc, time.perf_counter() - t0
+    return out, rc
 
 
 @pytest.mark.slow
 def test_quick_demo_writes_tables_and_pictures(quick_demo):
-    out, rc, seconds = quick_demo
+    out, rc = quick_demo
     assert rc == 0
     for name in ("digits_1steps.png", "digits_4steps.png", "digits_8steps.png", "digits_perflow_vs_ddim.png",
                  "toy2d_trajectories.png"):
@@ -40,12 +38,11 @@ def test_quick_demo_writes_tables_and_pictures(quick_demo):
     assert {r["sampler"] for r in toy["rows"]} >= {"perflow (K=4)", "reflow (K=1)", "teacher ddim"}
     assert all(r["sw"] > 0 for r in toy["rows"])
     assert (out / "perflow_student" / "unet").is_dir() and (out / "reflow_student" / "scheduler").is_dir()
-    assert seconds < 120, f"the quick demo took {seconds:.0f} s"
 
 
 @pytest.mark.slow
 def test_cli_eval_on_a_trained_student(quick_demo, tmp_path, capsys):
-    out, _, _ = quick_demo
+    out, _ = quick_demo
     rc = cli_main([
         "eval", "--perflow", str(out / "perflow_student"), "--num-samples", "20", "--steps", "1", "4",
         "--baselines", "ddim", "--reference-steps", "8", "--output-dir", str(tmp_path), "--no-progress",
