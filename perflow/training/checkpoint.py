@@ -32,12 +32,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .outdir import match_umask
-
-try:
-    from safetensors import SafetensorError as _SafetensorError
-except ImportError:  # pragma: no cover
-    _SafetensorError = OSError
+from .outdir import WRITE_ERRORS, match_umask
 
 STATE_FILE = "perflow_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -168,7 +163,7 @@ def save_checkpoint(
     final = root / f"checkpoint-{step}"
     try:
         _write_checkpoint(accelerator, tmp, state, ema, param_names, generator)
-    except (OSError, RuntimeError, _SafetensorError) as err:
+    except (*WRITE_ERRORS, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"could not write {final}: {_io_message(err, root)}; free space and resume with --resume latest") from err
     except BaseException:

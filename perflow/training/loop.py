@@ -36,15 +36,10 @@ from ..objective import reflow_example
 from ..windows import check_boundaries, equal_boundaries, window_coefficients
 from .config import TrainConfig, make_config
 from .data import BadImageError
-from .outdir import SUMMARY_FILE, OutputDirError, OutputLock, write_text_atomic
+from .outdir import SUMMARY_FILE, WRITE_ERRORS, OutputDirError, OutputLock, write_text_atomic
 from .runs import RunNotes, RunStart, on_main, open_run
 from .safety import NonFiniteError, StopSignals, TrainingInterrupted, nonfinite_message, nonfinite_names
 from .teachers import ClassConditionalTeacher, Teacher, as_teacher
-
-try:
-    from safetensors import SafetensorError
-except ImportError:  # pragma: no cover
-    SafetensorError = OSError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MP_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -378,7 +373,7 @@ def _export(output_dir: Path, final, teacher: Teacher, scheduler, cfg: TrainConf
             save_delta=out.save_delta, teacher_weights=reference,
         )
         files["summary"] = write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
-    except (OSError, SafetensorError) as err:
+    except WRITE_ERRORS as err:
         raise OutputDirError(
             f"could not write the final outputs to {output_dir}: {' '.join(str(err).split())}; free space and "
             "rerun with --resume latest (the checkpoints are intact)"

@@ -24,6 +24,13 @@ import time
 import uuid
 from pathlib import Path
 
+try:
+    from safetensors import SafetensorError
+except ImportError:  # pragma: no cover
+    SafetensorError = OSError
+
+WRITE_ERRORS: tuple[type[Exception], ...] = (OSError, SafetensorError)
+"""What a failed write raises (a full disk, an I/O error): ``OSError``, or safetensors' own error."""
 LOCK_FILE = ".perflow.lock"
 SUMMARY_FILE = "perflow_training.json"
 FINAL_OUTPUTS = ("unet", SUMMARY_FILE, "delta.safetensors")
@@ -189,5 +196,5 @@ def clear_run_files(output_dir: str | Path) -> list[str]:
 
 __all__ = [
     "OutputDirError", "OutputLock", "check_output_dir", "clean_leftovers", "clear_run_files", "match_umask",
-    "new_run_id", "umask", "write_text_atomic", "LEFTOVER", "RUN_FILES", "FINAL_OUTPUTS", "SUMMARY_FILE",
+    "new_run_id", "umask", "write_text_atomic", "LEFTOVER", "RUN_FILES", "FINAL_OUTPUTS", "SUMMARY_FILE", "WRITE_ERRORS",
 ]
