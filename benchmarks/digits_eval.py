@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         t0 = time.perf_counter()
         train("digits", output_dir=str(work / name), num_time_windows=k, checkpoint_every=0, validation_every=0,
-              tracker="none", save_delta=False, **budget)
+              tracker="none", save_delta=False, overwrite=True, **budget)
         timings[f"train_{name}_s"] = round(time.perf_counter() - t0, 1)
         print(f"trained {name} in {timings[f'train_{name}_s']} s")
     if args.train_only:

@@ -81,6 +81,7 @@ def _train_student(cfg: DemoConfig, num_windows: int, out: Path):
         tracker="none",
         save_delta=False,
         progress=cfg.progress,
+        overwrite=True,  # the demo owns this folder: a re-run replaces its student
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 DESCRIPTION = """\
 Train a PeRFlow student by piecewise reflow: the student starts as a copy of the teacher's
@@ -15,6 +16,10 @@ lists a comma list or YAML (--window_boundaries 1,0.6,0.3,0).
 Outputs in --output_dir: unet/ (diffusers, safetensors), scheduler/ (PeRFlowScheduler),
 delta.safetensors (student - teacher, with metadata), for SD/SDXL the rest of the pipeline,
 checkpoints/ (resume with --resume latest), validation/ grids, logs/ (TensorBoard).
+A folder holding another run is refused unless --resume latest or --overwrite true.
+
+Ctrl-C or SIGTERM saves a checkpoint at the end of the step and exits with 130 / 143 (a second
+Ctrl-C exits at once); a NaN/inf loss stops the run (exit 2) before it reaches the weights.
 
 One GPU:   perflow train --config sd15 --teacher /models/sd15 --path /data/images
 Many GPUs: accelerate launch --multi_gpu --num_processes 8 -m perflow train --config sd15 ...
@@ -67,8 +72,17 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     from perflow.training import train
+    from perflow.training.safety import TrainingInterrupted
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as stop:
+        print(f"perflow train: {stop}", file=sys.stderr)
+        _close_process_group(barrier=False)
+        return stop.exit_code
+    except KeyboardInterrupt:  # outside the run's signal handlers (e.g. while exporting)
+        print("perflow train: interrupted", file=sys.stderr)
+        return 130
     if result.files:
         print(f"trained {result.global_step} steps ({result.samples_per_second:.1f} samples/s); "
               f"student and scheduler in {result.output_dir}")
@@ -76,11 +90,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _close_process_group() -> None:
+def _close_process_group(barrier: bool = True) -> None:
     """Tear down the distributed group the launcher gave this command (a gloo group left to the
     interpreter's exit can abort the process after the work is done)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

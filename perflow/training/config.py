@@ -59,6 +59,9 @@ class DataConfig:
     """Probability that a sample's caption/label is replaced by the null one (for CFG)."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    on_bad_image: str = "skip"
+    """An unreadable image or sample: ``skip`` (its slot takes the next readable one; the names are
+    logged and counted) or ``error`` (stop with the file's name)."""
 
 
 @dataclass
@@ -121,6 +124,9 @@ class OptimConfig:
     """EMA decay of the student's weights (0 disables EMA)."""
     seed: int = 0
     """Seed of the student's data order, noise, times and caption dropout (exactly reproducible on CPU)."""
+    max_nonfinite_skips: int = 0
+    """Optimizer steps with a non-finite loss or gradient to skip (not applied, not counted) before the
+    run stops; 0 stops at the first one."""
 
 
 @dataclass
@@ -134,7 +140,10 @@ class OutputConfig:
     keep_checkpoints: int = 2
     """Keep the last M checkpoints."""
     resume: str | None = None
-    """``latest`` (the newest checkpoint in output_dir, if any) or a checkpoint folder."""
+    """``latest`` (the newest intact checkpoint in output_dir, if any) or a checkpoint folder."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that holds another run's checkpoints or outputs, deleting them
+    (without it such a folder is refused unless the run resumes)."""
     validation_every: int = 0
     """Write a grid of samples from the EMA weights every N steps (0 disables)."""
     validation_prompts: list[str] | None = None
@@ -183,17 +192,27 @@ class TrainConfig:
         _choice("training.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
         _choice("model.teacher_dtype", self.model.teacher_dtype, ("auto", "float32", "float16", "bfloat16"))
         _choice("data.source", d.source, ("digits", "imagefolder", "webdataset"))
+        _choice("data.on_bad_image", d.on_bad_image, ("skip", "error"))
         for name, value, low in (
             ("perflow.num_time_windows", p.num_time_windows, 1),
             ("perflow.num_solver_steps", p.num_solver_steps, 1),
             ("training.max_steps", t.max_steps, 1),
             ("training.batch_size", t.batch_size, 1),
             ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+            ("training.learning_rate", t.learning_rate, 0),
+            ("training.lr_warmup_steps", t.lr_warmup_steps, 0),
+            ("training.max_grad_norm", t.max_grad_norm, 0),
+            ("training.huber_c", t.huber_c, 0),
+            ("training.max_nonfinite_skips", t.max_nonfinite_skips, 0),
             ("data.resolution", d.resolution, 4),
+            ("data.num_workers", d.num_workers, 0),
+            ("output.checkpoint_every", o.checkpoint_every, 0),
+            ("output.validation_every", o.validation_every, 0),
             ("output.validation_steps", o.validation_steps, 1),
             ("output.keep_checkpoints", o.keep_checkpoints, 1),
+            ("output.log_every", o.log_every, 1),
         ):
-            if value < low:
+            if not value >= low:  # also refuses NaN
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if p.window_boundaries is not None:
             b = check_boundaries(p.window_boundaries)
@@ -208,6 +227,34 @@ class TrainConfig:
         if p.cfg_mode == "fixed" and p.guidance_scale < 1.0:
             raise ValueError(f"perflow.guidance_scale must be >= 1 in cfg_mode fixed, got {p.guidance_scale}")
         return self
+
+
+RESUME_MAY_CHANGE = frozenset({
+    "training.max_steps", "training.max_nonfinite_skips",
+    "model.gradient_checkpointing", "model.allow_pickle",
+    "data.num_workers", "data.on_bad_image",
+    "output.output_dir", "output.resume", "output.overwrite", "output.checkpoint_every",
+    "output.keep_checkpoints", "output.validation_every", "output.validation_prompts", "output.validation_steps",
+    "output.validation_guidance_scale", "output.tracker", "output.log_every", "output.save_pipeline",
+    "output.save_delta", "output.save_ema", "output.progress",
+})
+"""Fields a resumed run may set differently from its checkpoint: how long it runs, where and how
+often it saves, logs and validates, what it exports, and speed knobs that leave the numbers unchanged.
+Every other field changes what the run trains, so :func:`resume_conflicts` refuses a change."""
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"section.field saved -> current"`` for each field outside :data:`RESUME_MAY_CHANGE` whose value
+    differs between a checkpoint's config and the current one (fields the checkpoint lacks are skipped)."""
+    current = json.loads(json.dumps(current))  # the form the checkpoint stored (lists, floats)
+    out = []
+    for section, fields in current.items():
+        for name, value in fields.items():
+            key = f"{section}.{name}"
+            old = (saved.get(section) or {}).get(name, value)
+            if key not in RESUME_MAY_CHANGE and old != value:
+                out.append(f"{key} {old!r} -> {value!r}")
+    return out
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:
@@ -344,21 +391,38 @@ def read_config_file(spec: str | Path) -> dict[str, Any]:
             raise FileNotFoundError(
                 f"config {str(spec)!r} is neither a file nor a packaged recipe; recipes: {recipe_names()}"
             )
-    text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(f"{path}: unsupported config format {path.suffix!r}; use .yaml or .toml")
+    data = _parse_config_text(path, path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
 
-        return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
 
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
-        return data
-    if path.suffix == ".json":
-        return json.loads(text)
-    raise ValueError(f"{path}: unsupported config format {path.suffix!r}; use .yaml or .toml")
+def _parse_config_text(path: Path, text: str) -> Any:
+    """Parse YAML/TOML/JSON; a syntax error becomes one ``ValueError`` line naming the file and line."""
+    import yaml
+
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context_mark", None)
+        if context is not None and mark is not None and context.line != mark.line:
+            problem += f" ({getattr(err, 'context', None) or 'started'} at line {context.line + 1})"
+        raise ValueError(f"{where}: invalid YAML: {problem}; fix the file (a config is a mapping of sections)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {err.lineno}: invalid JSON: {err.msg}") from None
+    except ValueError as err:  # tomllib.TOMLDecodeError
+        raise ValueError(f"{path}: invalid TOML: {' '.join(str(err).split())}") from None
 
 
 def load_config(spec: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

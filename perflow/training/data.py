@@ -2,7 +2,14 @@
 
 Items are dicts: ``pixel_values`` ``(C, H, W)`` float32 in ``[-1, 1]``, and ``caption`` (str) or
 ``label`` (int); the image datasets add ``original_size`` ``(h, w)`` and ``crop_top_left``
-``(top, left)`` (SDXL's size conditioning, from the real image).
+``(top, left)`` (SDXL's size conditioning, from the real image). Images are read with the
+teacher's channel count (``L`` for 1, ``RGB`` for 3, ``RGBA`` for 4).
+
+An unreadable image or sample (``data.on_bad_image``): ``error`` raises :class:`BadImageError`
+naming the file; ``skip`` (default) fills its slot with the next readable item (index ``i + 1``,
+``i + 2``, ... so a resumed run sees the same batch) and reports the names in the item's
+``bad_images``. :func:`collate` gives a caption-less item in a captioned batch the null caption
+``""`` and marks it in ``caption_missing``: the loop treats it as a dropped caption and counts it.
 
 - **image folder** (HF ``imagefolder`` convention): images plus a ``metadata.jsonl`` of
   ``{"file_name": ..., "text": ...}`` lines; without ``metadata.jsonl`` every image is used,
@@ -34,6 +41,33 @@ import torch
 from torch.utils.data import Dataset
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+"""PIL mode for each channel count a teacher may take."""
+MAX_SUBSTITUTES = 100
+"""How many following items a skipped unreadable one may try before the run stops."""
+
+
+class BadImageError(ValueError):
+    """An image or sample that cannot be read (names the file)."""
+
+
+def image_mode(channels: int) -> str:
+    """The PIL mode giving ``channels`` channels; a ``ValueError`` for counts no image format has."""
+    if channels not in IMAGE_MODES:
+        raise ValueError(
+            f"the teacher takes {channels}-channel images; image datasets give 1 (L), 3 (RGB) or 4 (RGBA) "
+            "channels: pass a dataset of matching tensors instead"
+        )
+    return IMAGE_MODES[channels]
+
+
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 
 def _aug_generator(seed: int, index: int, epoch: int) -> np.random.Generator:
@@ -41,17 +75,18 @@ def _aug_generator(seed: int, index: int, epoch: int) -> np.random.Generator:
 
 
 def load_image(
-    source: str | Path | bytes, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
+    source: str | Path | bytes, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator,
+    mode: str = "RGB",
 ) -> dict[str, Any]:
-    """Open, resize the short side to ``resolution`` (bicubic), crop a square, optionally flip.
+    """Open, convert to ``mode``, resize the short side to ``resolution`` (bicubic), crop a square, optionally flip.
 
-    Returns ``pixel_values`` (3, R, R) in ``[-1, 1]``, ``original_size`` (h, w) of the file and
+    Returns ``pixel_values`` (C, R, R) in ``[-1, 1]``, ``original_size`` (h, w) of the file and
     ``crop_top_left`` (top, left) in resized coordinates.
     """
     from PIL import Image
 
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    img = img.convert("RGB")
+    img = img.convert(mode)
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -63,21 +98,65 @@ def load_image(
     img = img.crop((left, top, left + resolution, top + resolution))
     if random_flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0  # (3, R, R)
+    arr = np.asarray(img, dtype=np.float32)
+    arr = torch.from_numpy(arr[..., None] if arr.ndim == 2 else arr).permute(2, 0, 1) / 127.5 - 1.0  # (C, R, R)
     return {"pixel_values": arr, "original_size": (h, w), "crop_top_left": (top, left)}
 
 
-class ImageFolderDataset(Dataset):
+class _ImageDataset(Dataset):
+    """Keys ``(index, epoch)``; an unreadable item is skipped or raised (``on_bad_image``)."""
+
+    def __init__(self, resolution: int, center_crop: bool, random_flip: bool, seed: int, channels: int, on_bad_image: str):
+        if on_bad_image not in ("skip", "error"):
+            raise ValueError(f"data.on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        self.mode, self.on_bad_image = image_mode(channels), on_bad_image
+
+    def _load(self, index: int, epoch: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _image(self, source: str | Path | bytes, index: int, epoch: int) -> dict[str, Any]:
+        rng = _aug_generator(self.seed, index, epoch)
+        return load_image(source, self.resolution, self.center_crop, self.random_flip, rng, self.mode)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        bad: list[str] = []
+        for i in (index + k for k in range(min(len(self), MAX_SUBSTITUTES))):
+            i %= len(self)
+            try:
+                item = self._load(i, epoch)
+            except _unreadable_errors() as err:
+                reason = " ".join(str(err).split()) or type(err).__name__
+                if self.on_bad_image == "error":
+                    raise BadImageError(
+                        f"data: cannot read {self._name(i)} ({reason}); fix or remove it, or set data.on_bad_image skip"
+                    ) from None
+                bad.append(f"{self._name(i)} ({reason})")
+                continue
+            if bad:
+                item["bad_images"] = bad
+            return item
+        raise BadImageError(f"data: {len(bad)} unreadable items in a row from {self._name(index)}: {'; '.join(bad[:3])}")
+
+
+class ImageFolderDataset(_ImageDataset):
     """Images of a folder with an optional ``metadata.jsonl`` (``file_name`` + caption column)."""
 
     def __init__(
         self, root: str | Path, resolution: int, center_crop: bool = True, random_flip: bool = False,
-        caption_column: str = "text", seed: int = 0,
+        caption_column: str = "text", seed: int = 0, channels: int = 3, on_bad_image: str = "skip",
     ):
+        super().__init__(resolution, center_crop, random_flip, seed, channels, on_bad_image)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         meta = self.root / "metadata.jsonl"
         self.items: list[tuple[str, str | None]] = []
         if meta.is_file():
@@ -101,11 +180,12 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+    def _name(self, index: int) -> str:
+        return str(self.root / self.items[index][0])
+
+    def _load(self, index: int, epoch: int) -> dict[str, Any]:
         name, caption = self.items[index]
-        rng = _aug_generator(self.seed, index, epoch)
-        item = load_image(self.root / name, self.resolution, self.center_crop, self.random_flip, rng)
+        item = self._image(self.root / name, index, epoch)
         if caption is not None:
             item["caption"] = caption
         return item
@@ -128,16 +208,17 @@ def expand_shards(spec: str) -> list[str]:
     return paths
 
 
-class TarShardDataset(Dataset):
+class TarShardDataset(_ImageDataset):
     """WebDataset-layout tar shards read by random access (an index of member offsets, built once)."""
 
     def __init__(
         self, shards: str | list[str], resolution: int, center_crop: bool = True, random_flip: bool = False,
-        caption_column: str = "text", seed: int = 0,
+        caption_column: str = "text", seed: int = 0, channels: int = 3, on_bad_image: str = "skip",
     ):
+        super().__init__(resolution, center_crop, random_flip, seed, channels, on_bad_image)
         self.paths = expand_shards(shards) if isinstance(shards, str) else list(shards)
-        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.caption_column = caption_column
+        self.keys: list[str] = []
         # sample: (shard, {ext: (offset_data, size)})
         self.samples: list[tuple[int, dict[str, tuple[int, int]]]] = []
         for s, path in enumerate(self.paths):
@@ -153,6 +234,7 @@ class TarShardDataset(Dataset):
                 parts = groups[key]
                 if any(e in parts for e in ("jpg", "jpeg", "png", "webp")):
                     self.samples.append((s, parts))
+                    self.keys.append(key)
         if not self.samples:
             raise ValueError(f"no image samples in tar shards {self.paths[:3]}")
 
@@ -164,12 +246,13 @@ class TarShardDataset(Dataset):
             f.seek(where[0])
             return f.read(where[1])
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+    def _name(self, index: int) -> str:
+        return f"{self.paths[self.samples[index][0]]}:{self.keys[index]}"
+
+    def _load(self, index: int, epoch: int) -> dict[str, Any]:
         shard, parts = self.samples[index]
         ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in parts)
-        rng = _aug_generator(self.seed, index, epoch)
-        item = load_image(self._read(shard, parts[ext]), self.resolution, self.center_crop, self.random_flip, rng)
+        item = self._image(self._read(shard, parts[ext]), index, epoch)
         if "txt" in parts:
             item["caption"] = self._read(shard, parts["txt"]).decode("utf-8").strip()
         elif "json" in parts:
@@ -192,15 +275,17 @@ class _DropEpoch(Dataset):
         return self.base[key[0]]
 
 
-def build_dataset(data_cfg, seed: int = 0) -> Dataset:
-    """The dataset named by a :class:`~perflow.training.config.DataConfig`."""
+def build_dataset(data_cfg, seed: int = 0, channels: int = 3) -> Dataset:
+    """The dataset named by a :class:`~perflow.training.config.DataConfig`; images are read with
+    ``channels`` channels (the teacher's)."""
     if data_cfg.source == "digits":
         from perflow.builtin.digits import load_digits_dataset
 
         return load_digits_dataset("train", image_size=data_cfg.resolution)
     kw = dict(
         resolution=data_cfg.resolution, center_crop=data_cfg.center_crop, random_flip=data_cfg.random_flip,
-        caption_column=data_cfg.caption_column, seed=seed,
+        caption_column=data_cfg.caption_column, seed=seed, channels=channels,
+        on_bad_image=getattr(data_cfg, "on_bad_image", "skip"),
     )
     if data_cfg.source == "imagefolder":
         return ImageFolderDataset(data_cfg.path, **kw)
@@ -210,18 +295,41 @@ def build_dataset(data_cfg, seed: int = 0) -> Dataset:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of items into a batch (captions stay a list of str)."""
+    """Stack a list of items into a batch (captions stay a list of str).
+
+    When some items have a caption, those without get ``""`` and ``caption_missing`` (B,) bool marks
+    them; ``bad_images`` lists the unreadable files the items skipped.
+    """
     if not items or "pixel_values" not in items[0]:
         raise ValueError("dataset items must be dicts with a 'pixel_values' tensor (C, H, W) in [-1, 1]")
     batch: dict[str, Any] = {"pixel_values": torch.stack([torch.as_tensor(i["pixel_values"]) for i in items]).float()}
-    if all("caption" in i for i in items):
-        batch["caption"] = [str(i["caption"]) for i in items]
+    if any("caption" in i for i in items):
+        batch["caption"] = [str(i.get("caption", "")) for i in items]
+        if not all("caption" in i for i in items):
+            batch["caption_missing"] = torch.tensor(["caption" not in i for i in items])  # (B,)
+    bad = [name for i in items for name in i.get("bad_images", ())]
+    if bad:
+        batch["bad_images"] = bad
     if all("label" in i for i in items):
         batch["label"] = torch.as_tensor([int(i["label"]) for i in items], dtype=torch.long)
     for key in ("original_size", "crop_top_left"):
         if all(key in i for i in items):
             batch[key] = torch.as_tensor([tuple(i[key]) for i in items], dtype=torch.long)  # (B, 2)
     return batch
+
+
+def check_channels(ds: Dataset, channels: int) -> None:
+    """Refuse early a dataset whose images have another channel count than the teacher's."""
+    if isinstance(ds, _ImageDataset) or len(ds) == 0:
+        return  # the image datasets read images with the teacher's channel count
+    item = ds[0]
+    if isinstance(item, dict) and "pixel_values" in item:
+        c = torch.as_tensor(item["pixel_values"]).shape[0]
+        if c != channels:
+            raise ValueError(
+                f"the dataset's images have {c} channels but the teacher takes {channels}; use a dataset "
+                f"with {channels}-channel images (image folders and shards are converted to the teacher's channels)"
+            )
 
 
 class ResumableBatchSampler:
@@ -262,8 +370,26 @@ def make_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int,
     """A ``DataLoader`` over :class:`ResumableBatchSampler` (the dataset is wrapped to accept ``(index, epoch)``)."""
     from torch.utils.data import DataLoader
 
-    keyed = dataset if isinstance(dataset, (ImageFolderDataset, TarShardDataset)) else _DropEpoch(dataset)
+    keyed = dataset if isinstance(dataset, _ImageDataset) else _DropEpoch(dataset)
     sampler = ResumableBatchSampler(len(dataset), batch_size, num_replicas, rank, seed, start)  # type: ignore[arg-type]
     loader = DataLoader(keyed, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals if num_workers else None)
     return loader, sampler
+
+
+def close_loader(loader) -> None:
+    """Shut the loader's worker processes down now (they ignore SIGTERM, see below, so they must not be
+    left to multiprocessing's exit handler, which would wait for them after a terminate)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM (sent to the whole process group by Ctrl-C and by many schedulers) to
+    the main process, which stops at a step boundary and shuts them down with :func:`close_loader`
+    (a worker killed by the signal would fail the main process with a DataLoader error)."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)

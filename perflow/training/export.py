@@ -10,7 +10,8 @@
 - ``delta.safetensors``: ``delta = student - teacher`` with metadata (base model, ``K``,
   prediction type, CFG mode, boundaries, scheduler config).
 
-Every folder is written into a temporary sibling and renamed into place.
+Every folder is written into a temporary sibling (``.tmp-<name>.XXXXXXXX``, removed on failure
+and, after a kill, on the next start) and renamed into place, with the permissions the umask gives.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from .outdir import match_umask, write_text_atomic
 from .teachers import ClassConditionalTeacher, SDXLTeacher, Teacher
 
 
@@ -30,11 +32,12 @@ def replace_dir(target: Path, write: Callable[[Path], None]) -> Path:
     """Write a folder through ``write(tmp)`` into a temporary sibling, then swap it into ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
     try:
         write(tmp)
+        match_umask(tmp)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.old.", dir=target.parent))
             os.replace(target, old / target.name)
             os.replace(tmp, target)
             shutil.rmtree(old)
@@ -101,7 +104,7 @@ def export_student(
             "scheduler_config": dict(scheduler.config),
             **(extra_metadata or {}),
         }
-        written["delta"] = _save(delta, out / "delta.safetensors", meta)
+        written["delta"] = match_umask(_save(delta, out / "delta.safetensors", meta))
     return written
 
 
@@ -134,10 +137,5 @@ def _export_pipeline(out: Path, teacher: Teacher) -> dict[str, Path]:
     else:
         index.update(force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
         index.update(image_encoder=[None, None], feature_extractor=[None, None])
-    path = out / "model_index.json"
-    fd, tmp = tempfile.mkstemp(prefix=".model_index.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(index, f, indent=2)
-    os.replace(tmp, path)
-    written["model_index"] = path
+    written["model_index"] = write_text_atomic(out / "model_index.json", json.dumps(index, indent=2))
     return written

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,10 @@ from ..windows import (
     check_boundaries, check_nonzero_abar, check_window_spacing, equal_boundaries, window_coefficients,
 )
 from .config import TrainConfig, make_config
+from .data import BadImageError
+from .outdir import SUMMARY_FILE, WRITE_ERRORS, OutputDirError, OutputLock, write_text_atomic
+from .runs import RunNotes, RunStart, on_main, open_run
+from .safety import NonFiniteError, StopSignals, TrainingInterrupted, nonfinite_message, nonfinite_names
 from .teachers import ClassConditionalTeacher, Teacher, as_teacher
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -60,6 +67,14 @@ class TrainResult:
     """Teacher UNet evaluations per training sample: ``n`` (``2 n`` with CFG-fixed)."""
     files: dict[str, Path] = field(default_factory=dict)
     num_processes: int = 1
+    run_id: str = ""
+    """The run's id, recorded in its checkpoints and ``perflow_training.json``."""
+    bad_images: list[str] = field(default_factory=list)
+    """Unreadable images skipped (``data.on_bad_image skip``), with the reason."""
+    missing_captions: int = 0
+    """Samples of captioned batches that had no caption (trained with the null caption)."""
+    nonfinite_skips: int = 0
+    """Steps skipped for a non-finite loss or gradient (``training.max_nonfinite_skips``)."""
 
 
 def boundaries_of(cfg: TrainConfig, alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,26 +158,40 @@ def train(
     (raise from it to stop; checkpoints let ``resume="latest"`` continue).
 
     An in-memory teacher is used in place: it is frozen and moved to the training device and dtype.
+
+    The output folder is checked, locked and claimed for this run before the teacher loads
+    (:mod:`perflow.training.outdir`). SIGINT/SIGTERM save a checkpoint at the end of the step and
+    raise :class:`~perflow.training.safety.TrainingInterrupted`; a non-finite loss or gradient raises
+    :class:`~perflow.training.safety.NonFiniteError` before it is applied.
     """
     from accelerate.utils import set_seed
+
+    cfg = make_config(config, overrides)
+    accelerator = _accelerator(cfg)
+    set_seed(cfg.training.seed)
+    locks: list[OutputLock] = []
+    with StopSignals() as stop:
+        try:
+            start = on_main(accelerator, lambda: open_run(cfg, locks))
+            return _train(cfg, accelerator, start, stop, teacher, dataset, callback)
+        finally:
+            for lock in locks:
+                lock.release()
+
+
+def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, teacher, dataset, callback) -> TrainResult:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-    from .data import build_dataset, make_loader
-    from .export import export_student, perflow_scheduler
     from ..time_sampling import make_time_sampler
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .data import build_dataset, check_channels, close_loader, make_loader
+    from .export import perflow_scheduler
 
-    cfg = make_config(config, overrides)
     p, tr, out, dc = cfg.perflow, cfg.training, cfg.output, cfg.data
-
-    accelerator = _accelerator(cfg)
     device = accelerator.device
-    set_seed(tr.seed)
     output_dir = Path(out.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- teacher (frozen, its own dtype) and student (fp32 master copy) ----------------------
     teacher_obj = as_teacher(teacher if teacher is not None else cfg.model.teacher, cfg.model.allow_pickle)
@@ -183,7 +212,9 @@ def train(
         student.enable_gradient_checkpointing()
     param_names = [n for n, _ in student.named_parameters()]
 
-    ds = dataset if dataset is not None else build_dataset(dc, seed=tr.seed)
+    channels = image_channels(teacher_obj)
+    ds = dataset if dataset is not None else build_dataset(dc, seed=tr.seed, channels=channels)
+    check_channels(ds, channels)
     boundaries = boundaries_of(cfg, teacher_obj.alphas_cumprod)
     ac = teacher_obj.alphas_cumprod
     time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a)
@@ -204,90 +235,193 @@ def train(
 
     generator = torch.Generator().manual_seed(tr.seed * 1_000_003 + 7919 * (accelerator.process_index + 1))
     global_step, micro_step, losses = 0, 0, []
-    resume_from = resolve_resume(out.resume, output_dir)
-    if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, ema, param_names, generator)
+    notes = RunNotes()
+    if start.resume_from is not None:
+        state = load_checkpoint(accelerator, start.resume_from, ema, param_names, generator)
         global_step, micro_step, losses = state["global_step"], state["micro_step"], list(state.get("losses", []))
+        notes.restore(state)
         if accelerator.is_main_process:
-            print(f"resumed from {resume_from} at step {global_step}")
+            print(f"resumed from {start.resume_from} at step {global_step}")
 
     loader, sampler = make_loader(
         ds, tr.batch_size, accelerator.num_processes, accelerator.process_index, tr.seed, micro_step, dc.num_workers
     )
     if accelerator.is_main_process and out.tracker not in ("none", "", None):
-        accelerator.init_trackers("perflow", config=_flat(cfg.to_dict()))
+        # purge_step: TensorBoard drops what a killed run logged after the checkpoint, which is logged again now
+        accelerator.init_trackers("perflow", config=_flat(cfg.to_dict()),
+                                  init_kwargs={"tensorboard": {"purge_step": global_step + 1}})
     scheduler = perflow_scheduler(teacher_obj, p.prediction_type, boundaries, len(boundaries) - 1)
     evals_per_sample = p.num_solver_steps * (2 if (p.cfg_mode == "fixed" and p.guidance_scale != 1.0) else 1)
 
     bar = tqdm(total=tr.max_steps, initial=global_step, desc="perflow train", unit="step",
                disable=not (out.progress and accelerator.is_local_main_process))
-    start, start_step = time.perf_counter(), global_step
-    acc_loss = torch.zeros((), device=device)
-    data_iter = iter(loader)
-    while global_step < tr.max_steps:
-        batch = next(data_iter)
-        micro_step += 1
-        with accelerator.accumulate(student):
-            loss = _micro_step(batch, cfg, teacher_obj, student, boundaries, ac, time_sampler, generator, device)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and tr.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(student.parameters(), tr.max_grad_norm)
-            opt.step()
-            lr_sched.step()
-            opt.zero_grad(set_to_none=True)
-        acc_loss += loss.detach() / tr.gradient_accumulation_steps
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        if ema is not None:
-            ema.step(raw_student.parameters())
-        step_loss = accelerator.reduce(acc_loss, reduction="mean").item()
-        acc_loss.zero_()
-        losses.append(step_loss)
-        bar.update(1)
-        if global_step % out.log_every == 0 or global_step == tr.max_steps:
-            bar.set_postfix(loss=f"{step_loss:.4g}")
-            accelerator.log({"loss": step_loss, "lr": lr_sched.get_last_lr()[0]}, step=global_step)
-        if callback is not None:
-            callback(global_step, step_loss)
-        if out.checkpoint_every and global_step % out.checkpoint_every == 0:
-            epoch, index = sampler.position(micro_step)
-            state = {"global_step": global_step, "micro_step": micro_step, "epoch": epoch, "batch_index": index,
-                     "losses": losses, "config": cfg.to_dict()}
-            save_checkpoint(accelerator, output_dir, global_step, state, ema, param_names, generator, out.keep_checkpoints)
-        if out.validation_every and global_step % out.validation_every == 0 and accelerator.is_main_process:
-            _validate(cfg, raw_student, ema, teacher_obj, scheduler, output_dir / "validation" / f"step-{global_step:07d}.png")
-    bar.close()
-    seconds = time.perf_counter() - start
-    steps_done = global_step - start_step
-    global_batch = tr.batch_size * accelerator.num_processes * tr.gradient_accumulation_steps
 
-    # ---- final outputs ---------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    final = raw_student
-    if ema is not None and out.save_ema:
-        final = copy.deepcopy(raw_student)
-        ema.copy_to(final.parameters())
-    final.eval().requires_grad_(False)
-    files: dict[str, Path] = {}
-    if accelerator.is_main_process:
-        files = export_student(
-            output_dir, final, teacher_obj, scheduler, p.cfg_mode, save_pipeline=out.save_pipeline,
-            save_delta=out.save_delta, teacher_weights=reference,
-        )
-        summary = {"global_step": global_step, "final_loss": losses[-1] if losses else None, "seconds": seconds,
-                   "samples_per_second": steps_done * global_batch / seconds if seconds > 0 else 0.0,
-                   "teacher_evals_per_sample": evals_per_sample, "config": cfg.to_dict()}
-        (output_dir / "perflow_training.json").write_text(json.dumps(summary, indent=1))
-        files["summary"] = output_dir / "perflow_training.json"
-    for tracker in accelerator.trackers:  # not end_training(): that destroys the caller's process group
-        tracker.finish()
+    def log(msg: str) -> None:
+        tqdm.write(msg, file=sys.stderr)
+
+    last_checkpoint = start.resume_from
+
+    def checkpoint() -> Path:
+        """Save a checkpoint of this step (refusing non-finite weights, so rotation only ever drops finite ones)."""
+        named = list(raw_student.named_parameters())
+        if ema is not None:
+            named += [(f"ema.{n}", t) for n, t in zip(param_names, ema.shadow_params)]
+        if bad := nonfinite_names(named):
+            raise NonFiniteError(f"the weights hold NaN/inf after step {global_step} ({len(bad)} tensors, e.g. {bad[0]}); "
+                                 f"not saved (the newest checkpoint {last_checkpoint} is intact)")
+        epoch, index = sampler.position(micro_step)
+        state = {"global_step": global_step, "micro_step": micro_step, "epoch": epoch, "batch_index": index,
+                 "losses": losses, "config": cfg.to_dict(), "run_id": start.run_id,
+                 "num_processes": accelerator.num_processes, **notes.state()}
+        return save_checkpoint(accelerator, output_dir, global_step, state, ema, param_names, generator,
+                               out.keep_checkpoints, start.run_ids)
+
+    start_time, start_step = time.perf_counter(), global_step
+    acc_loss = torch.zeros((), device=device)
+    params = list(student.parameters())
+    try:
+        data_iter = iter(loader)
+        stop.deferred, stop.step = True, global_step
+        while global_step < tr.max_steps:
+            batch = _next_batch(data_iter)
+            micro_step += 1
+            notes.add_batch(batch, log)
+            with accelerator.accumulate(student):
+                loss = _micro_step(batch, cfg, teacher_obj, student, boundaries, ac, time_sampler, generator, device)
+                accelerator.backward(loss)
+                acc_loss += loss.detach() / tr.gradient_accumulation_steps
+                finite = True
+                if accelerator.sync_gradients:
+                    grad_norm = _checked_grad_norm(accelerator, params, tr.max_grad_norm)
+                    step_loss, norm, stop_all = _step_values(accelerator, acc_loss, grad_norm, stop)
+                    finite = math.isfinite(step_loss) and math.isfinite(norm)
+                if finite or accelerator.scaler is not None:  # fp16's grad scaler skips a non-finite step itself
+                    opt.step()
+                    lr_sched.step()
+                opt.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            acc_loss.zero_()
+            if not finite:
+                notes.nonfinite_skips += 1
+                if notes.nonfinite_skips > tr.max_nonfinite_skips:
+                    pixels_ok = bool(torch.isfinite(batch["pixel_values"]).all())
+                    raise NonFiniteError(nonfinite_message(global_step + 1, step_loss, norm, cfg, pixels_ok, last_checkpoint))
+                log(f"training: step {global_step + 1} had a non-finite loss or gradient; skipped "
+                    f"({notes.nonfinite_skips} of training.max_nonfinite_skips {tr.max_nonfinite_skips})")
+            else:
+                global_step += 1
+                stop.step = global_step
+                if ema is not None:
+                    ema.step(raw_student.parameters())
+                losses.append(step_loss)
+                bar.update(1)
+                if global_step % out.log_every == 0 or global_step == tr.max_steps:
+                    bar.set_postfix(loss=f"{step_loss:.4g}")
+                    accelerator.log({"loss": step_loss, "lr": lr_sched.get_last_lr()[0]}, step=global_step)
+                if callback is not None:
+                    callback(global_step, step_loss)
+            saved = None
+            if finite and out.checkpoint_every and global_step % out.checkpoint_every == 0:
+                saved = last_checkpoint = checkpoint()
+            if stop_all:
+                saved = saved or checkpoint()
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, global_step, saved)
+            if finite and out.validation_every and global_step % out.validation_every == 0 and accelerator.is_main_process:
+                _validate(cfg, raw_student, ema, teacher_obj, scheduler, output_dir / "validation" / f"step-{global_step:07d}.png")
+        bar.close()
+        seconds = time.perf_counter() - start_time
+        steps_done = global_step - start_step
+        global_batch = tr.batch_size * accelerator.num_processes * tr.gradient_accumulation_steps
+        samples_per_second = steps_done * global_batch / seconds if seconds > 0 else 0.0
+
+        # ---- final outputs ---------------------------------------------------------------------
+        accelerator.wait_for_everyone()
+        final = raw_student
+        if ema is not None and out.save_ema:
+            final = copy.deepcopy(raw_student)
+            ema.copy_to(final.parameters())
+        final.eval().requires_grad_(False)
+        if bad := nonfinite_names(final.named_parameters()):
+            raise NonFiniteError(f"the final weights hold NaN/inf ({len(bad)} tensors, e.g. {bad[0]}); nothing exported")
+        files: dict[str, Path] = {}
+        if accelerator.is_main_process:
+            summary = {"global_step": global_step, "final_loss": losses[-1] if losses else None, "seconds": seconds,
+                       "samples_per_second": samples_per_second, "teacher_evals_per_sample": evals_per_sample,
+                       "run_id": start.run_id, **notes.state(), "config": cfg.to_dict()}
+            files = _export(output_dir, final, teacher_obj, scheduler, cfg, reference, summary)
+            for line in notes.report():
+                log(line)
+    finally:
+        bar.close()
+        close_loader(loader)
+        stop.deferred = False
+        for tracker in accelerator.trackers:  # not end_training(): that destroys the caller's process group
+            tracker.finish()
     return TrainResult(
         student=final, teacher=teacher_obj, scheduler=scheduler, output_dir=output_dir, global_step=global_step,
-        losses=losses, seconds=seconds,
-        samples_per_second=steps_done * global_batch / seconds if seconds > 0 else 0.0,
+        losses=losses, seconds=seconds, samples_per_second=samples_per_second,
         teacher_evals_per_sample=float(evals_per_sample), files=files, num_processes=accelerator.num_processes,
+        run_id=start.run_id, bad_images=list(notes.bad_images), missing_captions=notes.missing_captions,
+        nonfinite_skips=notes.nonfinite_skips,
     )
+
+
+def _export(output_dir: Path, final, teacher: Teacher, scheduler, cfg: TrainConfig, reference, summary: dict) -> dict[str, Path]:
+    """The final outputs and ``perflow_training.json``; a write error becomes one line."""
+    from .export import export_student
+
+    out = cfg.output
+    try:
+        files = export_student(
+            output_dir, final, teacher, scheduler, cfg.perflow.cfg_mode, save_pipeline=out.save_pipeline,
+            save_delta=out.save_delta, teacher_weights=reference,
+        )
+        files["summary"] = write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+    except WRITE_ERRORS as err:
+        raise OutputDirError(
+            f"could not write the final outputs to {output_dir}: {' '.join(str(err).split())}; free space and "
+            "rerun with --resume latest (the checkpoints are intact)"
+        ) from err
+    return files
+
+
+def _next_batch(data_iter) -> dict:
+    """The next batch; a :class:`BadImageError` raised in a DataLoader worker keeps its one-line message."""
+    try:
+        return next(data_iter)
+    except BadImageError as err:  # from a worker, the message carries the worker's traceback
+        line = str(err).strip().splitlines()[-1]
+        raise BadImageError(line.split("BadImageError: ", 1)[-1]) from None
+
+
+def _checked_grad_norm(accelerator, params: list, max_norm: float) -> torch.Tensor | None:
+    """The gradient norm the step checks for NaN/inf, clipping to ``max_norm`` first when it is > 0.
+    None under fp16's grad scaler, where overflowing gradients are routine and the scaler skips them."""
+    norm = accelerator.clip_grad_norm_(params, max_norm) if max_norm > 0 else None
+    if accelerator.scaler is not None:
+        return None
+    if norm is None:
+        grads = [q.grad for q in params if q.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+    return norm
+
+
+def _step_values(accelerator, acc_loss: torch.Tensor, grad_norm: torch.Tensor | None, stop: StopSignals) -> tuple[float, float, bool]:
+    """The step's loss (mean over processes), gradient norm and whether any process was asked to stop:
+    one all-reduce and the step's one host sync."""
+    zero = torch.zeros((), device=acc_loss.device)
+    parts = [acc_loss, zero if grad_norm is None else grad_norm.detach().float().reshape(()).to(acc_loss.device)]
+    multi = accelerator.num_processes > 1
+    if multi:
+        parts.append(zero + float(stop.requested))
+    values = accelerator.reduce(torch.stack(parts), reduction="mean").tolist()
+    return values[0], values[1], (values[2] > 0 if multi else stop.requested)
+
+
+def image_channels(teacher: Teacher) -> int:
+    """Channels of the images the teacher encodes: its VAE's input, or its UNet's in pixel space."""
+    return teacher.vae.config.in_channels if teacher.vae is not None else teacher.unet.config.in_channels
 
 
 def _load_student_init(student: torch.nn.Module, path: str) -> None:
@@ -326,6 +460,9 @@ def _micro_step(batch, cfg: TrainConfig, teacher: Teacher, student, boundaries, 
         dropped = torch.rand(b, generator=generator) < dc.caption_dropout
     else:
         dropped = torch.zeros(b, dtype=torch.bool)
+    missing = batch.get("caption_missing")
+    if missing is not None:  # a sample without a caption is an unconditional one, like a dropped caption
+        dropped = dropped | missing
     cond_s = teacher.drop(cond, dropped) if bool(dropped.any()) else cond
     den = guided_teacher_denoiser(teacher.unet, cond_s, teacher.uncond(cond_s), dropped, p.cfg_mode, p.guidance_scale)
     ex = reflow_example(

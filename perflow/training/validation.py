@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..denoisers import Condition, unet_denoiser
+from .outdir import match_umask
 
 
 @torch.no_grad()
@@ -59,15 +60,16 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, min_size: int = 64
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Write an RGB uint8 array as PNG atomically."""
+    """Write an RGB uint8 array as PNG atomically (permissions from the umask)."""
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
         Image.fromarray(array).save(tmp)
+        match_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
