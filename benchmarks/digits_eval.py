@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from perflow.evaluation.harness import DigitsEvalConfig, evaluate_digits
+    from perflow.evaluation.digits import DigitsEvalConfig, evaluate_digits
     from perflow.evaluation.report import command_line, markdown_report, write_results
     from perflow.training import train
 

@@ -57,11 +57,11 @@ def finetune_variant(teacher, teacher_name: str, steps: int, batch_size: int, lr
     from tqdm.auto import tqdm
 
     images, labels = thick_digits("train", image_size)
-    from perflow.evaluation.harness import _teacher_scheduler_config
+    from perflow.evaluation.digits import teacher_scheduler_config
 
     unet = copy.deepcopy(teacher.unet).train().float().requires_grad_(True)
     enc = teacher.label_encoder
-    noise_sched = DDPMScheduler.from_config(_teacher_scheduler_config(teacher_name))
+    noise_sched = DDPMScheduler.from_config(teacher_scheduler_config(teacher_name))
     if noise_sched.config.prediction_type != "epsilon":
         raise ValueError("the fine-tune here assumes an epsilon-prediction digits teacher")
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     from perflow.builtin.classifier import load_digit_classifier
     from perflow.delta import merge_delta, perflow_scheduler_from_metadata
     from perflow.evaluation import metrics
-    from perflow.evaluation.harness import Sampler, _teacher_scheduler_config, class_model_fn, compare_samplers
+    from perflow.evaluation.digits import class_model_fn, teacher_scheduler_config
+    from perflow.evaluation.harness import Sampler, compare_samplers
     from perflow.io import write_text
     from perflow.evaluation.samplers import baseline_scheduler
     from perflow.training.teachers import load_teacher
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.arange(args.num_samples) % 10
     enc = teacher.label_encoder
     w = args.guidance_scale
-    sched_cfg = _teacher_scheduler_config(args.teacher)
+    sched_cfg = teacher_scheduler_config(args.teacher)
     make_perflow = lambda: perflow_scheduler_from_metadata(meta)  # noqa: E731
     variant_fn = class_model_fn(variant, enc, labels, w)
     lora_errors: dict[int, float] = {}

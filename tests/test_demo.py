@@ -123,3 +123,18 @@ def test_image_harness_on_a_tiny_sd_pipeline(tmp_path):
         evaluate_images(ImageEvalConfig(teacher=str(tmp_path / "teacher"), prompts=["x"], inception=str(tmp_path / "nope.pt")))
     with pytest.raises(FileNotFoundError, match="CLIP"):
         evaluate_images(ImageEvalConfig(teacher=str(tmp_path / "teacher"), prompts=["x"], clip=str(tmp_path)))
+
+
+def test_digits_evaluator_lives_in_its_own_module_and_reads_the_teacher_scheduler_config(tmp_path):
+    """``evaluate_digits`` & co. are public from :mod:`perflow.evaluation` and come from
+    :mod:`perflow.evaluation.digits`; the teacher's scheduler config is the shipped JSON file."""
+    import perflow.evaluation as ev
+    from perflow.builtin.digits import digits_teacher_path
+    from perflow.evaluation import digits
+
+    for name in ("DigitsEvalConfig", "evaluate_digits", "class_model_fn"):
+        assert getattr(ev, name) is getattr(digits, name)
+    shipped = json.loads((digits_teacher_path() / "scheduler" / "scheduler_config.json").read_text())
+    assert digits.teacher_scheduler_config("digits") == shipped
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+        digits.teacher_scheduler_config(str(tmp_path))
