@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from perflow.delta import merge_delta, perflow_scheduler_from_metadata
     from perflow.evaluation import metrics
     from perflow.evaluation.digits import class_model_fn, teacher_scheduler_config
-    from perflow.evaluation.harness import Sampler, compare_samplers
+    from perflow.evaluation.harness import Metrics, Sampler, compare_samplers
     from perflow.io import write_text
     from perflow.evaluation.samplers import baseline_scheduler
     from perflow.training.teachers import load_teacher
@@ -207,13 +207,16 @@ def main(argv: list[str] | None = None) -> int:
 
         thick_test, _ = thick_digits("test", csize)
         thin_test, _ = digits_tensors("test", csize)
-        common = dict(
-            decode=lambda z: z.float().clamp(-1, 1), feature_fn=lambda x: classifier.features(to_classifier(x)),
-            classify_fn=lambda x: classifier(to_classifier(x)), labels=labels, extra_metrics={"ink": ink},
-        )
+        def measure(real: torch.Tensor) -> Metrics:
+            """Digit metrics against the classifier features of the real images ``real``."""
+            return Metrics(
+                decode=lambda z: z.float().clamp(-1, 1), feature_fn=lambda x: classifier.features(to_classifier(x)),
+                real_features=classifier.features(real), classify_fn=lambda x: classifier(to_classifier(x)),
+                labels=labels, extra={"ink": ink},
+            )
+
         # transfer: the variant with the delta vs the variant's own solvers (FD to thick test digits)
-        result = compare_samplers(samplers, reference, noise, steps, 100,
-                                  real_features=classifier.features(thick_test), **common)
+        result = compare_samplers(samplers, reference, noise, steps, 100, measure(thick_test))
         # in distribution: the delta on the teacher it was learned on (FD to the usual thin test digits)
         teacher_fn = class_model_fn(teacher.unet, enc, labels, w)
         ddim = lambda: baseline_scheduler("ddim", sched_cfg)  # noqa: E731
@@ -222,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                      "perflow"),
              Sampler("teacher ddim", teacher_fn, ddim),
              Sampler("teacher dpmsolver++", teacher_fn, lambda: baseline_scheduler("dpmsolver++", sched_cfg))],
-            Sampler("teacher ddim", teacher_fn, ddim, "reference"), noise, steps, 100,
-            real_features=classifier.features(thin_test), **common)
+            Sampler("teacher ddim", teacher_fn, ddim, "reference"), noise, steps, 100, measure(thin_test))
         context = {
             "ink_real_thin_test": ink(thin_test),
             "ink_real_thick_test": ink(thick_test),

@@ -18,7 +18,7 @@ _LAZY = {
     **{n: "perflow.evaluation.metrics" for n in (
         "frechet_distance", "frechet_distance_features", "gaussian_stats", "sliced_wasserstein",
         "paired_mse", "straightness", "label_accuracy")},
-    **{n: "perflow.evaluation.harness" for n in ("Sampler", "EvalResult", "compare_samplers")},
+    **{n: "perflow.evaluation.harness" for n in ("Sampler", "EvalResult", "Metrics", "compare_samplers")},
     **{n: "perflow.evaluation.digits" for n in (
         "DigitsEvalConfig", "evaluate_digits", "class_model_fn")},
     "ImageEvalConfig": "perflow.evaluation.images",

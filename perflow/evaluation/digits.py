@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import metrics
-from .harness import DEFAULT_STEPS, EvalResult, Sampler, compare_samplers
+from .harness import DEFAULT_STEPS, EvalResult, Metrics, Sampler, compare_samplers
 from .samplers import BASELINE_SAMPLERS, ModelFn, baseline_scheduler
 
 
@@ -103,8 +103,9 @@ def evaluate_digits(config: DigitsEvalConfig, progress: bool = True) -> EvalResu
         classify_fn = lambda x: classifier(to_classifier(x))  # noqa: E731
         result = compare_samplers(
             samplers, reference, noise, config.steps, config.reference_steps,
-            decode=lambda z: z.float().clamp(-1, 1), feature_fn=feature_fn, real_features=real_features,
-            classify_fn=classify_fn, labels=labels, progress=progress, flow_steps=config.flow_steps,
+            Metrics(decode=lambda z: z.float().clamp(-1, 1), feature_fn=feature_fn, real_features=real_features,
+                    classify_fn=classify_fn, labels=labels),
+            progress=progress, flow_steps=config.flow_steps,
         )
     result.meta.update({
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},

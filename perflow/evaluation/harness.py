@@ -2,7 +2,7 @@
 
 :func:`compare_samplers` is model-agnostic: it takes :class:`Sampler` objects (a model
 callable plus a scheduler factory), initial noise, a reference sampler (the teacher at
-100+ steps) and metric hooks, and returns one row per (sampler, steps):
+100+ steps) and the metric hooks (:class:`Metrics`), and returns one row per (sampler, steps):
 
 - ``fd``: Fréchet distance of the samples' features to the real reference features;
 - ``paired_mse``: mean squared distance to the reference sampler's output from the same noise;
@@ -55,23 +55,33 @@ class EvalResult:
         return {"meta": self.meta, "rows": self.rows}
 
 
-def _measure(
-    extra: dict[str, Callable[[torch.Tensor], float]] | None,
-    out: torch.Tensor,
-    reference: torch.Tensor | None,
-    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-    real_features: torch.Tensor | None,
-    classify_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-    labels: torch.Tensor | None,
-) -> dict:
-    row: dict = {name: fn(out) for name, fn in (extra or {}).items()}
-    if feature_fn is not None and real_features is not None:
-        row["fd"] = metrics.frechet_distance_features(feature_fn(out), real_features)
-    if reference is not None:
-        row["paired_mse"] = metrics.paired_mse(out, reference)
-    if classify_fn is not None and labels is not None:
-        row["accuracy"] = metrics.label_accuracy(classify_fn(out), labels)
-    return row
+@dataclass
+class Metrics:
+    """What :func:`compare_samplers` measures on every run, and how.
+
+    ``decode`` maps final latents to the space the metrics see (identity for pixel-space models);
+    ``feature_fn`` + ``real_features`` give the Fréchet distance ``fd``; ``classify_fn`` + ``labels``
+    the ``accuracy``; ``extra`` maps a column name to ``fn(decoded samples) -> float``
+    (e.g. a sliced Wasserstein distance). A hook left ``None`` leaves its column out.
+    """
+
+    decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: z  # noqa: E731
+    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    real_features: torch.Tensor | None = None
+    classify_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    labels: torch.Tensor | None = None
+    extra: dict[str, Callable[[torch.Tensor], float]] | None = None
+
+    def measure(self, out: torch.Tensor, reference: torch.Tensor | None) -> dict:
+        """The row of metrics of decoded samples ``out`` (``paired_mse`` against ``reference`` if given)."""
+        row: dict = {name: fn(out) for name, fn in (self.extra or {}).items()}
+        if self.feature_fn is not None and self.real_features is not None:
+            row["fd"] = metrics.frechet_distance_features(self.feature_fn(out), self.real_features)
+        if reference is not None:
+            row["paired_mse"] = metrics.paired_mse(out, reference)
+        if self.classify_fn is not None and self.labels is not None:
+            row["accuracy"] = metrics.label_accuracy(self.classify_fn(out), self.labels)
+        return row
 
 
 def compare_samplers(
@@ -80,12 +90,7 @@ def compare_samplers(
     noise: torch.Tensor,
     steps: Sequence[int] = DEFAULT_STEPS,
     reference_steps: int = 100,
-    decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: z,
-    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    real_features: torch.Tensor | None = None,
-    classify_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    labels: torch.Tensor | None = None,
-    extra_metrics: dict[str, Callable[[torch.Tensor], float]] | None = None,
+    measure: Metrics | None = None,
     num_previews: int = 20,
     keep_trajectories: int = 0,
     flow_boundaries: torch.Tensor | None = None,
@@ -95,9 +100,9 @@ def compare_samplers(
     """Sample every sampler at every step count from the same ``noise`` and measure it.
 
     The reference sampler runs once at ``reference_steps``; every other output is compared
-    with it pixel by pixel (``paired_mse``, on decoded samples). ``decode`` maps final
-    latents to the space the metrics see (identity for pixel-space models). ``extra_metrics``
-    maps a column name to ``fn(decoded samples) -> float`` (e.g. a sliced Wasserstein distance).
+    with it pixel by pixel (``paired_mse``, on decoded samples). ``measure`` (:class:`Metrics`;
+    default: decode by identity, ``paired_mse`` only) says how samples are decoded and which other
+    columns are measured.
     ``keep_trajectories > 0`` keeps that many trajectories per run in ``result.trajectories``.
 
     Flow straightness (``result.meta["straightness"]``): for the teacher (its reference
@@ -111,17 +116,18 @@ def compare_samplers(
         flow_boundaries = equal_boundaries(4)
     from tqdm.auto import tqdm
 
+    measure = measure if measure is not None else Metrics()
     if reference_steps < max(steps):
         raise ValueError(f"reference_steps={reference_steps} must be at least the largest step count {max(steps)}")
     runs = [(s, n) for s in samplers for n in steps]
     bar = tqdm(total=len(runs) + 1, desc="evaluating samplers", unit="run", disable=not progress)
     bar.set_postfix_str(f"{reference.name} x{reference_steps}")
     ref = sample(reference.model_fn, reference.make_scheduler(), noise, reference_steps, return_trajectory=True)
-    ref_out = decode(ref.samples)
+    ref_out = measure.decode(ref.samples)
     bar.update()
     rows = [{
         "sampler": reference.name, "kind": "reference", "steps": reference_steps, "nfe": ref.num_model_evals,
-        **_measure(extra_metrics, ref_out, None, feature_fn, real_features, classify_fn, labels),
+        **measure.measure(ref_out, None),
         "paired_mse": 0.0,
     }]
     previews = {f"{reference.name}@{reference_steps}": ref_out[:num_previews].cpu()}
@@ -131,10 +137,10 @@ def compare_samplers(
     for s, n in runs:
         bar.set_postfix_str(f"{s.name} x{n}")
         res = sample(s.model_fn, s.make_scheduler(), noise, n, return_trajectory=True)
-        out = decode(res.samples)
+        out = measure.decode(res.samples)
         rows.append({
             "sampler": s.name, "kind": s.kind, "steps": n, "nfe": res.num_model_evals,
-            **_measure(extra_metrics, out, ref_out, feature_fn, real_features, classify_fn, labels),
+            **measure.measure(out, ref_out),
         })
         previews[f"{s.name}@{n}"] = out[:num_previews].cpu()
         if keep_trajectories:

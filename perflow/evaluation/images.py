@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import DEFAULT_STEPS, EvalResult, Sampler, compare_samplers
+from .harness import DEFAULT_STEPS, EvalResult, Metrics, Sampler, compare_samplers
 from .samplers import BASELINE_SAMPLERS, baseline_scheduler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -138,9 +138,10 @@ def evaluate_images(config: ImageEvalConfig, progress: bool = True) -> EvalResul
     if scorer is not None:
         extra["clip_score"] = lambda x: scorer(x, prompts).mean().item()
     result = compare_samplers(
-        samplers, reference, noise, config.steps, config.reference_steps, decode=decode,
-        feature_fn=inception if real_features is not None else None, real_features=real_features,
-        extra_metrics=extra, progress=progress, num_previews=min(8, config.num_samples),
+        samplers, reference, noise, config.steps, config.reference_steps,
+        Metrics(decode=decode, feature_fn=inception if real_features is not None else None,
+                real_features=real_features, extra=extra),
+        progress=progress, num_previews=min(8, config.num_samples),
     )
     result.meta["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     result.meta["resolution"] = res
