@@ -1,4 +1,4 @@
-"""Extract / merge of plug-and-play deltas on tiny SD1.5-architecture models (METHOD.md section 5)."""
+"""Extract / merge of plug-and-play deltas on tiny SD1.5-architecture models (docs/method.md, plug-and-play)."""
 
 from __future__ import annotations
 
