@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="window_end: weight the loss so it is the squared error of the predicted window end "
                         "(the digits recipe's default); none: plain MSE on the parameterization's target")
     p.add_argument("--prediction-type", choices=("diff_eps", "ddim_eps", "velocity"), default="diff_eps",
-                   help="the students' parameterization (METHOD.md section 1)")
+                   help="the students' parameterization (docs/method.md, parameterizations)")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--reference-steps", type=int, default=100)
     p.add_argument("--guidance-scale", type=float, default=1.0)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from perflow.evaluation.harness import DigitsEvalConfig, evaluate_digits
+    from perflow.evaluation.digits import DigitsEvalConfig, evaluate_digits
     from perflow.evaluation.report import command_line, markdown_report, write_results
     from perflow.training import train
 

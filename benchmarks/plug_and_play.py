@@ -57,11 +57,11 @@ def finetune_variant(teacher, teacher_name: str, steps: int, batch_size: int, lr
     from tqdm.auto import tqdm
 
     images, labels = thick_digits("train", image_size)
-    from perflow.evaluation.harness import _teacher_scheduler_config
+    from perflow.evaluation.digits import teacher_scheduler_config
 
     unet = copy.deepcopy(teacher.unet).train().float().requires_grad_(True)
     enc = teacher.label_encoder
-    noise_sched = DDPMScheduler.from_config(_teacher_scheduler_config(teacher_name))
+    noise_sched = DDPMScheduler.from_config(teacher_scheduler_config(teacher_name))
     if noise_sched.config.prediction_type != "epsilon":
         raise ValueError("the fine-tune here assumes an epsilon-prediction digits teacher")
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -97,9 +97,10 @@ def perflow_delta(args, teacher_name: str):
             source = f"perflow train run {args.perflow_run}"
         else:  # a student folder without a saved delta: extract it (perflow delta extract)
             from perflow.delta import extract_from_folders
-            from perflow.training.teachers import BUILTIN_TEACHERS, _builtin_path
+            from perflow.builtin.digits import digits_teacher_path
+            from perflow.training.teachers import BUILTIN_TEACHERS
 
-            teacher_dir = _builtin_path(teacher_name) if teacher_name in BUILTIN_TEACHERS else Path(teacher_name)
+            teacher_dir = digits_teacher_path() if teacher_name in BUILTIN_TEACHERS else Path(teacher_name)
             out = Path(tempfile.mkdtemp(prefix="perflow-pnp-")) / "delta.safetensors"
             delta, meta = extract_from_folders(run, teacher_dir, out, cfg_mode="sync")
             source = f"perflow delta extract --student {args.perflow_run} --teacher {teacher_dir}"
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     from perflow.builtin.classifier import load_digit_classifier
     from perflow.delta import merge_delta, perflow_scheduler_from_metadata
     from perflow.evaluation import metrics
-    from perflow.evaluation.harness import Sampler, _teacher_scheduler_config, class_model_fn, compare_samplers
+    from perflow.evaluation.digits import class_model_fn, teacher_scheduler_config
+    from perflow.evaluation.harness import Metrics, Sampler, compare_samplers
     from perflow.io import write_text
     from perflow.evaluation.samplers import baseline_scheduler
     from perflow.training.teachers import load_teacher
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.arange(args.num_samples) % 10
     enc = teacher.label_encoder
     w = args.guidance_scale
-    sched_cfg = _teacher_scheduler_config(args.teacher)
+    sched_cfg = teacher_scheduler_config(args.teacher)
     make_perflow = lambda: perflow_scheduler_from_metadata(meta)  # noqa: E731
     variant_fn = class_model_fn(variant, enc, labels, w)
     lora_errors: dict[int, float] = {}
@@ -206,13 +208,16 @@ def main(argv: list[str] | None = None) -> int:
 
         thick_test, _ = thick_digits("test", csize)
         thin_test, _ = digits_tensors("test", csize)
-        common = dict(
-            decode=lambda z: z.float().clamp(-1, 1), feature_fn=lambda x: classifier.features(to_classifier(x)),
-            classify_fn=lambda x: classifier(to_classifier(x)), labels=labels, extra_metrics={"ink": ink},
-        )
+        def measure(real: torch.Tensor) -> Metrics:
+            """Digit metrics against the classifier features of the real images ``real``."""
+            return Metrics(
+                decode=lambda z: z.float().clamp(-1, 1), feature_fn=lambda x: classifier.features(to_classifier(x)),
+                real_features=classifier.features(real), classify_fn=lambda x: classifier(to_classifier(x)),
+                labels=labels, extra={"ink": ink},
+            )
+
         # transfer: the variant with the delta vs the variant's own solvers (FD to thick test digits)
-        result = compare_samplers(samplers, reference, noise, steps, 100,
-                                  real_features=classifier.features(thick_test), **common)
+        result = compare_samplers(samplers, reference, noise, steps, 100, measure(thick_test))
         # in distribution: the delta on the teacher it was learned on (FD to the usual thin test digits)
         teacher_fn = class_model_fn(teacher.unet, enc, labels, w)
         ddim = lambda: baseline_scheduler("ddim", sched_cfg)  # noqa: E731
@@ -221,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                      "perflow"),
              Sampler("teacher ddim", teacher_fn, ddim),
              Sampler("teacher dpmsolver++", teacher_fn, lambda: baseline_scheduler("dpmsolver++", sched_cfg))],
-            Sampler("teacher ddim", teacher_fn, ddim, "reference"), noise, steps, 100,
-            real_features=classifier.features(thin_test), **common)
+            Sampler("teacher ddim", teacher_fn, ddim, "reference"), noise, steps, 100, measure(thin_test))
         context = {
             "ink_real_thin_test": ink(thin_test),
             "ink_real_thick_test": ink(thick_test),

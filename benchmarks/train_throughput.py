@@ -4,7 +4,7 @@ For each K the teacher solves each sample's window with ``n`` DDIM steps. Two se
 
 - ``--budget N`` (default 32): a fixed teacher budget over the whole trajectory, ``n = N / K``
   (the paper's point: K windows make each training sample K times cheaper than a full
-  trajectory, METHOD.md section 6);
+  trajectory; docs/method.md, teacher window solve);
 - ``--solver-steps n``: the same ``n`` for every K (cost per sample independent of K).
 
 Teacher evaluations are counted, not computed: a hook on the teacher UNet counts the rows it

@@ -88,7 +88,7 @@ def _train_student(cfg: DemoConfig, num_windows: int, out: Path):
 def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     """Run every stage; returns ``{"digits": EvalResult, "toy2d": EvalResult, "files": [...], "timings": {...}}``."""
     from perflow.builtin.gaussian_mixture import default_mixture
-    from perflow.evaluation.harness import DigitsEvalConfig, evaluate_digits
+    from perflow.evaluation.digits import DigitsEvalConfig, evaluate_digits
     from perflow.evaluation.plots import save_sample_grid, save_trajectory_plot
     from perflow.evaluation.report import command_line, markdown_report, markdown_table, verdicts, write_results
     from perflow.evaluation.toy2d import density_grid, evaluate_2d, train_2d_student

@@ -77,7 +77,7 @@ def test_shipped_teacher_samples_are_the_digits_they_were_asked_for():
     plain 25-step DDIM, are recognised as those labels by the independently trained classifier
     (an untrained or label-blind teacher scores about 0.1)."""
     from perflow.builtin.classifier import load_digit_classifier
-    from perflow.evaluation.harness import _teacher_scheduler_config, class_model_fn
+    from perflow.evaluation.digits import class_model_fn, teacher_scheduler_config
     from perflow.evaluation.samplers import baseline_scheduler, sample
     from perflow.training.teachers import load_teacher
 
@@ -85,7 +85,7 @@ def test_shipped_teacher_samples_are_the_digits_they_were_asked_for():
     labels = torch.arange(100) % 10
     noise = torch.randn(100, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     fn = class_model_fn(teacher.unet, teacher.label_encoder, labels, guidance_scale=1.0)
-    out = sample(fn, baseline_scheduler("ddim", _teacher_scheduler_config("digits")), noise, 25).samples
+    out = sample(fn, baseline_scheduler("ddim", teacher_scheduler_config("digits")), noise, 25).samples
     acc = (load_digit_classifier()(out.clamp(-1, 1)).argmax(-1) == labels).float().mean().item()
     assert acc >= 0.9, f"label accuracy of the teacher's samples {acc}"
     assert out.abs().max() < 1.5  # samples live in the data range, not blown up

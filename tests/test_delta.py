@@ -1,4 +1,4 @@
-"""Extract / merge of plug-and-play deltas on tiny SD1.5-architecture models (METHOD.md section 5)."""
+"""Extract / merge of plug-and-play deltas on tiny SD1.5-architecture models (docs/method.md, plug-and-play)."""
 
 from __future__ import annotations
 
@@ -316,3 +316,19 @@ def test_fp64_delta_is_exact_unless_a_weight_shrinks_by_more_than_2_to_the_28():
     assert int((merged != s).sum()) > 0 and not bool(exact[merged != s].any())  # misses exist, all below 2^-28
     total = t.double() + d  # the fp64 sum before the final rounding
     assert bool(((total - s.double()).abs() <= 2.0**-52 * (s.double().abs() + t.double().abs())).all())
+
+
+def test_delta_scheduler_copies_the_same_beta_keys_as_before():
+    """The beta-schedule keys a delta's PeRFlow scheduler takes from a base config are derived from
+    ``perflow.schedule.SCHEDULE_KEYS``; pinned here to the literal tuples the delta code used before,
+    so delta metadata and merged scheduler configs stay bit-identical."""
+    from perflow.delta.keys import BETA_KEYS
+    from perflow.delta.merge import perflow_scheduler_from_metadata
+
+    assert BETA_KEYS == ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    base = {"num_train_timesteps": 500, "beta_start": 0.001, "beta_end": 0.02, "beta_schedule": "linear",
+            "set_alpha_to_one": True, "rescale_betas_zero_snr": True, "steps_offset": 1}
+    meta = {"num_time_windows": 2, "prediction_type": "velocity"}
+    cfg = perflow_scheduler_from_metadata(meta, base).config
+    assert (cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule) == (500, 0.001, 0.02, "linear")
+    assert cfg.set_alpha_to_one is True and cfg.rescale_betas_zero_snr is False  # copied / not copied, as before

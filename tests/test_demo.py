@@ -123,3 +123,47 @@ def test_image_harness_on_a_tiny_sd_pipeline(tmp_path):
         evaluate_images(ImageEvalConfig(teacher=str(tmp_path / "teacher"), prompts=["x"], inception=str(tmp_path / "nope.pt")))
     with pytest.raises(FileNotFoundError, match="CLIP"):
         evaluate_images(ImageEvalConfig(teacher=str(tmp_path / "teacher"), prompts=["x"], clip=str(tmp_path)))
+
+
+def test_digits_evaluator_lives_in_its_own_module_and_reads_the_teacher_scheduler_config(tmp_path):
+    """``evaluate_digits`` & co. are public from :mod:`perflow.evaluation` and come from
+    :mod:`perflow.evaluation.digits`; the teacher's scheduler config is the shipped JSON file."""
+    import perflow.evaluation as ev
+    from perflow.builtin.digits import digits_teacher_path
+    from perflow.evaluation import digits
+
+    for name in ("DigitsEvalConfig", "evaluate_digits", "class_model_fn"):
+        assert getattr(ev, name) is getattr(digits, name)
+    shipped = json.loads((digits_teacher_path() / "scheduler" / "scheduler_config.json").read_text())
+    assert digits.teacher_scheduler_config("digits") == shipped
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+        digits.teacher_scheduler_config(str(tmp_path))
+
+
+def test_real_images_for_fid_are_resized_and_centre_cropped(tmp_path):
+    """``load_real_images`` (through the training loader): short side to R (bicubic), centre crop,
+    ``[-1, 1]``; checked against PIL done by hand, bit for bit, on odd sizes and modes."""
+    import numpy as np
+    from PIL import Image
+
+    from perflow.evaluation.images import load_real_images
+
+    rng = np.random.default_rng(0)
+    expected = []
+    for i, (w, h, mode) in enumerate([(23, 17, "RGB"), (16, 40, "L"), (30, 30, "RGBA")]):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8).squeeze(-1) if mode == "L"
+                             else rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8), mode)
+        im.save(tmp_path / f"{i}.png")
+        rgb = im.convert("RGB")
+        s = 12 / min(w, h)
+        rgb = rgb.resize((max(12, round(w * s)), max(12, round(h * s))), Image.BICUBIC)
+        left, top = (rgb.width - 12) // 2, (rgb.height - 12) // 2
+        arr = np.asarray(rgb.crop((left, top, left + 12, top + 12)), dtype=np.uint8)
+        expected.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    (tmp_path / "notes.txt").write_text("not an image")
+    out = load_real_images(tmp_path, 12)
+    assert out.shape == (3, 3, 12, 12) and out.dtype == torch.float32
+    assert torch.equal(out, torch.stack(expected))
+    assert load_real_images(tmp_path, 12, limit=2).shape[0] == 2
+    with pytest.raises(FileNotFoundError, match="at least 2 real images"):
+        load_real_images(tmp_path / "missing", 12)

@@ -128,3 +128,13 @@ def test_paired_mse_and_accuracy():
         metrics.paired_mse(a, torch.zeros(3, 1, 2, 2))
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
     assert metrics.label_accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+def test_metrics_public_names_are_its_all():
+    """Every public function of the module is listed in ``__all__`` (no dead aliases such as the
+    removed ``gaussian_w2_squared``, which duplicated :func:`frechet_distance`)."""
+    import inspect
+
+    public = {n for n, f in vars(metrics).items() if inspect.isfunction(f) and f.__module__ == metrics.__name__
+              and not n.startswith("_")}
+    assert public == set(metrics.__all__)

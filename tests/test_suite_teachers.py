@@ -102,7 +102,7 @@ def test_shipped_photos_teacher_samples_look_like_the_photo_asked_for(one_thread
     (in pixels) to a real crop of that photo than of any other photo, most of the time: chance is 1/9,
     a label-blind teacher scores about that, and one trained only 40 steps (right mean colours, no
     structure) scored 0.48; the shipped teacher 1.0."""
-    from perflow.evaluation.harness import class_model_fn
+    from perflow.evaluation.digits import class_model_fn
     from perflow.evaluation.samplers import baseline_scheduler, sample
     from perflow.training.teachers import load_teacher
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from perflow.denoisers import CFG_MODES
+from perflow.windows import PREDICTION_TYPES
+
 _VARIANT_HELP = "weight variant of a released delta folder holding several (e.g. fp16; '' for the default file)"
 
 
@@ -22,10 +25,10 @@ def add_parser(subparsers) -> None:
     e.add_argument("--teacher", required=True, help="teacher the student was trained from (same layouts)")
     e.add_argument("-o", "--output", required=True, help="output .safetensors file")
     e.add_argument("--num-time-windows", type=int, help="K (only if the student has no PeRFlow scheduler/)")
-    e.add_argument("--prediction-type", choices=("diff_eps", "ddim_eps", "velocity"),
+    e.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                    help="the student's parameterization (only if the student has no PeRFlow scheduler/)")
     e.add_argument("--window-boundaries", type=_floats, help="explicit boundaries, e.g. 1,0.6,0.3,0")
-    e.add_argument("--cfg-mode", choices=("sync", "fixed"), help="how the teacher was guided in training")
+    e.add_argument("--cfg-mode", choices=CFG_MODES, help="how the teacher was guided in training")
     e.add_argument("--base-name", help="name of the base model to record (default: the teacher path)")
     e.add_argument("--float64", action="store_true",
                    help="store the fp64 difference (2x size; merging into the teacher is then bit-exact for every "

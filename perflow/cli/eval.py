@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.guidance_scale is None:
         args.guidance_scale = 7.5 if args.task == "images" else 1.0
     if args.task == "digits":
-        from perflow.evaluation.harness import DigitsEvalConfig, evaluate_digits
+        from perflow.evaluation.digits import DigitsEvalConfig, evaluate_digits
 
         cfg = DigitsEvalConfig(
             perflow=args.perflow, reflow=args.reflow, teacher=args.teacher, steps=tuple(args.steps),

@@ -45,7 +45,7 @@ from perflow.io import (
 )
 
 from .io import load_delta, model_folder, read_model_folder, read_weights, save_delta, weight_files
-from .keys import StateDict, config_differences, config_fingerprint, is_perflow_scheduler_config
+from .keys import BETA_KEYS, StateDict, config_differences, config_fingerprint, is_perflow_scheduler_config
 from .merge import (
     MergeReport,
     check_base_config,
@@ -389,8 +389,7 @@ def scheduler_metadata_for(
                 "{diff_eps,ddim_eps,velocity} (or --window-boundaries)"
             )
         base = read_scheduler_config(teacher) or student_cfg or {}
-        beta_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-        sched = PeRFlowScheduler(**{k: base[k] for k in beta_keys if k in base}, **given)
+        sched = PeRFlowScheduler(**{k: base[k] for k in BETA_KEYS if k in base}, **given)
     config = {"_class_name": "PeRFlowScheduler",
               **{k: v for k, v in dict(sched.config).items() if not k.startswith("_")}}
     meta = scheduler_metadata(config)

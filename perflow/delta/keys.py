@@ -18,7 +18,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from perflow.schedule import SCHEDULE_KEYS
 from perflow.windows import PREDICTION_TYPES
+
+BETA_KEYS = tuple(k for k in SCHEDULE_KEYS if k != "rescale_betas_zero_snr")
+"""The beta-schedule keys a delta's PeRFlow scheduler takes from a base scheduler config:
+:data:`perflow.schedule.SCHEDULE_KEYS` less ``rescale_betas_zero_snr``, which deltas have never carried."""
 
 StateDict = Mapping[str, torch.Tensor]
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from .io import load_delta
 from .keys import (
+    BETA_KEYS,
     KeyReport,
     StateDict,
     compare_keys,
@@ -266,7 +267,6 @@ def perflow_scheduler_from_metadata(metadata: Mapping[str, Any], base_config: Ma
         )
         settings = {**missing, **settings}
     base = dict(sched if isinstance(sched, Mapping) else base_config or {})
-    beta_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "set_alpha_to_one")
-    config = {k: base[k] for k in beta_keys if k in base}
+    config = {k: base[k] for k in (*BETA_KEYS, "set_alpha_to_one") if k in base}
     config.update(settings)
     return PeRFlowScheduler(**config)

@@ -2,9 +2,10 @@
 
 - metrics (:mod:`perflow.evaluation.metrics`): :func:`frechet_distance`,
   :func:`frechet_distance_features`, :func:`sliced_wasserstein`, :func:`paired_mse`, :func:`straightness`;
-- harness: :func:`compare_samplers` (model-agnostic), :func:`evaluate_digits` (built-in teacher),
-  :func:`evaluate_images` (SD/SDXL pipelines, FID/CLIP from local weights),
-  :func:`evaluate_2d` (exact Gaussian-mixture teacher);
+- harness: :func:`compare_samplers` (model-agnostic);
+- evaluators, one module each: :func:`evaluate_digits` (built-in teacher, :mod:`.digits`),
+  :func:`evaluate_images` (SD/SDXL pipelines, FID/CLIP from local weights, :mod:`.images`),
+  :func:`evaluate_2d` (exact Gaussian-mixture teacher, :mod:`.toy2d`);
 - :func:`baseline_scheduler` (DDIM, DPM-Solver++, UniPC) and :func:`sample`;
 - :func:`write_results`, :func:`markdown_report`; :func:`save_sample_grid`, :func:`save_trajectory_plot`.
 """
@@ -17,8 +18,9 @@ _LAZY = {
     **{n: "perflow.evaluation.metrics" for n in (
         "frechet_distance", "frechet_distance_features", "gaussian_stats", "sliced_wasserstein",
         "paired_mse", "straightness", "label_accuracy")},
-    **{n: "perflow.evaluation.harness" for n in (
-        "Sampler", "EvalResult", "compare_samplers", "DigitsEvalConfig", "evaluate_digits")},
+    **{n: "perflow.evaluation.harness" for n in ("Sampler", "EvalResult", "Metrics", "compare_samplers")},
+    **{n: "perflow.evaluation.digits" for n in (
+        "DigitsEvalConfig", "evaluate_digits", "class_model_fn")},
     "ImageEvalConfig": "perflow.evaluation.images",
     "evaluate_images": "perflow.evaluation.images",
     "evaluate_2d": "perflow.evaluation.toy2d",

@@ -2,25 +2,26 @@
 
 :func:`compare_samplers` is model-agnostic: it takes :class:`Sampler` objects (a model
 callable plus a scheduler factory), initial noise, a reference sampler (the teacher at
-100+ steps) and metric hooks, and returns one row per (sampler, steps):
+100+ steps) and the metric hooks (:class:`Metrics`), and returns one row per (sampler, steps):
 
 - ``fd``: Fréchet distance of the samples' features to the real reference features;
 - ``paired_mse``: mean squared distance to the reference sampler's output from the same noise;
 - ``accuracy``: for class-conditional models, the classifier's agreement with the labels.
 
-:func:`evaluate_digits` specialises it to the built-in digits teacher and classifier.
+The evaluators specialise it: :func:`perflow.evaluation.digits.evaluate_digits` (built-in digits
+teacher and classifier), :func:`perflow.evaluation.images.evaluate_images` (SD/SDXL pipelines),
+:func:`perflow.evaluation.toy2d.evaluate_2d` (exact Gaussian-mixture teacher).
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from . import metrics
-from .samplers import BASELINE_SAMPLERS, ModelFn, baseline_scheduler, sample
+from .samplers import ModelFn, sample
 
 DEFAULT_STEPS = (1, 2, 4, 8)
 
@@ -54,23 +55,33 @@ class EvalResult:
         return {"meta": self.meta, "rows": self.rows}
 
 
-def _measure(
-    extra: dict[str, Callable[[torch.Tensor], float]] | None,
-    out: torch.Tensor,
-    reference: torch.Tensor | None,
-    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-    real_features: torch.Tensor | None,
-    classify_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-    labels: torch.Tensor | None,
-) -> dict:
-    row: dict = {name: fn(out) for name, fn in (extra or {}).items()}
-    if feature_fn is not None and real_features is not None:
-        row["fd"] = metrics.frechet_distance_features(feature_fn(out), real_features)
-    if reference is not None:
-        row["paired_mse"] = metrics.paired_mse(out, reference)
-    if classify_fn is not None and labels is not None:
-        row["accuracy"] = metrics.label_accuracy(classify_fn(out), labels)
-    return row
+@dataclass
+class Metrics:
+    """What :func:`compare_samplers` measures on every run, and how.
+
+    ``decode`` maps final latents to the space the metrics see (identity for pixel-space models);
+    ``feature_fn`` + ``real_features`` give the Fréchet distance ``fd``; ``classify_fn`` + ``labels``
+    the ``accuracy``; ``extra`` maps a column name to ``fn(decoded samples) -> float``
+    (e.g. a sliced Wasserstein distance). A hook left ``None`` leaves its column out.
+    """
+
+    decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: z  # noqa: E731
+    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    real_features: torch.Tensor | None = None
+    classify_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    labels: torch.Tensor | None = None
+    extra: dict[str, Callable[[torch.Tensor], float]] | None = None
+
+    def measure(self, out: torch.Tensor, reference: torch.Tensor | None) -> dict:
+        """The row of metrics of decoded samples ``out`` (``paired_mse`` against ``reference`` if given)."""
+        row: dict = {name: fn(out) for name, fn in (self.extra or {}).items()}
+        if self.feature_fn is not None and self.real_features is not None:
+            row["fd"] = metrics.frechet_distance_features(self.feature_fn(out), self.real_features)
+        if reference is not None:
+            row["paired_mse"] = metrics.paired_mse(out, reference)
+        if self.classify_fn is not None and self.labels is not None:
+            row["accuracy"] = metrics.label_accuracy(self.classify_fn(out), self.labels)
+        return row
 
 
 def compare_samplers(
@@ -79,12 +90,7 @@ def compare_samplers(
     noise: torch.Tensor,
     steps: Sequence[int] = DEFAULT_STEPS,
     reference_steps: int = 100,
-    decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: z,
-    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    real_features: torch.Tensor | None = None,
-    classify_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    labels: torch.Tensor | None = None,
-    extra_metrics: dict[str, Callable[[torch.Tensor], float]] | None = None,
+    measure: Metrics | None = None,
     num_previews: int = 20,
     keep_trajectories: int = 0,
     flow_boundaries: torch.Tensor | None = None,
@@ -94,9 +100,9 @@ def compare_samplers(
     """Sample every sampler at every step count from the same ``noise`` and measure it.
 
     The reference sampler runs once at ``reference_steps``; every other output is compared
-    with it pixel by pixel (``paired_mse``, on decoded samples). ``decode`` maps final
-    latents to the space the metrics see (identity for pixel-space models). ``extra_metrics``
-    maps a column name to ``fn(decoded samples) -> float`` (e.g. a sliced Wasserstein distance).
+    with it pixel by pixel (``paired_mse``, on decoded samples). ``measure`` (:class:`Metrics`;
+    default: decode by identity, ``paired_mse`` only) says how samples are decoded and which other
+    columns are measured.
     ``keep_trajectories > 0`` keeps that many trajectories per run in ``result.trajectories``.
 
     Flow straightness (``result.meta["straightness"]``): for the teacher (its reference
@@ -110,17 +116,18 @@ def compare_samplers(
         flow_boundaries = equal_boundaries(4)
     from tqdm.auto import tqdm
 
+    measure = measure if measure is not None else Metrics()
     if reference_steps < max(steps):
         raise ValueError(f"reference_steps={reference_steps} must be at least the largest step count {max(steps)}")
     runs = [(s, n) for s in samplers for n in steps]
     bar = tqdm(total=len(runs) + 1, desc="evaluating samplers", unit="run", disable=not progress)
     bar.set_postfix_str(f"{reference.name} x{reference_steps}")
     ref = sample(reference.model_fn, reference.make_scheduler(), noise, reference_steps, return_trajectory=True)
-    ref_out = decode(ref.samples)
+    ref_out = measure.decode(ref.samples)
     bar.update()
     rows = [{
         "sampler": reference.name, "kind": "reference", "steps": reference_steps, "nfe": ref.num_model_evals,
-        **_measure(extra_metrics, ref_out, None, feature_fn, real_features, classify_fn, labels),
+        **measure.measure(ref_out, None),
         "paired_mse": 0.0,
     }]
     previews = {f"{reference.name}@{reference_steps}": ref_out[:num_previews].cpu()}
@@ -130,10 +137,10 @@ def compare_samplers(
     for s, n in runs:
         bar.set_postfix_str(f"{s.name} x{n}")
         res = sample(s.model_fn, s.make_scheduler(), noise, n, return_trajectory=True)
-        out = decode(res.samples)
+        out = measure.decode(res.samples)
         rows.append({
             "sampler": s.name, "kind": s.kind, "steps": n, "nfe": res.num_model_evals,
-            **_measure(extra_metrics, out, ref_out, feature_fn, real_features, classify_fn, labels),
+            **measure.measure(out, ref_out),
         })
         previews[f"{s.name}@{n}"] = out[:num_previews].cpu()
         if keep_trajectories:
@@ -159,115 +166,3 @@ def compare_samplers(
         "straightness_windows": [float(b) for b in flow_boundaries],
     }
     return EvalResult(rows=rows, meta=meta, previews=previews, trajectories=trajectories)
-
-
-# --------------------------------------------------------------------------- digits
-
-
-@dataclass
-class DigitsEvalConfig:
-    """What :func:`evaluate_digits` compares. ``perflow``/``reflow``: trained student folders
-    (``perflow train`` outputs); either may be ``None`` to compare the baselines only."""
-
-    perflow: str | None = None
-    reflow: str | None = None
-    teacher: str = "digits"
-    steps: tuple[int, ...] = DEFAULT_STEPS
-    baselines: tuple[str, ...] = BASELINE_SAMPLERS
-    num_samples: int = 1000
-    reference_steps: int = 100
-    guidance_scale: float = 1.0
-    seed: int = 0
-    classifier: str | None = None
-    flow_steps: int = 32
-    """Steps of the fine trajectories on which each student's flow straightness is measured."""
-
-
-def class_model_fn(unet, label_encoder, labels: torch.Tensor, guidance_scale: float) -> ModelFn:
-    """``model(z, timestep)`` of a label-conditioned UNet with classifier-free guidance
-    ``out_u + w (out_c - out_u)`` (one batched call; plain conditional output when ``w = 1``)."""
-    from perflow.denoisers import Condition, unet_denoiser
-
-    with torch.no_grad():
-        cond = Condition(label_encoder(labels.long()))
-        if guidance_scale == 1.0:
-            return unet_denoiser(unet, cond)
-        uncond = Condition(label_encoder(torch.full_like(labels.long(), label_encoder.null_label)))
-    return unet_denoiser(unet, cond, uncond, guidance_scale)
-
-
-def evaluate_digits(config: DigitsEvalConfig, progress: bool = True) -> EvalResult:
-    """Compare PeRFlow, whole-range reflow and the teacher's diffusers solvers on the digits.
-
-    Labels are balanced (``i mod 10``); noise is seeded; the real reference set is the held-out
-    test split; features and accuracy come from the shipped digit classifier.
-    """
-    from perflow.builtin.classifier import accuracy, load_digit_classifier
-    from perflow.builtin.digits import digits_tensors
-    from perflow.training.teachers import load_teacher
-
-    from .students import load_student
-
-    if config.num_samples < 20:
-        raise ValueError(f"num_samples={config.num_samples} is too few for a Fréchet distance; use at least 20")
-    teacher = load_teacher(config.teacher)
-    if teacher.kind != "class" or teacher.vae is not None:
-        raise ValueError(f"evaluate_digits needs a pixel-space class-conditional teacher, got {teacher.kind!r}")
-    classifier = load_digit_classifier(config.classifier)
-    unet, label_encoder = teacher.unet, teacher.label_encoder
-    size = unet.config.sample_size
-    gen = torch.Generator().manual_seed(config.seed)
-    noise = torch.randn(config.num_samples, unet.config.in_channels, size, size, generator=gen)
-    labels = torch.arange(config.num_samples) % 10
-    teacher_fn = class_model_fn(unet, label_encoder, labels, config.guidance_scale)
-    sched_cfg = _teacher_scheduler_config(config.teacher)
-
-    samplers: list[Sampler] = []
-    for kind, path in (("perflow", config.perflow), ("reflow", config.reflow)):
-        if path is None:
-            continue
-        student = load_student(path, teacher)
-        name = f"{kind} (K={student.scheduler.config.num_time_windows})"
-        fn = class_model_fn(student.unet, student.label_encoder or label_encoder, labels, config.guidance_scale)
-        samplers.append(Sampler(name, fn, student.make_scheduler, kind))
-    for b in config.baselines:
-        samplers.append(Sampler(f"teacher {b}", teacher_fn, lambda b=b: baseline_scheduler(b, sched_cfg), "baseline"))
-    reference = Sampler("teacher ddim", teacher_fn, lambda: baseline_scheduler("ddim", sched_cfg), "reference")
-
-    def to_classifier(x: torch.Tensor) -> torch.Tensor:
-        x = x.float().clamp(-1, 1)
-        csize = classifier.config.image_size
-        if x.shape[-1] != csize:
-            x = torch.nn.functional.interpolate(x, size=(csize, csize), mode="bilinear", align_corners=False)
-        return x
-
-    with torch.no_grad():
-        real_test, test_labels = digits_tensors("test", classifier.config.image_size)
-        real_train, _ = digits_tensors("train", classifier.config.image_size)
-        real_features = classifier.features(real_test)
-        floor = metrics.frechet_distance_features(classifier.features(real_train), real_features)
-        classifier_acc = accuracy(classifier, real_test, test_labels)
-        feature_fn = lambda x: classifier.features(to_classifier(x))  # noqa: E731
-        classify_fn = lambda x: classifier(to_classifier(x))  # noqa: E731
-        result = compare_samplers(
-            samplers, reference, noise, config.steps, config.reference_steps,
-            decode=lambda z: z.float().clamp(-1, 1), feature_fn=feature_fn, real_features=real_features,
-            classify_fn=classify_fn, labels=labels, progress=progress, flow_steps=config.flow_steps,
-        )
-    result.meta.update({
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "fd_real_train_vs_test": floor,
-        "classifier_test_accuracy": classifier_acc,
-        "num_real_reference": int(real_features.shape[0]),
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "",
-    })
-    return result
-
-
-def _teacher_scheduler_config(teacher: str) -> dict:
-    """The ``scheduler/scheduler_config.json`` of a class-conditional teacher folder (or built-in name)."""
-    from perflow.io import read_scheduler_config
-    from perflow.training.teachers import BUILTIN_TEACHERS, _builtin_path
-
-    return read_scheduler_config(_builtin_path(teacher) if teacher in BUILTIN_TEACHERS else teacher, required=True)

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .harness import DEFAULT_STEPS, EvalResult, Sampler, compare_samplers
+from .harness import DEFAULT_STEPS, EvalResult, Metrics, Sampler, compare_samplers
 from .samplers import BASELINE_SAMPLERS, baseline_scheduler
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -48,21 +46,17 @@ class ImageEvalConfig:
 
 
 def load_real_images(folder: str | Path, resolution: int, limit: int | None = None) -> torch.Tensor:
-    """Images of ``folder`` as ``(N, 3, R, R)`` in ``[-1, 1]`` (short side resized, centre crop)."""
-    from PIL import Image
+    """Images of ``folder`` as ``(N, 3, R, R)`` in ``[-1, 1]`` (short side resized, centre crop), read by
+    the training data loader :func:`perflow.training.data.load_image` (no flip)."""
+    import numpy as np
 
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if Path(folder).is_dir() else []
+    from perflow.training.data import IMAGE_EXTS, load_image
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS) if Path(folder).is_dir() else []
     if len(files) < 2:
-        raise FileNotFoundError(f"FID needs at least 2 real images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    out = []
-    for f in files[:limit]:
-        im = Image.open(f).convert("RGB")
-        s = resolution / min(im.size)
-        im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))), Image.BICUBIC)
-        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
-        im = im.crop((left, top, left + resolution, top + resolution))
-        out.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3))
-    return torch.stack(out).permute(0, 3, 1, 2).float() / 127.5 - 1
+        raise FileNotFoundError(f"FID needs at least 2 real images ({', '.join(IMAGE_EXTS)}) in {folder}")
+    rng = np.random.default_rng(0)  # unused: centre crop, no flip
+    return torch.stack([load_image(f, resolution, True, False, rng)["pixel_values"] for f in files[:limit]])
 
 
 def _chunked_denoiser(unet, cond, uncond, guidance_scale: float, batch_size: int):
@@ -138,9 +132,10 @@ def evaluate_images(config: ImageEvalConfig, progress: bool = True) -> EvalResul
     if scorer is not None:
         extra["clip_score"] = lambda x: scorer(x, prompts).mean().item()
     result = compare_samplers(
-        samplers, reference, noise, config.steps, config.reference_steps, decode=decode,
-        feature_fn=inception if real_features is not None else None, real_features=real_features,
-        extra_metrics=extra, progress=progress, num_previews=min(8, config.num_samples),
+        samplers, reference, noise, config.steps, config.reference_steps,
+        Metrics(decode=decode, feature_fn=inception if real_features is not None else None,
+                real_features=real_features, extra=extra),
+        progress=progress, num_previews=min(8, config.num_samples),
     )
     result.meta["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     result.meta["resolution"] = res

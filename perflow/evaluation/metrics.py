@@ -151,11 +151,6 @@ def straightness(trajectory: torch.Tensor, times: torch.Tensor, boundaries: torc
     return (dev / norm.clamp(min=1e-300)).mean().item()
 
 
-def gaussian_w2_squared(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
-    """Alias of :func:`frechet_distance`: the squared 2-Wasserstein distance of two Gaussians."""
-    return frechet_distance(mu1, sigma1, mu2, sigma2)
-
-
 def label_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of samples whose classifier arg-max equals the label they were generated for."""
     return (logits.argmax(-1) == labels.to(logits.device)).float().mean().item()

@@ -18,7 +18,7 @@ from torch import nn
 from perflow.builtin.gaussian_mixture import GaussianMixture, default_mixture
 
 from . import metrics
-from .harness import EvalResult, Sampler, compare_samplers
+from .harness import EvalResult, Metrics, Sampler, compare_samplers
 from .samplers import BASELINE_SAMPLERS, baseline_scheduler
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -138,8 +138,8 @@ def evaluate_2d(
     reference = Sampler("teacher ddim", teacher_fn, lambda: baseline_scheduler("ddim", sched_cfg), "reference")
     sw = lambda x: metrics.sliced_wasserstein(x, exact, seed=seed)  # noqa: E731
     result = compare_samplers(
-        samplers, reference, noise, steps, reference_steps, decode=lambda z: z.double(),
-        extra_metrics={"sw": sw}, keep_trajectories=keep_trajectories, flow_steps=flow_steps, progress=progress,
+        samplers, reference, noise, steps, reference_steps, Metrics(decode=lambda z: z.double(), extra={"sw": sw}),
+        keep_trajectories=keep_trajectories, flow_steps=flow_steps, progress=progress,
     )
     # finite-sample floor: two independent exact sample sets of the same size
     result.meta["sw_exact_vs_exact"] = metrics.sliced_wasserstein(
