@@ -318,17 +318,18 @@ def test_fp64_delta_is_exact_unless_a_weight_shrinks_by_more_than_2_to_the_28():
     assert bool(((total - s.double()).abs() <= 2.0**-52 * (s.double().abs() + t.double().abs())).all())
 
 
-def test_delta_scheduler_copies_the_same_beta_keys_as_before():
-    """The beta-schedule keys a delta's PeRFlow scheduler takes from a base config are derived from
-    ``perflow.schedule.SCHEDULE_KEYS``; pinned here to the literal tuples the delta code used before,
-    so delta metadata and merged scheduler configs stay bit-identical."""
+def test_delta_scheduler_copies_the_schedule_keys_zero_snr_included():
+    """The beta-schedule keys a delta's PeRFlow scheduler takes from a base config are
+    ``perflow.schedule.SCHEDULE_KEYS``: the old literal tuple plus ``rescale_betas_zero_snr``, which
+    used to be dropped, so a zero-terminal-SNR teacher's merged scheduler sampled another ``abar``."""
     from perflow.delta.keys import BETA_KEYS
     from perflow.delta.merge import perflow_scheduler_from_metadata
 
-    assert BETA_KEYS == ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    assert set(BETA_KEYS) == {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                              "rescale_betas_zero_snr"}
     base = {"num_train_timesteps": 500, "beta_start": 0.001, "beta_end": 0.02, "beta_schedule": "linear",
             "set_alpha_to_one": True, "rescale_betas_zero_snr": True, "steps_offset": 1}
     meta = {"num_time_windows": 2, "prediction_type": "velocity"}
     cfg = perflow_scheduler_from_metadata(meta, base).config
     assert (cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule) == (500, 0.001, 0.02, "linear")
-    assert cfg.set_alpha_to_one is True and cfg.rescale_betas_zero_snr is False  # copied / not copied, as before
+    assert cfg.set_alpha_to_one is True and cfg.rescale_betas_zero_snr is True

@@ -21,9 +21,10 @@ from torch import nn
 from perflow.schedule import SCHEDULE_KEYS
 from perflow.windows import PREDICTION_TYPES
 
-BETA_KEYS = tuple(k for k in SCHEDULE_KEYS if k != "rescale_betas_zero_snr")
-"""The beta-schedule keys a delta's PeRFlow scheduler takes from a base scheduler config:
-:data:`perflow.schedule.SCHEDULE_KEYS` less ``rescale_betas_zero_snr``, which deltas have never carried."""
+BETA_KEYS = tuple(SCHEDULE_KEYS)
+"""The beta-schedule keys a delta's PeRFlow scheduler takes from a base scheduler config: all of
+:data:`perflow.schedule.SCHEDULE_KEYS`, ``rescale_betas_zero_snr`` included, so a zero-terminal-SNR
+teacher's delta samples with the teacher's own ``abar`` (issue 8, defect 4)."""
 
 StateDict = Mapping[str, torch.Tensor]
 
