@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from perflow.cli.options import add_threads_option, apply_threads
 import math
 
 
@@ -28,8 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-reflow-baseline", action="store_true", help="skip the K=1 reflow baseline (saves a third of the time)")
     p.add_argument("--teacher", default="digits", help="a class-conditional pixel-space teacher folder (default: the built-in digits teacher)")
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the evaluation noise (default 0)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a machine other jobs keep busy)")
+    add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -38,12 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from perflow.demo import DemoConfig, run_demo
     from perflow.evaluation.report import command_line
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     base = DemoConfig.quick() if args.quick else DemoConfig()
     sizes = {
         "max_steps": args.max_steps, "batch_size": args.batch_size, "num_samples": args.num_samples,

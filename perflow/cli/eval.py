@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from perflow.cli.options import add_threads_option, apply_threads
 import math
 
 
@@ -43,10 +45,12 @@ def add_parser(subparsers) -> None:
     img.add_argument("--batch-size", type=int, default=8, help="images per UNet call")
     p.add_argument("--output-dir", default=None, help="write <task>_eval.json and <task>_eval.md here")
     p.add_argument("--no-progress", action="store_true")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     from pathlib import Path
 
     from perflow.evaluation.report import command_line, markdown_report, write_results

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from perflow.cli.options import add_threads_option, apply_threads
 import sys
 
 DESCRIPTION = """\
@@ -36,6 +38,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", "-c", default=None, metavar="FILE|RECIPE",
                    help="YAML/TOML config file or packaged recipe name (digits, sd15, sd21, sdxl)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_threads_option(p)
     docs = field_docs()
     index = field_index()
     groups = {s: p.add_argument_group(f"{s} section") for s in SECTIONS}
@@ -61,6 +64,7 @@ def _type_name(tp) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     from perflow.training.config import field_index, load_config
 
     keys = field_index()

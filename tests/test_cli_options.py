@@ -1,0 +1,33 @@
+"""``--threads`` on ``perflow demo``, ``train`` and ``eval``: one shared option."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from perflow.cli import build_parser, main
+from perflow.cli.options import apply_threads
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "eval"])
+def test_threads_is_an_option_of(command):
+    args = build_parser().parse_args([command, "--threads", "1"])
+    assert args.threads == 1
+
+
+@pytest.mark.parametrize("argv", [["train", "--config", "digits", "--threads", "0"], ["eval", "--threads", "0"]])
+def test_threads_below_one_is_a_one_line_error(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["perflow %s: error: --threads must be >= 1, got 0" % argv[0]]
+
+
+def test_apply_threads_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        apply_threads(argparse.Namespace(threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
