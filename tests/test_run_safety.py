@@ -417,10 +417,11 @@ def test_a_missing_caption_is_the_null_caption_for_that_row_only(monkeypatch):
     teacher = as_teacher(tiny_sd15_pipeline(seed=0))
     batch = collate([{"pixel_values": torch.zeros(3, 16, 16), "caption": "a cat"}, {"pixel_values": torch.zeros(3, 16, 16)}])
     b = loop.boundaries_of(cfg)
-    from perflow.training.time_sampling import make_time_sampler
+    from perflow.schedule import DiscreteVPSchedule
+    from perflow.time_sampling import make_time_sampler
 
-    loop._micro_step(batch, cfg, teacher, teacher.unet, b, teacher.alphas_cumprod, make_time_sampler("uniform", b),
-                     torch.Generator().manual_seed(0), torch.device("cpu"))
+    loop.training_loss(batch, cfg, teacher, teacher.unet, b, DiscreteVPSchedule(teacher.alphas_cumprod),
+                       make_time_sampler("uniform", b), torch.Generator().manual_seed(0), torch.device("cpu"))
     assert seen["dropped"] == [False, True]  # unconditional for teacher and student, the captioned row untouched
 
 
