@@ -181,14 +181,17 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise a ``ValueError`` naming the field and the fix for any inconsistent value."""
-        from ..windows import PREDICTION_TYPES, check_boundaries
+        from ..denoisers import CFG_MODES
+        from ..objective import LOSS_WEIGHTINGS, LOSSES
+        from ..time_sampling import TIME_SAMPLINGS
+        from ..windows import PREDICTION_TYPES, resolve_boundaries
 
         p, t, d, o = self.perflow, self.training, self.data, self.output
         _choice("perflow.prediction_type", p.prediction_type, PREDICTION_TYPES)
-        _choice("perflow.cfg_mode", p.cfg_mode, ("sync", "fixed"))
-        _choice("perflow.time_sampling", p.time_sampling, ("uniform", "u_shaped"))
-        _choice("training.loss", t.loss, ("mse", "huber"))
-        _choice("training.loss_weighting", t.loss_weighting, ("none", "window_end"))
+        _choice("perflow.cfg_mode", p.cfg_mode, CFG_MODES)
+        _choice("perflow.time_sampling", p.time_sampling, TIME_SAMPLINGS)
+        _choice("training.loss", t.loss, LOSSES)
+        _choice("training.loss_weighting", t.loss_weighting, LOSS_WEIGHTINGS)
         _choice("training.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
         _choice("model.teacher_dtype", self.model.teacher_dtype, ("auto", "float32", "float16", "bfloat16"))
         _choice("data.source", d.source, ("digits", "imagefolder", "webdataset"))
@@ -215,7 +218,7 @@ class TrainConfig:
             if not value >= low:  # also refuses NaN
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if p.window_boundaries is not None:
-            b = check_boundaries(p.window_boundaries)
+            b = resolve_boundaries(window_boundaries=p.window_boundaries)
             if b.numel() - 1 != p.num_time_windows:
                 p.num_time_windows = b.numel() - 1
         if not 0.0 <= d.caption_dropout < 1.0:

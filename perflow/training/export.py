@@ -52,11 +52,11 @@ def replace_dir(target: Path, write: Callable[[Path], None]) -> Path:
 def perflow_scheduler(teacher: Teacher, prediction_type: str, boundaries: torch.Tensor, num_windows: int):
     """The ``PeRFlowScheduler`` for a student of ``teacher`` (equal windows unless the boundaries differ)."""
     from ..scheduler import PeRFlowScheduler
-    from ..windows import equal_boundaries
+    from ..windows import resolve_boundaries
 
-    explicit = not torch.equal(boundaries.to(torch.float64), equal_boundaries(num_windows))
+    explicit = not torch.equal(boundaries.to(torch.float64), resolve_boundaries(num_windows))
     return PeRFlowScheduler(
-        **teacher.schedule,
+        **teacher.schedule_config,
         prediction_type=prediction_type,
         num_time_windows=num_windows,
         window_boundaries=boundaries.tolist() if explicit else None,

@@ -33,7 +33,7 @@ import torch
 
 from ..denoisers import guided_teacher_denoiser
 from ..objective import batch_loss, reflow_example
-from ..schedule import DiscreteVPSchedule, NoiseSchedule, as_schedule
+from ..schedule import NoiseSchedule, as_schedule
 from ..windows import resolve_boundaries
 from .config import TrainConfig, make_config
 from .data import BadImageError
@@ -188,7 +188,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     channels = image_channels(teacher_obj)
     ds = dataset if dataset is not None else build_dataset(dc, seed=tr.seed, channels=channels)
     check_channels(ds, channels)
-    schedule = DiscreteVPSchedule(teacher_obj.alphas_cumprod)
+    schedule = teacher_obj.schedule
     boundaries = boundaries_of(cfg, schedule)
     time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a)
 

@@ -25,21 +25,22 @@ from typing import Any
 import torch
 
 from ..denoisers import Condition
+from ..schedule import DiscreteVPSchedule
 
 BUILTIN_TEACHERS = {"digits": ("builtin", "weights", "digits_teacher")}
 
 
-def _schedule_from_config(config: dict) -> tuple[torch.Tensor, str, dict]:
-    """``(alphas_cumprod float64 (T,), teacher prediction_type, schedule config)`` of a diffusers scheduler config.
+def teacher_schedule(config: dict) -> tuple[DiscreteVPSchedule, str, dict]:
+    """``(schedule, teacher prediction_type, schedule config)`` of a diffusers scheduler config.
 
-    ``alphas_cumprod`` comes from :func:`perflow.windows.alphas_cumprod_from_config` (the function
-    :class:`perflow.PeRFlowScheduler` uses too, ``rescale_betas_zero_snr`` included); the schedule
-    config holds its keys with ``DDIMScheduler``'s defaults filled in. An ``epsilon`` teacher with
-    zero terminal SNR (``abar(1) = 0``) is refused.
+    ``schedule`` is :meth:`perflow.schedule.DiscreteVPSchedule.from_config` (the
+    ``alphas_cumprod`` :class:`perflow.PeRFlowScheduler` uses too, ``rescale_betas_zero_snr``
+    included) in float64; the schedule config holds its keys with ``DDIMScheduler``'s defaults
+    filled in. An ``epsilon`` teacher with zero terminal SNR (``abar(1) = 0``) is refused.
     """
     from diffusers import DDIMScheduler
 
-    from ..schedule import SCHEDULE_KEYS, alphas_cumprod_from_config
+    from ..schedule import SCHEDULE_KEYS
     from ..solver import TEACHER_PREDICTION_TYPES
     from ..windows import check_nonzero_abar, equal_boundaries
 
@@ -48,25 +49,32 @@ def _schedule_from_config(config: dict) -> tuple[torch.Tensor, str, dict]:
         raise ValueError(f"the teacher's scheduler has unsupported prediction_type {prediction_type!r}")
     filled = DDIMScheduler.from_config(dict(config)).config
     keys = SCHEDULE_KEYS + ("set_alpha_to_one",)
-    schedule = {k: filled[k] for k in keys if k in filled}
-    if schedule.get("trained_betas") is not None:
-        schedule["trained_betas"] = list(schedule["trained_betas"])
-    alphas_cumprod = alphas_cumprod_from_config(schedule)
-    check_nonzero_abar(equal_boundaries(1), alphas_cumprod, prediction_type)
-    return alphas_cumprod.to(torch.float64), prediction_type, schedule
+    schedule_config = {k: filled[k] for k in keys if k in filled}
+    if schedule_config.get("trained_betas") is not None:
+        schedule_config["trained_betas"] = list(schedule_config["trained_betas"])
+    schedule = DiscreteVPSchedule.from_config(schedule_config)
+    check_nonzero_abar(equal_boundaries(1), schedule, prediction_type)
+    return schedule.to(dtype=torch.float64), prediction_type, schedule_config
 
 
 class Teacher:
-    """Base class: ``unet``, ``alphas_cumprod`` (float64 ``(T,)``), ``prediction_type`` and encoders."""
+    """Base class: ``unet``, its noise ``schedule`` (:class:`~perflow.schedule.DiscreteVPSchedule`,
+    float64) and ``schedule_config`` (the diffusers scheduler keys it came from), ``prediction_type``
+    and encoders."""
 
     kind = "base"
 
     def __init__(self, unet, scheduler_config: dict, vae=None, name: str = "teacher"):
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
-        self.alphas_cumprod, self.prediction_type, self.schedule = _schedule_from_config(scheduler_config)
+        self.schedule, self.prediction_type, self.schedule_config = teacher_schedule(scheduler_config)
         self.name = name
         self._null: Condition | None = None
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The schedule's ``abar[0..T-1]`` (float64 ``(T,)``)."""
+        return self.schedule.alphas_cumprod
 
     # -- devices and dtypes ---------------------------------------------------------------
     @property
@@ -322,7 +330,8 @@ def teacher_from_pipeline(pipe: Any, name: str = "teacher") -> Teacher:
     return SDTeacher(pipe.unet, config, pipe.vae, pipe.tokenizer, pipe.text_encoder, name=name)
 
 
-def _builtin_path(name: str) -> Path:
+def builtin_teacher_path(name: str) -> Path:
+    """Folder of the built-in teacher ``name`` (a key of ``BUILTIN_TEACHERS``); ``FileNotFoundError`` if missing."""
     import perflow
 
     path = Path(perflow.__file__).parent.joinpath(*BUILTIN_TEACHERS[name])
@@ -333,6 +342,8 @@ def _builtin_path(name: str) -> Path:
         )
     return path
 
+
+_builtin_path = builtin_teacher_path  # former name, until evaluation/harness.py imports the public one
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -377,7 +388,7 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickl
     lets diffusers read pickled ``.bin`` weights with its restricted loader.
     """
     name = str(spec)
-    path = _builtin_path(name) if name in BUILTIN_TEACHERS else Path(spec)
+    path = builtin_teacher_path(name) if name in BUILTIN_TEACHERS else Path(spec)
     kw = {} if dtype is None else {"torch_dtype": dtype}
     if not path.is_dir():
         if name.count("/") == 1 and not name.startswith((".", "/")):  # a hub id: the local cache, or a download
