@@ -37,7 +37,8 @@ from ..schedule import NoiseSchedule, as_schedule
 from ..windows import resolve_boundaries
 from .config import TrainConfig, make_config
 from .data import BadImageError
-from .outdir import SUMMARY_FILE, WRITE_ERRORS, OutputDirError, OutputLock, write_text_atomic
+from ..io import write_text
+from .outdir import SUMMARY_FILE, WRITE_ERRORS, OutputDirError, OutputLock
 from .runs import RunNotes, RunStart, on_main, open_run
 from .safety import NonFiniteError, StopSignals, TrainingInterrupted, nonfinite_message, nonfinite_names
 from .teachers import ClassConditionalTeacher, Teacher, as_teacher
@@ -350,7 +351,8 @@ def _export(output_dir: Path, final, teacher: Teacher, scheduler, cfg: TrainConf
             output_dir, final, teacher, scheduler, cfg.perflow.cfg_mode, save_pipeline=out.save_pipeline,
             save_delta=out.save_delta, teacher_weights=reference,
         )
-        files["summary"] = write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+        write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+        files["summary"] = output_dir / SUMMARY_FILE
     except WRITE_ERRORS as err:
         raise OutputDirError(
             f"could not write the final outputs to {output_dir}: {' '.join(str(err).split())}; free space and "

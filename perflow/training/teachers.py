@@ -402,7 +402,7 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickl
             f"teacher {name!r} is not a folder; give a diffusers pipeline folder (model_index.json), a "
             f"class-conditional teacher folder (unet/, scheduler/, label_encoder/) or one of {sorted(BUILTIN_TEACHERS)}"
         )
-    from perflow.io import read_json
+    from perflow.io import read_json, read_scheduler_config
 
     check_teacher_weights(path, allow_pickle)
     if (path / "model_index.json").is_file():
@@ -429,7 +429,7 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickl
 
     unet = _from_pretrained(UNet2DConditionModel, path / "unet", allow_pickle, **kw)
     label_encoder = _from_pretrained(LabelEncoder, path / "label_encoder", allow_pickle, **kw)
-    config = read_json(path / "scheduler" / "scheduler_config.json")
+    config = read_scheduler_config(path, required=True)
     vae = _from_pretrained(AutoencoderKL, path / "vae", allow_pickle, **kw) if (path / "vae").is_dir() else None
     return ClassConditionalTeacher(unet, config, label_encoder, vae, name=name)
 
