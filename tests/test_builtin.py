@@ -172,7 +172,7 @@ def test_saved_teacher_folder_follows_the_umask(tmp_path):
     from diffusers import DDIMScheduler
 
     from perflow.builtin.train_teacher import save_teacher
-    from perflow.training.teachers import tiny_class_teacher
+    from perflow.tiny import tiny_class_teacher
 
     teacher = tiny_class_teacher()
     mask = os.umask(0o077)

@@ -23,7 +23,7 @@ from perflow.training.checkpoint import CheckpointError, CheckpointWriteError, v
 from perflow.training.data import BadImageError, ImageFolderDataset, collate
 from perflow.training.outdir import OutputDirError, OutputLock
 from perflow.training.safety import NonFiniteError, TrainingInterrupted
-from perflow.training.teachers import tiny_class_teacher
+from perflow.tiny import tiny_class_teacher
 from test_training import _digits, _fast
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,7 +17,7 @@ from perflow.training.data import ImageFolderDataset, ResumableBatchSampler, Tar
 from perflow.objective import reflow_loss, window_end_weight
 from perflow.schedule import DiscreteVPSchedule
 from perflow.training.loop import boundaries_of, training_loss
-from perflow.training.teachers import tiny_class_teacher
+from perflow.tiny import tiny_class_teacher
 from perflow.time_sampling import make_time_sampler, u_shaped_fraction
 
 

@@ -303,12 +303,6 @@ class SDXLTeacher(SDTeacher):
             emb, pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
         return Condition(emb, pooled, None)
 
-    def uncond(self, cond: Condition) -> Condition:
-        if self._null is None:
-            self._null = self.null_text()
-        null = self._null.repeat(len(cond))
-        return Condition(null.encoder_hidden_states, null.text_embeds, cond.time_ids)
-
     def validation_condition(self, prompts: list, resolution: int) -> Condition:
         size = torch.tensor([resolution, resolution])
         return self._cond(["" if p is None else str(p) for p in prompts], size, torch.tensor([0, 0]), size)
@@ -446,22 +440,3 @@ def as_teacher(obj: Any, allow_pickle: bool = False) -> Teacher:
     if hasattr(obj, "unet") and hasattr(obj, "scheduler"):
         return teacher_from_pipeline(obj)
     raise TypeError(f"cannot make a teacher from {type(obj).__name__}; pass a Teacher, a pipeline or a folder path")
-
-
-def tiny_class_teacher(seed: int = 0, image_size: int = 8, channels: int = 1, num_classes: int = 10) -> ClassConditionalTeacher:
-    """A random class-conditional teacher at toy width (for tests and benchmarks; pixel space, epsilon)."""
-    from diffusers import UNet2DConditionModel
-
-    from ..models import LabelEncoder
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=image_size, in_channels=channels, out_channels=channels, block_out_channels=(16, 32),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    label_encoder = LabelEncoder(num_classes=num_classes, embed_dim=16)
-    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    set_alpha_to_one=False, prediction_type="epsilon")
-    return ClassConditionalTeacher(unet, schedule, label_encoder, name="tiny-class-teacher")
