@@ -176,7 +176,7 @@ def test_zero_snr_refuses_what_divides_by_zero():
 
 
 def test_zero_snr_trainer_boundaries_refuse_epsilon_types():
-    from perflow.training.config import make_config
+    from perflow.training.config_io import make_config
     from perflow.training.loop import boundaries_of
 
     ac = alphas_cumprod_from_config(ZSNR).double()
@@ -218,7 +218,7 @@ def test_windows_at_one_teacher_index_are_refused(bounds, index_):
         check_window_spacing(torch.tensor(bounds, dtype=torch.float64), T)
     with pytest.raises(ValueError, match="same teacher timestep index"):
         PeRFlowScheduler(window_boundaries=bounds)
-    from perflow.training.config import make_config
+    from perflow.training.config_io import make_config
     from perflow.training.loop import boundaries_of
 
     cfg = make_config(None, {"perflow.window_boundaries": bounds})

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from perflow.training import TrainConfig, load_config, train
-from perflow.training.config import from_dict
+from perflow.training.config_io import from_dict
 from perflow.training.data import ImageFolderDataset, ResumableBatchSampler, TarShardDataset
 from perflow.objective import reflow_loss, window_end_weight
 from perflow.schedule import DiscreteVPSchedule

@@ -35,7 +35,8 @@ from ..denoisers import guided_teacher_denoiser
 from ..objective import batch_loss, reflow_example
 from ..schedule import NoiseSchedule, as_schedule
 from ..windows import resolve_boundaries
-from .config import TrainConfig, make_config
+from .config import TrainConfig
+from .config_io import make_config
 from .data import BadImageError
 from ..io import write_text
 from .outdir import SUMMARY_FILE, WRITE_ERRORS, OutputDirError, OutputLock
