@@ -69,7 +69,7 @@ def test_training_lowers_the_objective(tmp_path, weighting):
     assert after < (0.7 if weighting == "none" else 1.0) * before, (before, after)
     assert result.teacher_evals_per_sample == 2
     # and the 4-step student moved towards the teacher's own ODE solution from the same noise
-    from trajectory_helpers import trajectory_error
+    from perflow.training.validation import trajectory_error
 
     cond = teacher.encode_labels(torch.arange(64) % 10)
     errs = [trajectory_error(m, teacher, result.scheduler, cond, (64, 1, 8, 8), 4, 8, torch.Generator().manual_seed(0))

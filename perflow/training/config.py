@@ -65,7 +65,7 @@ class DataConfig:
 
 @dataclass
 class PeRFlowConfig:
-    """The piecewise-reflow objective (``METHOD.md`` sections 1-3)."""
+    """The piecewise-reflow objective (``docs/method.md``)."""
 
     num_time_windows: int = 4
     """K, the number of time windows (equal windows unless ``window_boundaries`` is given)."""

@@ -1,6 +1,6 @@
 """The piecewise-reflow training loop on ``accelerate``.
 
-One optimizer step (``METHOD.md`` sections 2-3), per process:
+One optimizer step (``docs/method.md``, row "one training batch"), per process:
 
 1. a batch of real images -> ``x0`` (VAE latents, or pixels) and the condition ``c``;
 2. caption dropout: ``c <- null`` with probability ``p`` (the student sees this ``c``);
