@@ -97,10 +97,9 @@ def perflow_delta(args, teacher_name: str):
             source = f"perflow train run {args.perflow_run}"
         else:  # a student folder without a saved delta: extract it (perflow delta extract)
             from perflow.delta import extract_from_folders
-            from perflow.builtin.digits import digits_teacher_path
-            from perflow.training.teachers import BUILTIN_TEACHERS
+            from perflow.training.teachers import BUILTIN_TEACHERS, builtin_teacher_path
 
-            teacher_dir = digits_teacher_path() if teacher_name in BUILTIN_TEACHERS else Path(teacher_name)
+            teacher_dir = builtin_teacher_path(teacher_name) if teacher_name in BUILTIN_TEACHERS else Path(teacher_name)
             out = Path(tempfile.mkdtemp(prefix="perflow-pnp-")) / "delta.safetensors"
             delta, meta = extract_from_folders(run, teacher_dir, out, cfg_mode="sync")
             source = f"perflow delta extract --student {args.perflow_run} --teacher {teacher_dir}"

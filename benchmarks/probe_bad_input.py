@@ -88,7 +88,8 @@ def build_fixtures(root: Path) -> dict[str, Path]:
     from perflow.delta import base_model_info, extract_delta, save_delta
     from perflow.scheduler import PeRFlowScheduler
     from perflow.tiny import tiny_sd15_unet
-    from perflow.training.teachers import load_teacher, tiny_class_teacher
+    from perflow.training.teachers import load_teacher
+    from perflow.tiny import tiny_class_teacher
 
     f: dict[str, Path] = {}
     teacher = tiny_sd15_unet(0)

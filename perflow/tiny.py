@@ -172,3 +172,23 @@ def tiny_controlnet(unet, seed: int = 0):
 
     torch.manual_seed(seed)
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
+
+
+def tiny_class_teacher(seed: int = 0, image_size: int = 8, channels: int = 1, num_classes: int = 10) -> "ClassConditionalTeacher":
+    """A random class-conditional teacher at toy width (for tests and benchmarks; pixel space, epsilon)."""
+    from diffusers import UNet2DConditionModel
+
+    from perflow.models import LabelEncoder
+    from perflow.training.teachers import ClassConditionalTeacher
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=image_size, in_channels=channels, out_channels=channels, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    label_encoder = LabelEncoder(num_classes=num_classes, embed_dim=16)
+    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    set_alpha_to_one=False, prediction_type="epsilon")
+    return ClassConditionalTeacher(unet, schedule, label_encoder, name="tiny-class-teacher")

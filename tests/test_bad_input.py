@@ -120,7 +120,7 @@ def test_damaged_safetensors_anywhere_is_one_line_naming_the_file(world, tmp_pat
 
 
 def _class_teacher_folder(path: Path, teacher=None, safe: bool = True) -> Path:
-    from perflow.training.teachers import tiny_class_teacher
+    from perflow.tiny import tiny_class_teacher
 
     teacher = teacher or tiny_class_teacher()
     teacher.unet.save_pretrained(path / "unet", safe_serialization=safe)
@@ -134,7 +134,8 @@ def _class_teacher_folder(path: Path, teacher=None, safe: bool = True) -> Path:
 
 def test_damaged_teacher_and_student_init_weights_name_the_file(tmp_path, capsys):
     from perflow.training.loop import _load_student_init
-    from perflow.training.teachers import load_teacher, tiny_class_teacher
+    from perflow.training.teachers import load_teacher
+    from perflow.tiny import tiny_class_teacher
 
     folder = _class_teacher_folder(tmp_path / "teacher")
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -330,7 +331,8 @@ def test_eval_refuses_a_student_of_another_architecture(tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
     from perflow.evaluation.students import load_student
-    from perflow.training.teachers import load_teacher, tiny_class_teacher
+    from perflow.training.teachers import load_teacher
+    from perflow.tiny import tiny_class_teacher
 
     digits = load_teacher("digits")
     other = _student_folder(tmp_path / "other-keys", tiny_class_teacher().unet)  # other widths and keys
@@ -354,7 +356,8 @@ def test_eval_refuses_a_student_of_another_architecture(tmp_path, capsys):
 
 def test_pickled_teacher_weights_need_allow_pickle(tmp_path, one_thread):
     from perflow.training import load_config, train
-    from perflow.training.teachers import as_teacher, load_teacher, tiny_class_teacher
+    from perflow.training.teachers import as_teacher, load_teacher
+    from perflow.tiny import tiny_class_teacher
 
     tiny = tiny_class_teacher()
     folder = _class_teacher_folder(tmp_path / "teacher", tiny, safe=False)

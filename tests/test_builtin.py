@@ -161,3 +161,26 @@ def test_gmm_teacher_window_solve_converges_to_the_exact_flow():
     err = [(solve_window(gmm.denoiser(ac), z, t_s, t_e, n, ac) - fine).pow(2).mean().sqrt().item() for n in (2, 8, 32)]
     assert err[0] > err[1] > err[2]
     assert err[2] < 0.01 * math.sqrt(2)
+
+
+def test_saved_teacher_folder_follows_the_umask(tmp_path):
+    """save_teacher writes through perflow.io.atomic_folder: the folder and its files get the umask's
+    modes (formerly fixed 0o755/0o644 whatever the umask), and no temporary is left beside it."""
+    import os
+    import stat
+
+    from diffusers import DDIMScheduler
+
+    from perflow.builtin.train_teacher import save_teacher
+    from perflow.tiny import tiny_class_teacher
+
+    teacher = tiny_class_teacher()
+    mask = os.umask(0o077)
+    try:
+        save_teacher(tmp_path / "t", teacher.unet, teacher.label_encoder, DDIMScheduler())
+    finally:
+        os.umask(mask)
+    out = tmp_path / "t"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+    for p in [out, *out.rglob("*")]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p

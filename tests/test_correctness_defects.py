@@ -144,13 +144,14 @@ def zero_snr_abar() -> torch.Tensor:
 
 
 def test_zero_snr_schedule_is_the_rescaled_one_everywhere():
-    from perflow.training.teachers import _schedule_from_config
+    from perflow.training.teachers import teacher_schedule
 
     ref = zero_snr_abar()
     ac = alphas_cumprod_from_config(ZSNR)
     assert ac[-1].item() == 0.0  # exactly zero, as DDIMScheduler has it
     torch.testing.assert_close(ac.double(), ref, rtol=1e-5, atol=1e-7)  # float32 betas
-    teacher_ac, kind, schedule = _schedule_from_config({**ZSNR, "prediction_type": "v_prediction"})
+    teacher_sched, kind, schedule = teacher_schedule({**ZSNR, "prediction_type": "v_prediction"})
+    teacher_ac = teacher_sched.alphas_cumprod
     assert kind == "v_prediction" and schedule["rescale_betas_zero_snr"] is True
     sched = PeRFlowScheduler(**schedule, prediction_type="velocity")  # as the trainer's export builds it
     assert sched.config.rescale_betas_zero_snr is True
@@ -161,10 +162,10 @@ def test_zero_snr_schedule_is_the_rescaled_one_everywhere():
 
 
 def test_zero_snr_refuses_what_divides_by_zero():
-    from perflow.training.teachers import _schedule_from_config
+    from perflow.training.teachers import teacher_schedule
 
     with pytest.raises(ValueError, match="v_prediction teacher"):
-        _schedule_from_config({**ZSNR, "prediction_type": "epsilon"})
+        teacher_schedule({**ZSNR, "prediction_type": "epsilon"})
     for kind in ("diff_eps", "ddim_eps"):
         with pytest.raises(ValueError, match="prediction_type='velocity'"):
             PeRFlowScheduler(**ZSNR, prediction_type=kind)
@@ -175,7 +176,7 @@ def test_zero_snr_refuses_what_divides_by_zero():
 
 
 def test_zero_snr_trainer_boundaries_refuse_epsilon_types():
-    from perflow.training.config import make_config
+    from perflow.training.config_io import make_config
     from perflow.training.loop import boundaries_of
 
     ac = alphas_cumprod_from_config(ZSNR).double()
@@ -217,7 +218,7 @@ def test_windows_at_one_teacher_index_are_refused(bounds, index_):
         check_window_spacing(torch.tensor(bounds, dtype=torch.float64), T)
     with pytest.raises(ValueError, match="same teacher timestep index"):
         PeRFlowScheduler(window_boundaries=bounds)
-    from perflow.training.config import make_config
+    from perflow.training.config_io import make_config
     from perflow.training.loop import boundaries_of
 
     cfg = make_config(None, {"perflow.window_boundaries": bounds})

@@ -19,7 +19,7 @@ WORKER = textwrap.dedent(
     torch.set_num_threads(1)
     from perflow.builtin.digits import load_digits_dataset
     from perflow.training import train
-    from perflow.training.teachers import tiny_class_teacher
+    from perflow.tiny import tiny_class_teacher
 
     out = sys.argv[1]
     data = torch.utils.data.Subset(load_digits_dataset("train", 8), list(range(64)))

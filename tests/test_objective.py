@@ -1,7 +1,7 @@
 """The loss beside the objective: window_end_weight, reflow_loss and batch_loss.
 
 ``perflow.objective``'s weight and loss must give the trainer's numbers bit for bit
-(``perflow.training.loop`` keeps its own copies until it switches to these), and the window-end
+(its former copies, kept in tests/former_trainer_loss.py), and the window-end
 weight must be what its name says: the squared derivative of the predicted window end.
 """
 
@@ -13,7 +13,7 @@ import torch
 from perflow.objective import ReflowExample, batch_loss, reflow_example, reflow_loss, window_end_weight
 from perflow.parameterization import window_end_from_output
 from perflow.schedule import DiscreteVPSchedule, alphas_cumprod_from_config
-from perflow.training import loop
+import former_trainer_loss as loop  # the trainer's former copies
 from perflow.windows import equal_boundaries, window_of
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

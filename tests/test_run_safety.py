@@ -23,7 +23,7 @@ from perflow.training.checkpoint import CheckpointError, CheckpointWriteError, v
 from perflow.training.data import BadImageError, ImageFolderDataset, collate
 from perflow.training.outdir import OutputDirError, OutputLock
 from perflow.training.safety import NonFiniteError, TrainingInterrupted
-from perflow.training.teachers import tiny_class_teacher
+from perflow.tiny import tiny_class_teacher
 from test_training import _digits, _fast
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -417,10 +417,11 @@ def test_a_missing_caption_is_the_null_caption_for_that_row_only(monkeypatch):
     teacher = as_teacher(tiny_sd15_pipeline(seed=0))
     batch = collate([{"pixel_values": torch.zeros(3, 16, 16), "caption": "a cat"}, {"pixel_values": torch.zeros(3, 16, 16)}])
     b = loop.boundaries_of(cfg)
+    from perflow.schedule import DiscreteVPSchedule
     from perflow.time_sampling import make_time_sampler
 
-    loop._micro_step(batch, cfg, teacher, teacher.unet, b, teacher.alphas_cumprod, make_time_sampler("uniform", b),
-                     torch.Generator().manual_seed(0), torch.device("cpu"))
+    loop.training_loss(batch, cfg, teacher, teacher.unet, b, DiscreteVPSchedule(teacher.alphas_cumprod),
+                       make_time_sampler("uniform", b), torch.Generator().manual_seed(0), torch.device("cpu"))
     assert seen["dropped"] == [False, True]  # unconditional for teacher and student, the captioned row untouched
 
 

@@ -192,7 +192,7 @@ def test_resolve_boundaries_checks_against_the_schedule():
     dict(num_time_windows=2, prediction_type="velocity"),
 ])
 def test_trainer_and_scheduler_resolve_the_same_boundaries(settings):
-    from perflow.training.config import make_config
+    from perflow.training.config_io import make_config
     from perflow.training.loop import boundaries_of
 
     cfg = make_config(None, {f"perflow.{k}": v for k, v in settings.items()})

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from perflow.training import TrainConfig, load_config, train
-from perflow.training.config import from_dict
+from perflow.training.config_io import from_dict
 from perflow.training.data import ImageFolderDataset, ResumableBatchSampler, TarShardDataset
-from perflow.training.loop import _micro_step, boundaries_of, reflow_loss, window_end_weight
-from perflow.training.teachers import tiny_class_teacher
+from perflow.objective import reflow_loss, window_end_weight
+from perflow.schedule import DiscreteVPSchedule
+from perflow.training.loop import boundaries_of, training_loss
+from perflow.tiny import tiny_class_teacher
 from perflow.time_sampling import make_time_sampler, u_shaped_fraction
 
 
@@ -44,7 +46,8 @@ def _eval_loss(student, teacher, cfg: TrainConfig, batch) -> float:
     b = boundaries_of(cfg)
     sampler = make_time_sampler(cfg.perflow.time_sampling, b)
     g = torch.Generator().manual_seed(123)
-    return _micro_step(batch, cfg, teacher, student, b, teacher.alphas_cumprod, sampler, g, torch.device("cpu")).item()
+    return training_loss(batch, cfg, teacher, student, b, DiscreteVPSchedule(teacher.alphas_cumprod), sampler, g,
+                         torch.device("cpu")).item()
 
 
 @pytest.mark.slow
@@ -237,7 +240,7 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path):
 def test_window_end_weight_measures_the_window_end_error():
     from perflow.objective import ReflowExample
     from loose_window_args import window_end_from_output
-    from perflow.windows import window_coefficients
+    from perflow.windows import Window, window_coefficients
 
     teacher = tiny_class_teacher()
     ac = teacher.alphas_cumprod
@@ -247,8 +250,8 @@ def test_window_end_weight_measures_the_window_end_error():
     t_e = t_s - 0.25
     z_s, z_e, pred, target = (torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(4))
     ex = ReflowExample(None, None, target, t, t_s, t_e, z_s, z_e)
-    w = window_end_weight(ex, ac, "diff_eps").double()
     lam, eta = window_coefficients(t_s, t_e, ac, "diff_eps")
+    w = window_end_weight(ex.t, Window(ex.t_s, ex.t_e, lam, eta, "diff_eps")).double()
     z = z_s  # any point: the weight does not depend on z
     err = window_end_from_output(pred, z, t, t_s, t_e, lam, eta) - window_end_from_output(target, z, t, t_s, t_e, lam, eta)
     torch.testing.assert_close(reflow_loss(pred, target, "mse", 0.0, w.float()).double(),

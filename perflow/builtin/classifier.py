@@ -11,14 +11,15 @@ generated digits on their shape. Reproduce the shipped weights with::
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from ..io import atomic_folder
+from ..training.outdir import match_umask
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "digits_classifier"
 
@@ -113,15 +114,9 @@ def train_digit_classifier(
             sched.step()
     model.eval()
     acc = accuracy(model, x_te, y_te)
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    output_dir.mkdir(exist_ok=True)
-    for f in tmp.iterdir():
-        f.chmod(0o644)
-        os.replace(f, output_dir / f.name)
-    tmp.rmdir()
+    with atomic_folder(output_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        match_umask(tmp)
     return model, acc
 
 

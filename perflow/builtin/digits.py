@@ -15,21 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .images import split_indices
+
 SPLITS = ("train", "test", "all")
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 NUM_CLASSES = 10
-
-
-def _split_indices(num: int, split: str) -> torch.Tensor:
-    """Indices of ``split`` in a fixed permutation (seed :data:`SPLIT_SEED`) of ``num`` items."""
-    perm = torch.randperm(num, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    num_test = int(round(num * TEST_FRACTION))
-    if split == "test":
-        return perm[:num_test].sort().values
-    if split == "train":
-        return perm[num_test:].sort().values
-    return torch.arange(num)
 
 
 def digits_tensors(split: str = "train", image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +34,7 @@ def digits_tensors(split: str = "train", image_size: int = 8) -> tuple[torch.Ten
     data = load_digits()
     images = torch.as_tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # (N, 1, 8, 8)
     labels = torch.as_tensor(data.target, dtype=torch.int64)
-    idx = _split_indices(images.shape[0], split)
+    idx = split_indices(images.shape[0], split, TEST_FRACTION, SPLIT_SEED)
     images, labels = images[idx], labels[idx]
     if image_size != 8:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)

@@ -9,7 +9,7 @@ with score ``grad log p = sum_k r_k(z) C_k^{-1} (sqrt(abar) mu_k - z)`` (``r_k``
 responsibilities, ``C_k = abar S_k + (1 - abar) I``) and the exact epsilon-prediction
 ``eps(z) = E[eps | z] = -sqrt(1 - abar) grad log p_abar(z)``. So the teacher's
 probability-flow ODE is known exactly and its (curved) trajectories can be drawn.
-:meth:`GaussianMixture.denoiser` is the callable :func:`perflow.teacher.solve_window` takes.
+:meth:`GaussianMixture.denoiser` is the callable :func:`perflow.solver.solve_window` takes.
 """
 
 from __future__ import annotations

@@ -21,14 +21,13 @@ A class-conditional folder holds ``unet/``, ``scheduler/`` and ``label_encoder/`
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ..io import atomic_folder
+from ..training.outdir import match_umask
 from .suite import SCHEDULE, SuiteTeacher, build_teacher_unet, get_suite_teacher
 
 NULL_DROPOUT = 0.1
@@ -39,26 +38,6 @@ __all__ = ["NULL_DROPOUT", "SCHEDULE", "build_teacher_unet", "teacher_scheduler"
 def teacher_scheduler():
     """The digits teacher's ``DDIMScheduler`` (SD's beta schedule, ``set_alpha_to_one=False``, epsilon)."""
     return get_suite_teacher("digits").scheduler()
-
-
-def _save_atomically(output_dir: Path, write) -> None:
-    """Write a folder into a temporary sibling, then swap it into place."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        write(tmp)
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp/safetensors create private files; ship them readable
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        old = None
-        if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old{os.getpid()}")
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def save_teacher(output_dir: str | Path, unet, label_encoder, scheduler) -> None:
@@ -75,7 +54,9 @@ def save_teacher(output_dir: str | Path, unet, label_encoder, scheduler) -> None
         label_encoder.save_pretrained(tmp / "label_encoder", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
 
-    _save_atomically(Path(output_dir), write)
+    with atomic_folder(output_dir, overwrite=True) as tmp:
+        write(tmp)
+        match_umask(tmp)  # mkdtemp/safetensors create private files; ship them readable
 
 
 def _lr_lambda(max_steps: int):

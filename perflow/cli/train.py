@@ -29,7 +29,7 @@ Many GPUs: accelerate launch --multi_gpu --num_processes 8 -m perflow train --co
 
 
 def add_parser(subparsers) -> None:
-    from perflow.training.config import SECTIONS, field_docs, field_index
+    from perflow.training.config_io import SECTIONS, field_docs, field_index
 
     p = subparsers.add_parser(
         "train", help="train a PeRFlow student from a teacher (piecewise reflow)",
@@ -65,7 +65,7 @@ def _type_name(tp) -> str:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
-    from perflow.training.config import field_index, load_config
+    from perflow.training.config_io import field_index, load_config
 
     keys = field_index()
     overrides = {k: v for k, v in vars(args).items() if k in keys}

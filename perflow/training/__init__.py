@@ -18,10 +18,8 @@ from .config import (
     OutputConfig,
     PeRFlowConfig,
     TrainConfig,
-    load_config,
-    make_config,
-    recipe_names,
 )
+from .config_io import load_config, make_config, recipe_names
 from .loop import TrainResult, train
 from .teachers import (
     ClassConditionalTeacher,

@@ -16,47 +16,33 @@ and, after a kill, on the next start) and renamed into place, with the permissio
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .outdir import match_umask, write_text_atomic
+from ..io import atomic_folder, write_text
+from .outdir import match_umask
 from .teachers import ClassConditionalTeacher, SDXLTeacher, Teacher
 
 
 def replace_dir(target: Path, write: Callable[[Path], None]) -> Path:
-    """Write a folder through ``write(tmp)`` into a temporary sibling, then swap it into ``target``."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
-    try:
+    """Write a folder through ``write(tmp)`` into a temporary sibling (:func:`perflow.io.atomic_folder`),
+    then swap it into ``target``; everything in it gets the umask's permissions (:func:`match_umask`)."""
+    with atomic_folder(target, overwrite=True) as tmp:
         write(tmp)
         match_umask(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.old.", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
+    return Path(target)
 
 
 def perflow_scheduler(teacher: Teacher, prediction_type: str, boundaries: torch.Tensor, num_windows: int):
     """The ``PeRFlowScheduler`` for a student of ``teacher`` (equal windows unless the boundaries differ)."""
     from ..scheduler import PeRFlowScheduler
-    from ..windows import equal_boundaries
+    from ..windows import resolve_boundaries
 
-    explicit = not torch.equal(boundaries.to(torch.float64), equal_boundaries(num_windows))
+    explicit = not torch.equal(boundaries.to(torch.float64), resolve_boundaries(num_windows))
     return PeRFlowScheduler(
-        **teacher.schedule,
+        **teacher.schedule_config,
         prediction_type=prediction_type,
         num_time_windows=num_windows,
         window_boundaries=boundaries.tolist() if explicit else None,
@@ -137,5 +123,6 @@ def _export_pipeline(out: Path, teacher: Teacher) -> dict[str, Path]:
     else:
         index.update(force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
         index.update(image_encoder=[None, None], feature_extractor=[None, None])
-    written["model_index"] = write_text_atomic(out / "model_index.json", json.dumps(index, indent=2))
+    write_text(out / "model_index.json", json.dumps(index, indent=2))
+    written["model_index"] = out / "model_index.json"
     return written

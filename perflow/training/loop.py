@@ -1,6 +1,6 @@
 """The piecewise-reflow training loop on ``accelerate``.
 
-One optimizer step (``METHOD.md`` sections 2-3), per process:
+One optimizer step (``docs/method.md``, row "one training batch"), per process:
 
 1. a batch of real images -> ``x0`` (VAE latents, or pixels) and the condition ``c``;
 2. caption dropout: ``c <- null`` with probability ``p`` (the student sees this ``c``);
@@ -32,13 +32,14 @@ from typing import Any, Callable
 import torch
 
 from ..denoisers import guided_teacher_denoiser
-from ..objective import reflow_example
-from ..windows import (
-    check_boundaries, check_nonzero_abar, check_window_spacing, equal_boundaries, window_coefficients,
-)
-from .config import TrainConfig, make_config
+from ..objective import batch_loss, reflow_example
+from ..schedule import NoiseSchedule, as_schedule
+from ..windows import resolve_boundaries
+from .config import TrainConfig
+from .config_io import make_config
 from .data import BadImageError
-from .outdir import SUMMARY_FILE, WRITE_ERRORS, OutputDirError, OutputLock, write_text_atomic
+from ..io import write_text
+from .outdir import SUMMARY_FILE, WRITE_ERRORS, OutputDirError, OutputLock
 from .runs import RunNotes, RunStart, on_main, open_run
 from .safety import NonFiniteError, StopSignals, TrainingInterrupted, nonfinite_message, nonfinite_names
 from .teachers import ClassConditionalTeacher, Teacher, as_teacher
@@ -77,40 +78,14 @@ class TrainResult:
     """Steps skipped for a non-finite loss or gradient (``training.max_nonfinite_skips``)."""
 
 
-def boundaries_of(cfg: TrainConfig, alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
-    """Window boundaries ``[1, ..., 0]`` (float64) from the config, checked against the teacher's schedule if given."""
+def boundaries_of(cfg: TrainConfig, schedule: NoiseSchedule | torch.Tensor | None = None) -> torch.Tensor:
+    """Window boundaries ``[1, ..., 0]`` (float64) from the config (:func:`perflow.windows.resolve_boundaries`),
+    checked against the teacher's schedule (or its ``alphas_cumprod``) if given."""
     p = cfg.perflow
-    explicit = p.window_boundaries is not None
-    b = check_boundaries(p.window_boundaries) if explicit else equal_boundaries(p.num_time_windows)
-    if alphas_cumprod is not None:  # distinct teacher indices per window; no division by abar = 0
-        check_window_spacing(b, alphas_cumprod.numel(), p.num_solver_steps)
-        check_nonzero_abar(b, alphas_cumprod, p.prediction_type)
-    return b
-
-
-def reflow_loss(
-    pred: torch.Tensor, target: torch.Tensor, kind: str, huber_c: float, weight: torch.Tensor | None
-) -> torch.Tensor:
-    """``mean_b weight_b mean_i rho(pred - target)``, ``rho(d) = d^2`` or ``sqrt(d^2 + c^2) - c``."""
-    d = pred.float() - target.float()
-    rho = d.square() if kind == "mse" else (d.square() + huber_c**2).sqrt() - huber_c
-    per_sample = rho.flatten(1).mean(1)  # (B,)
-    if weight is not None:
-        per_sample = per_sample * weight
-    return per_sample.mean()
-
-
-def window_end_weight(ex, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Weight making the loss the squared error of the predicted window end ``z_e_hat``.
-
-    From ``z_e_hat = (lam (t_e - t_s) z + eta (t_e - t) out) / (lam (t - t_s) + (t_e - t))``:
-    ``d z_e_hat / d out = eta (t_e - t) / (lam (t - t_s) + t_e - t)``; for ``velocity`` it is ``t_e - t``.
-    """
-    t, t_s, t_e = ex.t, ex.t_s, ex.t_e
-    if prediction_type == "velocity":
-        return ((t_e - t) ** 2).float()
-    lam, eta = window_coefficients(t_s, t_e, alphas_cumprod.to(torch.float64), prediction_type)
-    return (eta * (t_e - t) / (lam * (t - t_s) + (t_e - t))).square().float()
+    return resolve_boundaries(
+        p.num_time_windows, p.window_boundaries, None if schedule is None else as_schedule(schedule),
+        p.num_solver_steps, p.prediction_type,
+    )
 
 
 def _accelerator(cfg: TrainConfig):
@@ -215,8 +190,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     channels = image_channels(teacher_obj)
     ds = dataset if dataset is not None else build_dataset(dc, seed=tr.seed, channels=channels)
     check_channels(ds, channels)
-    boundaries = boundaries_of(cfg, teacher_obj.alphas_cumprod)
-    ac = teacher_obj.alphas_cumprod
+    schedule = teacher_obj.schedule
+    boundaries = boundaries_of(cfg, schedule)
     time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a)
 
     opt = torch.optim.AdamW(
@@ -287,7 +262,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
             micro_step += 1
             notes.add_batch(batch, log)
             with accelerator.accumulate(student):
-                loss = _micro_step(batch, cfg, teacher_obj, student, boundaries, ac, time_sampler, generator, device)
+                loss = training_loss(batch, cfg, teacher_obj, student, boundaries, schedule, time_sampler, generator, device)
                 accelerator.backward(loss)
                 acc_loss += loss.detach() / tr.gradient_accumulation_steps
                 finite = True
@@ -377,7 +352,8 @@ def _export(output_dir: Path, final, teacher: Teacher, scheduler, cfg: TrainConf
             output_dir, final, teacher, scheduler, cfg.perflow.cfg_mode, save_pipeline=out.save_pipeline,
             save_delta=out.save_delta, teacher_weights=reference,
         )
-        files["summary"] = write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+        write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+        files["summary"] = output_dir / SUMMARY_FILE
     except WRITE_ERRORS as err:
         raise OutputDirError(
             f"could not write the final outputs to {output_dir}: {' '.join(str(err).split())}; free space and "
@@ -447,8 +423,21 @@ def _load_student_init(student: torch.nn.Module, path: str) -> None:
     student.load_state_dict({k: v.to(own[k].dtype) for k, v in init.items()})
 
 
-def _micro_step(batch, cfg: TrainConfig, teacher: Teacher, student, boundaries, ac, time_sampler, generator, device):
-    """Loss of one micro-batch (see the module docstring)."""
+def training_loss(
+    batch: dict,
+    cfg: TrainConfig,
+    teacher: Teacher,
+    student: Callable[..., Any],
+    boundaries: torch.Tensor,
+    schedule: NoiseSchedule,
+    time_sampler: Callable[..., torch.Tensor],
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """Loss of one micro-batch (see the module docstring): caption dropout, the teacher's window solve
+    (:func:`perflow.objective.reflow_example`) and :func:`perflow.objective.batch_loss` of the ``student``
+    UNet. ``schedule`` is the teacher's (:class:`~perflow.schedule.DiscreteVPSchedule`); ``boundaries``
+    from :func:`boundaries_of`; randomness from ``generator``."""
     p, tr, dc = cfg.perflow, cfg.training, cfg.data
     pixels = batch["pixel_values"].to(device, non_blocking=True)
     x0 = teacher.encode_images(pixels, generator)  # (B, C, h, w) fp32
@@ -466,12 +455,11 @@ def _micro_step(batch, cfg: TrainConfig, teacher: Teacher, student, boundaries, 
     cond_s = teacher.drop(cond, dropped) if bool(dropped.any()) else cond
     den = guided_teacher_denoiser(teacher.unet, cond_s, teacher.uncond(cond_s), dropped, p.cfg_mode, p.guidance_scale)
     ex = reflow_example(
-        den, x0, boundaries, ac, p.num_solver_steps, p.prediction_type, teacher.prediction_type,
+        den, x0, boundaries, schedule, p.num_solver_steps, p.prediction_type, teacher.prediction_type,
         generator=generator, time_sampler=time_sampler,
     )
-    pred = student(ex.z_t, ex.timestep, **cond_s.to(device, torch.float32).unet_kwargs(), return_dict=False)[0]
-    weight = window_end_weight(ex, ac, p.prediction_type) if tr.loss_weighting == "window_end" else None
-    return reflow_loss(pred, ex.target, tr.loss, tr.huber_c, weight)
+    kwargs = cond_s.to(device, torch.float32).unet_kwargs()
+    return batch_loss(lambda z, ts: student(z, ts, **kwargs, return_dict=False)[0], ex, tr.loss, tr.huber_c, tr.loss_weighting)
 
 
 @torch.no_grad()
@@ -514,4 +502,4 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-__all__ = ["TrainResult", "train", "reflow_loss", "window_end_weight", "boundaries_of"]
+__all__ = ["TrainResult", "boundaries_of", "train", "training_loss"]

@@ -87,22 +87,6 @@ def match_umask(path: str | Path) -> Path:
     return path
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file through a temporary sibling and a rename (permissions from the umask)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        match_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def check_output_dir(output_dir: str | Path) -> Path:
     """Create ``output_dir`` (and its parents) or raise :class:`OutputDirError` in one line naming why."""
     path = Path(output_dir)
@@ -196,5 +180,5 @@ def clear_run_files(output_dir: str | Path) -> list[str]:
 
 __all__ = [
     "OutputDirError", "OutputLock", "check_output_dir", "clean_leftovers", "clear_run_files", "match_umask",
-    "new_run_id", "umask", "write_text_atomic", "LEFTOVER", "RUN_FILES", "FINAL_OUTPUTS", "SUMMARY_FILE", "WRITE_ERRORS",
+    "new_run_id", "umask", "LEFTOVER", "RUN_FILES", "FINAL_OUTPUTS", "SUMMARY_FILE", "WRITE_ERRORS",
 ]

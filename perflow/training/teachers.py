@@ -25,21 +25,22 @@ from typing import Any
 import torch
 
 from ..denoisers import Condition
+from ..schedule import DiscreteVPSchedule
 
 BUILTIN_TEACHERS = {"digits": ("builtin", "weights", "digits_teacher")}
 
 
-def _schedule_from_config(config: dict) -> tuple[torch.Tensor, str, dict]:
-    """``(alphas_cumprod float64 (T,), teacher prediction_type, schedule config)`` of a diffusers scheduler config.
+def teacher_schedule(config: dict) -> tuple[DiscreteVPSchedule, str, dict]:
+    """``(schedule, teacher prediction_type, schedule config)`` of a diffusers scheduler config.
 
-    ``alphas_cumprod`` comes from :func:`perflow.windows.alphas_cumprod_from_config` (the function
-    :class:`perflow.PeRFlowScheduler` uses too, ``rescale_betas_zero_snr`` included); the schedule
-    config holds its keys with ``DDIMScheduler``'s defaults filled in. An ``epsilon`` teacher with
-    zero terminal SNR (``abar(1) = 0``) is refused.
+    ``schedule`` is :meth:`perflow.schedule.DiscreteVPSchedule.from_config` (the
+    ``alphas_cumprod`` :class:`perflow.PeRFlowScheduler` uses too, ``rescale_betas_zero_snr``
+    included) in float64; the schedule config holds its keys with ``DDIMScheduler``'s defaults
+    filled in. An ``epsilon`` teacher with zero terminal SNR (``abar(1) = 0``) is refused.
     """
     from diffusers import DDIMScheduler
 
-    from ..schedule import SCHEDULE_KEYS, alphas_cumprod_from_config
+    from ..schedule import SCHEDULE_KEYS
     from ..solver import TEACHER_PREDICTION_TYPES
     from ..windows import check_nonzero_abar, equal_boundaries
 
@@ -48,25 +49,32 @@ def _schedule_from_config(config: dict) -> tuple[torch.Tensor, str, dict]:
         raise ValueError(f"the teacher's scheduler has unsupported prediction_type {prediction_type!r}")
     filled = DDIMScheduler.from_config(dict(config)).config
     keys = SCHEDULE_KEYS + ("set_alpha_to_one",)
-    schedule = {k: filled[k] for k in keys if k in filled}
-    if schedule.get("trained_betas") is not None:
-        schedule["trained_betas"] = list(schedule["trained_betas"])
-    alphas_cumprod = alphas_cumprod_from_config(schedule)
-    check_nonzero_abar(equal_boundaries(1), alphas_cumprod, prediction_type)
-    return alphas_cumprod.to(torch.float64), prediction_type, schedule
+    schedule_config = {k: filled[k] for k in keys if k in filled}
+    if schedule_config.get("trained_betas") is not None:
+        schedule_config["trained_betas"] = list(schedule_config["trained_betas"])
+    schedule = DiscreteVPSchedule.from_config(schedule_config)
+    check_nonzero_abar(equal_boundaries(1), schedule, prediction_type)
+    return schedule.to(dtype=torch.float64), prediction_type, schedule_config
 
 
 class Teacher:
-    """Base class: ``unet``, ``alphas_cumprod`` (float64 ``(T,)``), ``prediction_type`` and encoders."""
+    """Base class: ``unet``, its noise ``schedule`` (:class:`~perflow.schedule.DiscreteVPSchedule`,
+    float64) and ``schedule_config`` (the diffusers scheduler keys it came from), ``prediction_type``
+    and encoders."""
 
     kind = "base"
 
     def __init__(self, unet, scheduler_config: dict, vae=None, name: str = "teacher"):
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
-        self.alphas_cumprod, self.prediction_type, self.schedule = _schedule_from_config(scheduler_config)
+        self.schedule, self.prediction_type, self.schedule_config = teacher_schedule(scheduler_config)
         self.name = name
         self._null: Condition | None = None
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The schedule's ``abar[0..T-1]`` (float64 ``(T,)``)."""
+        return self.schedule.alphas_cumprod
 
     # -- devices and dtypes ---------------------------------------------------------------
     @property
@@ -295,12 +303,6 @@ class SDXLTeacher(SDTeacher):
             emb, pooled = torch.zeros_like(emb), torch.zeros_like(pooled)
         return Condition(emb, pooled, None)
 
-    def uncond(self, cond: Condition) -> Condition:
-        if self._null is None:
-            self._null = self.null_text()
-        null = self._null.repeat(len(cond))
-        return Condition(null.encoder_hidden_states, null.text_embeds, cond.time_ids)
-
     def validation_condition(self, prompts: list, resolution: int) -> Condition:
         size = torch.tensor([resolution, resolution])
         return self._cond(["" if p is None else str(p) for p in prompts], size, torch.tensor([0, 0]), size)
@@ -322,7 +324,8 @@ def teacher_from_pipeline(pipe: Any, name: str = "teacher") -> Teacher:
     return SDTeacher(pipe.unet, config, pipe.vae, pipe.tokenizer, pipe.text_encoder, name=name)
 
 
-def _builtin_path(name: str) -> Path:
+def builtin_teacher_path(name: str) -> Path:
+    """Folder of the built-in teacher ``name`` (a key of ``BUILTIN_TEACHERS``); ``FileNotFoundError`` if missing."""
     import perflow
 
     path = Path(perflow.__file__).parent.joinpath(*BUILTIN_TEACHERS[name])
@@ -332,6 +335,7 @@ def _builtin_path(name: str) -> Path:
             f"`python -m perflow.builtin.train_teacher --output-dir {path}`"
         )
     return path
+
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -377,7 +381,7 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickl
     lets diffusers read pickled ``.bin`` weights with its restricted loader.
     """
     name = str(spec)
-    path = _builtin_path(name) if name in BUILTIN_TEACHERS else Path(spec)
+    path = builtin_teacher_path(name) if name in BUILTIN_TEACHERS else Path(spec)
     kw = {} if dtype is None else {"torch_dtype": dtype}
     if not path.is_dir():
         if name.count("/") == 1 and not name.startswith((".", "/")):  # a hub id: the local cache, or a download
@@ -391,7 +395,7 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickl
             f"teacher {name!r} is not a folder; give a diffusers pipeline folder (model_index.json), a "
             f"class-conditional teacher folder (unet/, scheduler/, label_encoder/) or one of {sorted(BUILTIN_TEACHERS)}"
         )
-    from perflow.io import read_json
+    from perflow.io import read_json, read_scheduler_config
 
     check_teacher_weights(path, allow_pickle)
     if (path / "model_index.json").is_file():
@@ -418,7 +422,7 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickl
 
     unet = _from_pretrained(UNet2DConditionModel, path / "unet", allow_pickle, **kw)
     label_encoder = _from_pretrained(LabelEncoder, path / "label_encoder", allow_pickle, **kw)
-    config = read_json(path / "scheduler" / "scheduler_config.json")
+    config = read_scheduler_config(path, required=True)
     vae = _from_pretrained(AutoencoderKL, path / "vae", allow_pickle, **kw) if (path / "vae").is_dir() else None
     return ClassConditionalTeacher(unet, config, label_encoder, vae, name=name)
 
@@ -435,22 +439,3 @@ def as_teacher(obj: Any, allow_pickle: bool = False) -> Teacher:
     if hasattr(obj, "unet") and hasattr(obj, "scheduler"):
         return teacher_from_pipeline(obj)
     raise TypeError(f"cannot make a teacher from {type(obj).__name__}; pass a Teacher, a pipeline or a folder path")
-
-
-def tiny_class_teacher(seed: int = 0, image_size: int = 8, channels: int = 1, num_classes: int = 10) -> ClassConditionalTeacher:
-    """A random class-conditional teacher at toy width (for tests and benchmarks; pixel space, epsilon)."""
-    from diffusers import UNet2DConditionModel
-
-    from ..models import LabelEncoder
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=image_size, in_channels=channels, out_channels=channels, block_out_channels=(16, 32),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    label_encoder = LabelEncoder(num_classes=num_classes, embed_dim=16)
-    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    set_alpha_to_one=False, prediction_type="epsilon")
-    return ClassConditionalTeacher(unet, schedule, label_encoder, name="tiny-class-teacher")

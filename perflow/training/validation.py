@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..denoisers import Condition, unet_denoiser
-from .outdir import match_umask
+from ..io import atomic_path
 
 
 @torch.no_grad()
@@ -59,25 +57,6 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, min_size: int = 64
     return grid
 
 
-def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Write an RGB uint8 array as PNG atomically (permissions from the umask)."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp)
-        match_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 @torch.no_grad()
 def trajectory_error(
     student: torch.nn.Module,
@@ -105,5 +84,14 @@ def trajectory_error(
     for j in range(b.numel() - 1):
         t_s = torch.full((shape[0],), float(b[j]), dtype=torch.float64)
         t_e = torch.full((shape[0],), float(b[j + 1]), dtype=torch.float64)
-        z = solve_window(den, z, t_s, t_e, solver_steps, teacher.alphas_cumprod, teacher.prediction_type)
+        z = solve_window(den, z, t_s, t_e, solver_steps, teacher.schedule, teacher.prediction_type)
     return (z_student.float() - z.float()).square().mean().item()
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    """Write an RGB uint8 array as PNG atomically (:func:`perflow.io.atomic_path`; permissions from the umask)."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return Path(path)
