@@ -133,7 +133,7 @@ def _class_teacher_folder(path: Path, teacher=None, safe: bool = True) -> Path:
 
 
 def test_damaged_teacher_and_student_init_weights_name_the_file(tmp_path, capsys):
-    from perflow.training.loop import _load_student_init
+    from perflow.training.loop import load_student_init
     from perflow.training.teachers import load_teacher
     from perflow.tiny import tiny_class_teacher
 
@@ -147,7 +147,7 @@ def test_damaged_teacher_and_student_init_weights_name_the_file(tmp_path, capsys
                          "--reference-steps", "2", "--baselines", "ddim"], capsys)
     assert rc == 2 and str(weights) in error_line(stderr)
     with pytest.raises(ValueError, match=HINT) as err:
-        _load_student_init(tiny_class_teacher().unet, str(folder))
+        load_student_init(tiny_class_teacher().unet, str(folder))
     assert str(weights) in str(err.value)
 
 

@@ -140,12 +140,12 @@ def test_train_teacher_writes_loadable_folders(tmp_path, one_thread):
 
 
 def test_v_prediction_target_is_sqrt_abar_eps_minus_sqrt_one_minus_abar_x0():
-    from perflow.builtin.train_teacher import _target
+    from perflow.builtin.train_teacher import teacher_target
 
     sched = get_suite_teacher("photos").scheduler()
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
     i = torch.tensor([0, 500, 999])
     a = sched.alphas_cumprod[i].view(-1, 1, 1, 1)
-    torch.testing.assert_close(_target(sched, x0, eps, i), a.sqrt() * eps - (1 - a).sqrt() * x0)
-    assert _target(get_suite_teacher("faces").scheduler(), x0, eps, i) is eps
+    torch.testing.assert_close(teacher_target(sched, x0, eps, i), a.sqrt() * eps - (1 - a).sqrt() * x0)
+    assert teacher_target(get_suite_teacher("faces").scheduler(), x0, eps, i) is eps

@@ -65,7 +65,7 @@ def _lr_lambda(max_steps: int):
     return lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max_steps)).item())
 
 
-def _target(scheduler, x0: torch.Tensor, eps: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+def teacher_target(scheduler, x0: torch.Tensor, eps: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     """The regression target of the teacher's prediction type: ``eps`` or ``v`` (diffusers' ``get_velocity``)."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -140,7 +140,7 @@ def train_teacher(
         a = abar[i].view(-1, 1, 1, 1)
         z = a.sqrt() * x0 + (1 - a).sqrt() * eps
         pred = unet(z, i, **kwargs).sample
-        loss = torch.nn.functional.mse_loss(pred, _target(scheduler, x0, eps, i))
+        loss = torch.nn.functional.mse_loss(pred, teacher_target(scheduler, x0, eps, i))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -175,7 +175,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         tdtype = torch.float32  # fp16 kernels are missing or slow on CPU
     student = copy.deepcopy(teacher_obj.unet).to(device)
     if cfg.model.student_init:
-        _load_student_init(student, cfg.model.student_init)
+        load_student_init(student, cfg.model.student_init)
     if student.dtype != torch.float32:
         student.to(dtype=torch.float32)
     reference = None  # the teacher's own weights, for the delta, when training casts the teacher
@@ -400,7 +400,7 @@ def image_channels(teacher: Teacher) -> int:
     return teacher.vae.config.in_channels if teacher.vae is not None else teacher.unet.config.in_channels
 
 
-def _load_student_init(student: torch.nn.Module, path: str) -> None:
+def load_student_init(student: torch.nn.Module, path: str) -> None:
     """Copy a saved UNet's weights (a ``save_pretrained`` folder or its parent) into the student."""
     from diffusers import UNet2DConditionModel
 
