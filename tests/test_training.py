@@ -372,3 +372,25 @@ def test_sdxl_cfg_fixed_smoke(image_folder, tmp_path):
     loaded = DiffusionPipeline.from_pretrained(out)
     assert type(loaded).__name__ == "StableDiffusionXLPipeline"
     assert type(loaded.scheduler).__name__ == "PeRFlowScheduler"
+
+
+def test_caption_free_validation_samples_the_null_condition_without_guidance(tmp_path, monkeypatch):
+    """An unconditional run's grid shows what the student learned: the null condition, guidance 1,
+    CAPTION_FREE_GRID samples (not the class prompts at the conditional runs' guidance 2)."""
+    from perflow.training import validation
+    from perflow.training.loop import CAPTION_FREE_GRID
+
+    seen = {}
+    real = validation.sample_student
+
+    def spy(student, scheduler, cond, uncond, shape, steps, w, gen):
+        seen.update(cond=cond.encoder_hidden_states.clone(), uncond=uncond.encoder_hidden_states.clone(),
+                    shape=shape, w=w)
+        return real(student, scheduler, cond, uncond, shape, steps, w, gen)
+
+    monkeypatch.setattr(validation, "sample_student", spy)
+    train("digits", teacher=tiny_class_teacher(), dataset=_digits(64),
+          **_fast(tmp_path, max_steps=1, validation_every=1, caption_free=True))
+    assert seen["w"] == 1.0 and seen["shape"][0] == CAPTION_FREE_GRID
+    assert torch.equal(seen["cond"], seen["uncond"])
+    assert (tmp_path / "validation" / "step-0000001.png").is_file()

@@ -45,6 +45,8 @@ from .safety import NonFiniteError, StopSignals, TrainingInterrupted, nonfinite_
 from .teachers import ClassConditionalTeacher, Teacher, as_teacher
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CAPTION_FREE_GRID = 16
+"""Samples in the validation grid of a caption-free (unconditional) run."""
 MP_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -470,7 +472,10 @@ def _validate(cfg: TrainConfig, student, ema, teacher: Teacher, scheduler, path:
     o, p, dc = cfg.output, cfg.perflow, cfg.data
     prompts = o.validation_prompts if o.validation_prompts else _default_prompts(teacher)
     w = o.validation_guidance_scale
-    if w is None:  # CFG-fixed students are sampled without guidance; sync ones with the teacher's usual scale
+    if dc.caption_free:  # an unconditional student: the null condition, no guidance, a grid of CAPTION_FREE_GRID
+        prompts = prompts if o.validation_prompts else (prompts * CAPTION_FREE_GRID)[:CAPTION_FREE_GRID]
+        w = 1.0
+    elif w is None:  # CFG-fixed students are sampled without guidance; sync ones with the teacher's usual scale
         w = 1.0 if p.cfg_mode == "fixed" else (2.0 if isinstance(teacher, ClassConditionalTeacher) else 7.5)
     if ema is not None:
         ema.store(student.parameters())
@@ -479,6 +484,8 @@ def _validate(cfg: TrainConfig, student, ema, teacher: Teacher, scheduler, path:
     student.eval()
     try:
         cond = teacher.validation_condition(prompts, dc.resolution)
+        if dc.caption_free:
+            cond = teacher.uncond(cond)
         size = dc.resolution // teacher.vae_scale
         shape = (len(prompts), teacher.latent_channels, size, size)
         gen = torch.Generator().manual_seed(cfg.training.seed)
