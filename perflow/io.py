@@ -141,6 +141,23 @@ def _umask() -> int:
     return mask
 
 
+def match_umask(path: str | os.PathLike) -> Path:
+    """Give ``path`` (recursively) the permissions a plain ``open``/``mkdir`` would (:func:`output_mode`):
+    for files written through ``tempfile``, which creates them owner-only."""
+    path = Path(path)
+    todo = [path]
+    while todo:
+        p = todo.pop()
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            os.chmod(p, output_mode(folder=True))
+            todo.extend(p.iterdir())
+        elif p.exists():
+            os.chmod(p, output_mode())
+    return path
+
+
 def temp_prefix(path: str | os.PathLike) -> str:
     """Name prefix of this process's temporary siblings of ``path``: ``.NAME.perflow-PID-``."""
     return f".{Path(path).name}.perflow-{os.getpid()}-"

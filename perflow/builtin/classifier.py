@@ -19,7 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..io import atomic_folder
-from ..training.outdir import match_umask
+from ..io import match_umask
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "digits_classifier"
 

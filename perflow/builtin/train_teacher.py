@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_folder
-from ..training.outdir import match_umask
+from ..io import match_umask
 from .suite import SCHEDULE, SuiteTeacher, build_teacher_unet, get_suite_teacher
 
 NULL_DROPOUT = 0.1

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .outdir import WRITE_ERRORS, match_umask
+from ..io import match_umask
+from .outdir import WRITE_ERRORS
 
 STATE_FILE = "perflow_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")

@@ -21,8 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..io import atomic_folder, write_text
-from .outdir import match_umask
+from ..io import atomic_folder, match_umask, write_text
 from .teachers import ClassConditionalTeacher, SDXLTeacher, Teacher
 
 

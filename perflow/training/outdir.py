@@ -9,7 +9,7 @@
   refuses a folder holding another run's checkpoints or outputs unless it resumes or overwrites.
 - :func:`clean_leftovers`: temporary files and folders of a killed run (``.tmp-*``, the
   ``.tmpXXXXXX`` of safetensors, ``.<output>.XXXXXXXX`` of older versions) are removed on the next start.
-- Files are written with the permissions the umask gives (:func:`match_umask`), not the owner-only
+- Files are written with the permissions the umask gives (:func:`perflow.io.match_umask`), not the owner-only
   ones of ``tempfile`` and safetensors' temporary files.
 """
 
@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -56,35 +55,6 @@ class OutputDirError(ValueError):
 def new_run_id() -> str:
     """A fresh run id: ``YYYYmmdd-HHMMSS-<6 hex>``."""
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-
-
-def umask() -> int:
-    """The process umask (read without a window in which it is changed, where /proc allows)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def match_umask(path: str | Path) -> Path:
-    """Give ``path`` (recursively) the permissions a plain ``open``/``mkdir`` would: ``0o666`` / ``0o777`` minus the umask."""
-    path, mask = Path(path), umask()
-    todo = [path]
-    while todo:
-        p = todo.pop()
-        if p.is_symlink():
-            continue
-        if p.is_dir():
-            os.chmod(p, 0o777 & ~mask)
-            todo.extend(p.iterdir())
-        elif p.exists():
-            os.chmod(p, 0o666 & ~mask)
-    return path
 
 
 def check_output_dir(output_dir: str | Path) -> Path:
@@ -179,6 +149,6 @@ def clear_run_files(output_dir: str | Path) -> list[str]:
 
 
 __all__ = [
-    "OutputDirError", "OutputLock", "check_output_dir", "clean_leftovers", "clear_run_files", "match_umask",
-    "new_run_id", "umask", "LEFTOVER", "RUN_FILES", "FINAL_OUTPUTS", "SUMMARY_FILE", "WRITE_ERRORS",
+    "OutputDirError", "OutputLock", "check_output_dir", "clean_leftovers", "clear_run_files",
+    "new_run_id", "LEFTOVER", "RUN_FILES", "FINAL_OUTPUTS", "SUMMARY_FILE", "WRITE_ERRORS",
 ]
