@@ -120,17 +120,12 @@ def tiny_sdxl_unet(seed: int = 0, cross_attention_dim: int = 64, text_embed_dim:
 
 
 def _scheduler(prediction_type: str = "epsilon"):
+    """Stable Diffusion's DDIM scheduler (:data:`perflow.builtin.suite.SCHEDULE`) with ``prediction_type``."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    from perflow.builtin.suite import SCHEDULE
+
+    return DDIMScheduler(**{**SCHEDULE, "prediction_type": prediction_type})
 
 
 def tiny_sd15_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
