@@ -23,7 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .parameterization import interpolate, target_from_window, window_end_denominator
+from .parameterization import (
+    check_model_output_type,
+    epsilon_from_output,
+    interpolate,
+    target_from_window,
+    window_end_denominator,
+)
 from .schedule import NoiseSchedule, as_schedule
 from .solver import Denoiser, solve_window
 from .time_sampling import TimeSampler, uniform_times
@@ -46,6 +52,15 @@ class ReflowExample:
     z_s: torch.Tensor
     z_e: torch.Tensor
     window: Window | None = None  # the window of each t, with the parameterization's (lam, eta)
+    model_output_type: str = "epsilon"  # what the student's raw output predicts (epsilon-type only)
+    alpha_t: torch.Tensor | None = None  # alpha(t), sigma(t) broadcast against z_t (when not epsilon)
+    sigma_t: torch.Tensor | None = None
+
+    def student_output(self, output: torch.Tensor) -> torch.Tensor:
+        """The raw student output in the parameterization's terms (:func:`perflow.parameterization.epsilon_from_output`)."""
+        if self.model_output_type == "epsilon":
+            return output
+        return epsilon_from_output(output.float(), self.z_t, self.alpha_t, self.sigma_t, self.model_output_type)
 
 
 def reflow_example(
@@ -60,14 +75,18 @@ def reflow_example(
     t: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     time_sampler: TimeSampler = uniform_times,
+    model_output_type: str = "epsilon",
 ) -> ReflowExample:
     """Build one piecewise-reflow batch from clean samples ``x0`` (B, ...) and a teacher denoiser.
 
     ``schedule`` is the teacher's :class:`~perflow.schedule.NoiseSchedule` (or its raw
     ``alphas_cumprod``). ``noise`` and ``t`` may be given (for exact reproducibility); otherwise
     they are drawn from ``generator`` (``t`` through ``time_sampler``). ``prediction_type`` is the
-    student's (``diff_eps``, ``ddim_eps`` or ``velocity``).
+    student's (``diff_eps``, ``ddim_eps`` or ``velocity``); ``model_output_type`` what the student
+    network's raw output predicts (:func:`perflow.parameterization.check_model_output_type`), turned
+    into the parameterization's output at ``(z_t, t)`` by :meth:`ReflowExample.student_output`.
     """
+    check_model_output_type(model_output_type, prediction_type)
     schedule = as_schedule(schedule)
     batch = x0.shape[0]
     if t is None:
@@ -83,9 +102,12 @@ def reflow_example(
     target = target_from_window(z_s32, z_e32, window)
     z_t = interpolate(z_s32, z_e32, t, window.t_s, window.t_e)
     T = schedule.num_train_timesteps
+    alpha_t = sigma_t = None
+    if model_output_type != "epsilon":
+        alpha_t, sigma_t = schedule.to(dtype=work).alpha_sigma(t, z_t)
     return ReflowExample(
         z_t=z_t, timestep=(t * T).float(), target=target, t=t, t_s=window.t_s, t_e=window.t_e, z_s=z_s, z_e=z_e,
-        window=window,
+        window=window, model_output_type=model_output_type, alpha_t=alpha_t, sigma_t=sigma_t,
     )
 
 
@@ -123,7 +145,8 @@ def batch_loss(
     huber_c: float = 0.001,
     weighting: str = "none",
 ) -> torch.Tensor:
-    """The training loss of one batch: ``reflow_loss(student(z_t, t T), target)``, weighted by
+    """The training loss of one batch: ``reflow_loss(out(student(z_t, t T)), target)`` (``out`` the
+    raw output in the parameterization's terms, :meth:`ReflowExample.student_output`), weighted by
     :func:`window_end_weight` when ``weighting == "window_end"``.
 
     ``student(z_t, timestep)`` is the student as a denoiser callable (bind its condition in a
@@ -131,7 +154,7 @@ def batch_loss(
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
-    pred = student(example.z_t, example.timestep)
+    pred = example.student_output(student(example.z_t, example.timestep))
     weight = None
     if weighting == "window_end":
         if example.window is None:

@@ -15,6 +15,13 @@
 
 The two directions are exact inverses on the segment: feeding the target of a
 segment back at any point of it gives the segment's velocity (tested as a round trip).
+The network's raw output need not be the window's epsilon: ``model_output_type`` (diffusers'
+``prediction_type`` words, :data:`MODEL_OUTPUT_TYPES`) says what it predicts at ``z_t = alpha(t) x0
++ sigma(t) eps``, and :func:`epsilon_from_output` turns it into the epsilon-type parameterizations'
+``out`` (``epsilon``: itself; ``v_prediction``: ``sigma z + alpha v``; ``sample``:
+``(z - alpha x0) / sigma``). A student that keeps its teacher's output type starts, with ``ddim_eps``,
+exactly as the teacher's DDIM sampler over the windows' boundaries.
+
 A window's quantities travel as one :class:`perflow.windows.Window` (``t_s, t_e, lam, eta``
 and the prediction type); times are tensors broadcastable against the batch (``(B,)`` or 0-d).
 Each formula is computed in the dtype of the latent it meets.
@@ -24,8 +31,47 @@ from __future__ import annotations
 
 import torch
 
+from .solver import TEACHER_PREDICTION_TYPES, x0_eps_from_output
 from .tensors import expand_like
-from .windows import Window
+from .windows import EPSILON_TYPES, Window
+
+MODEL_OUTPUT_TYPES = TEACHER_PREDICTION_TYPES
+"""What a student network's raw output predicts (diffusers' ``prediction_type`` words)."""
+
+
+def check_model_output_type(model_output_type: str, prediction_type: str) -> str:
+    """Refuse an unknown ``model_output_type``, or one other than ``epsilon`` for the ``velocity`` parameterization."""
+    if model_output_type not in MODEL_OUTPUT_TYPES:
+        raise ValueError(
+            f"unknown model_output_type {model_output_type!r}; expected one of {MODEL_OUTPUT_TYPES}"
+        )
+    if model_output_type != "epsilon" and prediction_type not in EPSILON_TYPES:
+        raise ValueError(
+            f"model_output_type={model_output_type!r} needs an epsilon-type parameterization {EPSILON_TYPES}; "
+            f"the {prediction_type!r} parameterization outputs the velocity itself (use model_output_type='epsilon')"
+        )
+    return model_output_type
+
+
+def resolve_model_output_type(model_output_type: str, prediction_type: str, teacher_prediction_type: str) -> str:
+    """``auto``: the teacher's own output type for an epsilon-type parameterization (so the student
+    starts as the teacher's DDIM over the windows), ``epsilon`` (unused) for ``velocity``; any other
+    value is checked (:func:`check_model_output_type`) and returned."""
+    if model_output_type == "auto":
+        return teacher_prediction_type if prediction_type in EPSILON_TYPES else "epsilon"
+    return check_model_output_type(model_output_type, prediction_type)
+
+
+def epsilon_from_output(
+    output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, model_output_type: str
+) -> torch.Tensor:
+    """The epsilon-type ``out`` of a raw network output at ``z = alpha x0 + sigma eps``
+    (:func:`perflow.solver.x0_eps_from_output`'s ``eps``): ``out`` for ``epsilon``,
+    ``sigma z + alpha v`` for ``v_prediction``, ``(z - alpha x0) / sigma`` for ``sample``.
+    ``alpha``, ``sigma`` broadcast against ``z``."""
+    if model_output_type == "epsilon":
+        return output
+    return x0_eps_from_output(output, z, alpha, sigma, model_output_type)[1]
 
 
 def window_end_denominator(t: torch.Tensor, window: Window) -> torch.Tensor:
@@ -72,6 +118,10 @@ def interpolate(
 
 
 __all__ = [
+    "MODEL_OUTPUT_TYPES",
+    "check_model_output_type",
+    "epsilon_from_output",
+    "resolve_model_output_type",
     "interpolate",
     "target_from_window",
     "velocity_from_output",

@@ -30,7 +30,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 
-from .parameterization import velocity_from_output
+from .parameterization import check_model_output_type, epsilon_from_output, velocity_from_output
 from .schedule import DiscreteVPSchedule
 from .solver import TEACHER_PREDICTION_TYPES
 from .tensors import expand_like
@@ -75,6 +75,11 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
             ``window_boundaries`` is given).
         window_boundaries: explicit boundaries ``[1, ..., 0]``, strictly decreasing, each window's
             ends at distinct teacher indices ``round(t T) - 1``; ``None`` for ``K`` equal windows.
+        model_output_type: what the model's raw output predicts, in diffusers' words: ``epsilon``
+            (the released checkpoints), ``v_prediction`` or ``sample``; with an epsilon-type
+            ``prediction_type`` it is turned into the window's epsilon at ``(z, t_c)``
+            (:func:`perflow.parameterization.epsilon_from_output`), so a student that keeps its
+            v-prediction teacher's output type samples, untrained, as the teacher's DDIM.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -95,6 +100,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         num_time_windows: int = 4,
         window_boundaries: list[float] | None = None,
         rescale_betas_zero_snr: bool = False,
+        model_output_type: str = "epsilon",
     ):
         if prediction_type in TEACHER_PREDICTION_TYPES:
             raise ValueError(
@@ -103,6 +109,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
                 "PeRFlowScheduler.from_config(pipe.scheduler.config, prediction_type='diff_eps')"
             )
         check_prediction_type(prediction_type)
+        check_model_output_type(model_output_type, prediction_type)
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
         schedule = DiscreteVPSchedule.from_config(self.config)  # abar (T,) float32, as DDIMScheduler
@@ -261,6 +268,8 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         step_t = self._timestep_tensor(timestep, device)  # () or (B,)
         t_c, dt, t_lookup = self._step_times(step_t)
         window = window_of(t_lookup, self.boundaries, self.schedule, self.config.prediction_type)
+        if self.config.model_output_type != "epsilon":
+            out = epsilon_from_output(out, z, *self.schedule.alpha_sigma(t_c, z), self.config.model_output_type)
         v = velocity_from_output(out, z, t_c, window)
         # at or below t = 0 the flow has arrived: no velocity (avoids 0/0 at the last window's end)
         v = torch.where(expand_like(t_c, z) > 0, v, torch.zeros((), dtype=work, device=device))

@@ -91,3 +91,69 @@ def test_unknown_prediction_type_raises():
         velocity_from_output(z, z, z[:, 0], z[:, 0], z[:, 0], z[:, 0], z[:, 0], "epsilon")
     with pytest.raises(ValueError, match="prediction_type"):
         target_from_window(z, z, z[:, 0], z[:, 0], z[:, 0], z[:, 0], "v_prediction")
+
+
+# ----------------------------------------------------------------------------- the raw output's type
+
+
+def _teacher_output(z: torch.Tensor, output_type: str) -> torch.Tensor:
+    """A fixed nonlinear 'network' that ignores its timestep (so student timestep t T and teacher
+    index i(t) see the same function)."""
+    return torch.tanh(1.3 * z) + 0.2 * z.roll(1, dims=-1) if output_type != "sample" else 0.5 * torch.tanh(z)
+
+
+@pytest.mark.parametrize("output_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("bounds", [[1.0, 0.75, 0.5, 0.25, 0.0], [1.0, 0.6125, 0.3, 0.0]])
+def test_untrained_ddim_eps_student_of_its_teachers_output_type_is_the_teachers_ddim(output_type, bounds):
+    """A student that is its teacher and keeps the teacher's output type (model_output_type), sampled with
+    ddim_eps at N = K steps, is exactly the teacher's DDIM over the window boundaries (one
+    solve_window step per window): the untrained student starts at a training-free sampler."""
+    from perflow.scheduler import PeRFlowScheduler
+    from perflow.schedule import DiscreteVPSchedule
+    from perflow.solver import solve_window
+
+    K = len(bounds) - 1
+    sched = PeRFlowScheduler(prediction_type="ddim_eps", window_boundaries=bounds, model_output_type=output_type)
+    sched.set_timesteps(K)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    x = z.clone()
+    for ts in sched.timesteps:
+        x = sched.step(_teacher_output(x, output_type), ts, x).prev_sample
+    schedule = DiscreteVPSchedule(sched.alphas_cumprod.double())
+    ref = z.clone()
+    for j in range(K):
+        t_s, t_e = torch.tensor(bounds[j], dtype=torch.float64), torch.tensor(bounds[j + 1], dtype=torch.float64)
+        ref = solve_window(lambda v, _i: _teacher_output(v, output_type), ref, t_s, t_e, 1, schedule, output_type)
+    torch.testing.assert_close(x, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("output_type", ["v_prediction", "sample"])
+def test_loss_of_a_teacher_student_at_window_starts_is_zero_only_with_its_output_type(output_type):
+    """With a one-step teacher solve and t at window starts, the teacher itself read with its own output
+    type has zero loss (its DDIM jump is the target); read as epsilon it does not."""
+    from perflow.objective import batch_loss, reflow_example
+    from perflow.schedule import DiscreteVPSchedule
+
+    schedule = DiscreteVPSchedule(sd_alphas_cumprod())
+    bounds = equal_boundaries(4)
+    x0 = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = bounds[:4].clone()
+    net = lambda z, _ts: _teacher_output(z, output_type)  # noqa: E731
+    losses = {}
+    for mot in (output_type, "epsilon"):
+        ex = reflow_example(net, x0, bounds, schedule, 1, "ddim_eps", output_type, t=t, model_output_type=mot,
+                            generator=torch.Generator().manual_seed(2))
+        losses[mot] = batch_loss(net, ex).item()
+    assert losses[output_type] < 1e-12
+    assert losses["epsilon"] > 1e-3
+
+
+def test_model_output_type_is_checked():
+    from perflow.parameterization import check_model_output_type
+    from perflow.scheduler import PeRFlowScheduler
+
+    with pytest.raises(ValueError, match="unknown model_output_type"):
+        check_model_output_type("eps", "ddim_eps")
+    with pytest.raises(ValueError, match="epsilon-type parameterization"):
+        PeRFlowScheduler(prediction_type="velocity", model_output_type="v_prediction")

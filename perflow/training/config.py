@@ -75,6 +75,10 @@ class PeRFlowConfig:
     """n, DDIM teacher steps per window."""
     prediction_type: str = "diff_eps"
     """Student parameterization: ``diff_eps``, ``ddim_eps`` or ``velocity``."""
+    model_output_type: str = "auto"
+    """What the student network outputs: ``auto`` (the teacher's own prediction type with an
+    epsilon-type parameterization, so ``ddim_eps`` starts as the teacher's DDIM), ``epsilon``,
+    ``v_prediction`` or ``sample``."""
     cfg_mode: str = "sync"
     """``sync`` (teacher at guidance 1 on the student's condition) or ``fixed`` (teacher guided at guidance_scale)."""
     guidance_scale: float = 7.5
@@ -182,11 +186,15 @@ class TrainConfig:
         """Raise a ``ValueError`` naming the field and the fix for any inconsistent value."""
         from ..denoisers import CFG_MODES
         from ..objective import LOSS_WEIGHTINGS, LOSSES
+        from ..parameterization import MODEL_OUTPUT_TYPES, check_model_output_type
         from ..time_sampling import TIME_SAMPLINGS
         from ..windows import PREDICTION_TYPES, resolve_boundaries
 
         p, t, d, o = self.perflow, self.training, self.data, self.output
         _choice("perflow.prediction_type", p.prediction_type, PREDICTION_TYPES)
+        _choice("perflow.model_output_type", p.model_output_type, ("auto",) + MODEL_OUTPUT_TYPES)
+        if p.model_output_type not in ("auto", "epsilon"):
+            check_model_output_type(p.model_output_type, p.prediction_type)
         _choice("perflow.cfg_mode", p.cfg_mode, CFG_MODES)
         _choice("perflow.time_sampling", p.time_sampling, TIME_SAMPLINGS)
         _choice("training.loss", t.loss, LOSSES)

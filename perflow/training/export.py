@@ -34,7 +34,9 @@ def replace_dir(target: Path, write: Callable[[Path], None]) -> Path:
     return Path(target)
 
 
-def perflow_scheduler(teacher: Teacher, prediction_type: str, boundaries: torch.Tensor, num_windows: int):
+def perflow_scheduler(
+    teacher: Teacher, prediction_type: str, boundaries: torch.Tensor, num_windows: int, model_output_type: str = "epsilon"
+):
     """The ``PeRFlowScheduler`` for a student of ``teacher`` (equal windows unless the boundaries differ)."""
     from ..scheduler import PeRFlowScheduler
     from ..windows import resolve_boundaries
@@ -45,6 +47,7 @@ def perflow_scheduler(teacher: Teacher, prediction_type: str, boundaries: torch.
         prediction_type=prediction_type,
         num_time_windows=num_windows,
         window_boundaries=boundaries.tolist() if explicit else None,
+        model_output_type=model_output_type,
     )
 
 

@@ -33,6 +33,7 @@ import torch
 
 from ..denoisers import guided_teacher_denoiser
 from ..objective import batch_loss, reflow_example
+from ..parameterization import resolve_model_output_type
 from ..schedule import NoiseSchedule, as_schedule
 from ..windows import resolve_boundaries
 from .config import TrainConfig
@@ -78,6 +79,13 @@ class TrainResult:
     """Samples of captioned batches that had no caption (trained with the null caption)."""
     nonfinite_skips: int = 0
     """Steps skipped for a non-finite loss or gradient (``training.max_nonfinite_skips``)."""
+
+
+def student_output_type(cfg: TrainConfig, teacher: Teacher) -> str:
+    """The student network's output type (``perflow.model_output_type``, ``auto`` resolved against the
+    teacher: :func:`perflow.parameterization.resolve_model_output_type`)."""
+    p = cfg.perflow
+    return resolve_model_output_type(p.model_output_type, p.prediction_type, teacher.prediction_type)
 
 
 def boundaries_of(cfg: TrainConfig, schedule: NoiseSchedule | torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +235,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         # purge_step: TensorBoard drops what a killed run logged after the checkpoint, which is logged again now
         accelerator.init_trackers("perflow", config=_flat(cfg.to_dict()),
                                   init_kwargs={"tensorboard": {"purge_step": global_step + 1}})
-    scheduler = perflow_scheduler(teacher_obj, p.prediction_type, boundaries, len(boundaries) - 1)
+    scheduler = perflow_scheduler(teacher_obj, p.prediction_type, boundaries, len(boundaries) - 1,
+                                  student_output_type(cfg, teacher_obj))
     evals_per_sample = p.num_solver_steps * (2 if (p.cfg_mode == "fixed" and p.guidance_scale != 1.0) else 1)
 
     bar = tqdm(total=tr.max_steps, initial=global_step, desc="perflow train", unit="step",
@@ -458,7 +467,7 @@ def training_loss(
     den = guided_teacher_denoiser(teacher.unet, cond_s, teacher.uncond(cond_s), dropped, p.cfg_mode, p.guidance_scale)
     ex = reflow_example(
         den, x0, boundaries, schedule, p.num_solver_steps, p.prediction_type, teacher.prediction_type,
-        generator=generator, time_sampler=time_sampler,
+        generator=generator, time_sampler=time_sampler, model_output_type=student_output_type(cfg, teacher),
     )
     kwargs = cond_s.to(device, torch.float32).unet_kwargs()
     return batch_loss(lambda z, ts: student(z, ts, **kwargs, return_dict=False)[0], ex, tr.loss, tr.huber_c, tr.loss_weighting)

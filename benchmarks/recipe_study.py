@@ -1,0 +1,233 @@
+"""The recipe study: how fast a PeRFlow student learns on each built-in suite teacher, one setting at a time.
+
+Trains a student of one suite teacher (``digits``, ``faces``, ``photos``) with the library's objective
+(:func:`perflow.objective.reflow_example` + :func:`perflow.objective.batch_loss`, the trainer's own
+functions) in a lean loop (no checkpoints, no logging), and at every ``--eval-every`` steps samples the
+EMA student with the exported ``PeRFlowScheduler`` at 4 and 8 steps from fixed noise. Reports paired
+MSE to the teacher's own 100-step DDIM output from the same noise and labels, and the sliced
+Wasserstein distance (pixel space, 256 projections) to that reference set. The training-free solvers
+(DDIM, DPM-Solver++ 2M, UniPC; each with its best of diffusers' leading / trailing / linspace spacings)
+are measured on the same noise once per teacher and cached.
+
+One JSON line per evaluation goes to ``--out`` (appended), with the settings, the step, the CPU-thread
+wall-clock of training so far and the metrics. Example (the study's rows in docs/study.md)::
+
+    python benchmarks/recipe_study.py --teacher photos --steps 400 --eval-every 100 --threads 1 \
+        --set prediction_type=ddim_eps --tag ddim_eps --out benchmarks/results/study.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULTS = dict(
+    num_time_windows=4,
+    boundaries="equal",  # equal | logsnr | comma list
+    num_solver_steps=8,
+    prediction_type="ddim_eps",
+    model_output_type="auto",
+    loss_weighting="window_end",
+    time_sampling="uniform",
+    learning_rate=1e-4,
+    lr_warmup_steps=0,
+    ema_decay=0.99,
+    batch_size=32,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    seed=0,
+)
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+def load_suite(name: str):
+    """(unet, label_encoder or None, scheduler config, teacher prediction type, batches)."""
+    from perflow.builtin.suite import get_suite_teacher, suite_teacher_path
+    from perflow.io import read_scheduler_config
+
+    suite = get_suite_teacher(name)
+    path = suite_teacher_path(name)
+    config = read_scheduler_config(path, required=True)
+    if suite.num_classes:
+        from perflow.training.teachers import load_teacher
+
+        t = load_teacher(str(path))
+        return t.unet, t.label_encoder, config, t.prediction_type, suite.batches()
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(path / "unet").eval().requires_grad_(False)
+    return unet, None, config, config.get("prediction_type", "epsilon"), suite.batches()
+
+
+def denoiser(unet, label_encoder, labels):
+    """``f(z, timestep) -> output`` of the teacher's architecture at the labels (no guidance)."""
+    if label_encoder is None:
+        return lambda z, ts: unet(z, ts).sample
+    from perflow.denoisers import Condition, unet_denoiser
+
+    with torch.no_grad():
+        return unet_denoiser(unet, Condition(label_encoder(labels.long())))
+
+
+# ----------------------------------------------------------------------------- evaluation set
+
+
+def reference(name: str, unet, le, config, num: int, cache: Path) -> dict:
+    """Fixed noise/labels, the 100-step DDIM reference and the best baseline per (solver, steps)."""
+    if cache.is_file():
+        return torch.load(cache)
+    from perflow.evaluation import metrics
+    from perflow.evaluation.samplers import baseline_scheduler, sample
+
+    size, ch = unet.config.sample_size, unet.config.in_channels
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn(num, ch, size, size, generator=g)
+    labels = torch.arange(num) % le.null_label if le is not None else None
+    fn = denoiser(unet, le, labels)
+    with torch.no_grad():
+        ref = sample(fn, baseline_scheduler("ddim", {**config, "timestep_spacing": "trailing"}), noise.clone(), 100).samples
+        base = {}
+        for solver in ("ddim", "dpmsolver++", "unipc"):
+            for steps in (4, 8):
+                best = None
+                for spacing in SPACINGS:
+                    sch = baseline_scheduler(solver, config)
+                    sch = sch.__class__.from_config(sch.config, timestep_spacing=spacing)
+                    out = sample(fn, sch, noise.clone(), steps).samples
+                    row = dict(mse=metrics.paired_mse(out, ref), swd=metrics.sliced_wasserstein(out.flatten(1), ref.flatten(1)), spacing=spacing)
+                    if best is None or row["mse"] < best["mse"]:
+                        best = row
+                base[f"{solver}@{steps}"] = best
+    data = dict(noise=noise, labels=labels, ref=ref, baselines=base)
+    torch.save(data, cache)
+    return data
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def logsnr_boundaries(alphas_cumprod: torch.Tensor, K: int) -> list[float]:
+    """Boundaries equally spaced in log-SNR ``log(abar / (1 - abar))`` between t = 1 and t = 0 (on the index grid)."""
+    ac = alphas_cumprod.double()
+    T = ac.numel()
+    lam = (ac / (1 - ac)).log()  # index 0 (t = 1/T .. 0) to T-1 (t = 1)
+    targets = torch.linspace(lam[-1].item(), lam[0].item(), K + 1)
+    out = [1.0]
+    for v in targets[1:-1]:
+        i = int((lam - v).abs().argmin())
+        out.append((i + 1) / T)
+    out.append(0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def run(args, s: dict) -> None:
+    from perflow.evaluation import metrics
+    from perflow.evaluation.samplers import sample
+    from perflow.objective import batch_loss, reflow_example
+    from perflow.parameterization import resolve_model_output_type
+    from perflow.schedule import DiscreteVPSchedule
+    from perflow.scheduler import PeRFlowScheduler
+    from perflow.time_sampling import make_time_sampler
+    from perflow.windows import resolve_boundaries
+
+    unet, le, config, teacher_type, draw = load_suite(args.teacher)
+    data = reference(args.teacher, unet, le, config, args.num_eval, Path(f"/tmp/study_{args.teacher}_{args.num_eval}.pt"))
+    schedule = DiscreteVPSchedule.from_config(config)
+    K = int(s["num_time_windows"])
+    if s["boundaries"] == "equal":
+        bounds = None
+    elif s["boundaries"] == "logsnr":
+        bounds = logsnr_boundaries(schedule.alphas_cumprod, K)
+    else:
+        bounds = [float(v) for v in str(s["boundaries"]).split(",")]
+    boundaries = resolve_boundaries(K, bounds, schedule, int(s["num_solver_steps"]), s["prediction_type"])
+    mot = resolve_model_output_type(s["model_output_type"], s["prediction_type"], teacher_type)
+    sched_cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    scheduler = PeRFlowScheduler.from_config(
+        sched_cfg, prediction_type=s["prediction_type"], num_time_windows=boundaries.numel() - 1,
+        window_boundaries=boundaries.tolist(), model_output_type=mot,
+    )
+    time_sampler = make_time_sampler(s["time_sampling"], boundaries)
+    student = copy.deepcopy(unet).train().requires_grad_(True)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=float(s["learning_rate"]), weight_decay=float(s["weight_decay"]))
+    warm = int(s["lr_warmup_steps"])
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
+    gen = torch.Generator().manual_seed(int(s["seed"]))
+    decay = float(s["ema_decay"])
+    train_time = 0.0
+    base = {k: round(v["mse"], 5) for k, v in data["baselines"].items()}
+
+    def evaluate(step: int) -> None:
+        row = dict(teacher=args.teacher, tag=args.tag, step=step, train_s=round(train_time, 1), settings=s, baselines=base)
+        for steps in (4, 8):
+            with torch.no_grad():
+                out = sample(denoiser(ema, le, data["labels"]), PeRFlowScheduler.from_config(scheduler.config),
+                             data["noise"].clone(), steps).samples
+            row[f"mse@{steps}"] = metrics.paired_mse(out, data["ref"])
+            row[f"swd@{steps}"] = metrics.sliced_wasserstein(out.flatten(1), data["ref"].flatten(1))
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k not in ("settings", "baselines")}), flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    if args.eval_init:
+        evaluate(0)
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        x0, labels = draw(gen, int(s["batch_size"]))
+        teach = denoiser(unet, le, labels)
+        ex = reflow_example(teach, x0, boundaries, schedule, int(s["num_solver_steps"]), s["prediction_type"],
+                            teacher_type, generator=gen, time_sampler=time_sampler, model_output_type=mot)
+        loss = batch_loss(denoiser(student, le, labels), ex, "mse", weighting=s["loss_weighting"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), float(s["max_grad_norm"]))
+        opt.step()
+        lr_sched.step()
+        with torch.no_grad():
+            for pe, ps in zip(ema.parameters(), student.parameters()):
+                pe.lerp_(ps, 1.0 - decay)
+        train_time += time.perf_counter() - t0
+        if not math.isfinite(loss.item()):
+            raise SystemExit(f"non-finite loss at step {step}")
+        if step % args.eval_every == 0 or step == args.steps:
+            evaluate(step)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", choices=("digits", "faces", "photos"), required=True)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-init", action="store_true", help="also evaluate the untrained student")
+    ap.add_argument("--num-eval", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], help="settings KEY=VALUE over " + ", ".join(DEFAULTS))
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    s = dict(DEFAULTS)
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        if k not in DEFAULTS:
+            raise SystemExit(f"unknown setting {k!r}; expected one of {sorted(DEFAULTS)}")
+        s[k] = v
+    run(args, s)
+
+
+if __name__ == "__main__":
+    main()
