@@ -60,13 +60,15 @@ def reflow_example(
     t: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     time_sampler: TimeSampler = uniform_times,
+    clip_sample: float | None = None,
 ) -> ReflowExample:
     """Build one piecewise-reflow batch from clean samples ``x0`` (B, ...) and a teacher denoiser.
 
     ``schedule`` is the teacher's :class:`~perflow.schedule.NoiseSchedule` (or its raw
     ``alphas_cumprod``). ``noise`` and ``t`` may be given (for exact reproducibility); otherwise
     they are drawn from ``generator`` (``t`` through ``time_sampler``). ``prediction_type`` is the
-    student's (``diff_eps``, ``ddim_eps`` or ``velocity``).
+    student's (``diff_eps``, ``ddim_eps`` or ``velocity``); ``clip_sample``: the teacher's x0 clipping
+    range in the window solve (:func:`perflow.solver.solve_window`; ``None``: off).
     """
     schedule = as_schedule(schedule)
     batch = x0.shape[0]
@@ -77,7 +79,7 @@ def reflow_example(
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     window = window_of(t, boundaries, schedule, prediction_type)
     z_s = schedule.marginal(x0, noise, window.t_s)
-    z_e = solve_window(denoiser, z_s, window.t_s, window.t_e, num_solver_steps, schedule, teacher_prediction_type)
+    z_e = solve_window(denoiser, z_s, window.t_s, window.t_e, num_solver_steps, schedule, teacher_prediction_type, clip_sample)
     work = torch.promote_types(x0.dtype, torch.float32)
     z_s32, z_e32 = z_s.to(work), z_e.to(work)
     target = target_from_window(z_s32, z_e32, window)
