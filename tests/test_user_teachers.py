@@ -125,6 +125,8 @@ def test_class_label_unet2d_reads_the_label_column_and_trains(tmp_path, one_thre
     cond = t.condition({"pixel_values": torch.zeros(2, 1, 8, 8), "label": torch.tensor([0, 1])})
     assert cond.unet_kwargs()["class_labels"].tolist() == [0, 1]
     assert t.drop(cond, torch.tensor([True, False])).class_labels.tolist() == [2, 1]  # dropped -> the null class
+    with pytest.raises(ValueError, match=r"outside the teacher's classes 0\.\.2"):
+        t.condition({"pixel_values": torch.zeros(1, 1, 8, 8), "label": torch.tensor([3])})
     out = tmp_path / "out"
     assert main(train_args(teacher, images, out, "--null_label", "2", "--cfg_mode", "fixed", "--guidance_scale", "2",
                            "--validation_every", "2")) == 0

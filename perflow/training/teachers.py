@@ -468,6 +468,11 @@ class UNet2DTeacher(Teacher):
             if self.null_label is None:
                 raise self._no_null("the training data has no class labels")
             labels = [self.null_label] * batch["pixel_values"].shape[0]
+        labels = torch.as_tensor(labels)
+        if bool((labels < 0).any()) or (self.num_labels is not None and bool((labels >= self.num_labels).any())):
+            top = self.num_labels - 1 if self.num_labels is not None else ""
+            raise ValueError(f"a batch label is outside the teacher's classes 0..{top}: {labels.tolist()}; "
+                             "fix the dataset's labels")
         return self._labels(labels)
 
     def null_text(self) -> Condition:
