@@ -69,7 +69,7 @@ class Condition:
             if x is not None:
                 x = x.to(device=device, dtype=dtype if (dtype is not None and x.is_floating_point()) else None)
             out[name] = x
-        return Condition(**out)
+        return type(self)(**out)
 
     def cat(self, other: "Condition") -> "Condition":
         """Concatenate along the batch: ``[self; other]``."""
@@ -79,7 +79,7 @@ class Condition:
             if (x is None) != (y is None):
                 raise ValueError(f"cannot concatenate conditions: {name} is missing on one side")
             out[name] = None if x is None else torch.cat([x, y.to(x.dtype)])
-        return Condition(**out)
+        return type(self)(**out)
 
     def where(self, mask: torch.Tensor, other: "Condition") -> "Condition":
         """Row ``b`` from ``other`` where ``mask[b]`` is true, else from ``self``."""
@@ -91,13 +91,13 @@ class Condition:
                 continue
             m = mask.to(x.device).reshape((-1,) + (1,) * (x.dim() - 1))
             out[name] = torch.where(m, y.to(x.dtype).expand_as(x), x)
-        return Condition(**out)
+        return type(self)(**out)
 
     def repeat(self, batch_size: int) -> "Condition":
         """Expand a batch-1 condition (e.g. the null condition) to ``batch_size`` rows."""
         if len(self) != 1:
             raise ValueError(f"repeat expects a batch-1 condition, got batch {len(self)}")
-        return Condition(**{n: None if x is None else x.expand(batch_size, *x.shape[1:]) for n, x in self.tensors().items()})
+        return type(self)(**{n: None if x is None else x.expand(batch_size, *x.shape[1:]) for n, x in self.tensors().items()})
 
 
 def unet_denoiser(

@@ -76,6 +76,7 @@ def reflow_example(
     generator: torch.Generator | None = None,
     time_sampler: TimeSampler = uniform_times,
     model_output_type: str = "epsilon",
+    clip_sample: float | None = None,
 ) -> ReflowExample:
     """Build one piecewise-reflow batch from clean samples ``x0`` (B, ...) and a teacher denoiser.
 
@@ -84,7 +85,9 @@ def reflow_example(
     they are drawn from ``generator`` (``t`` through ``time_sampler``). ``prediction_type`` is the
     student's (``diff_eps``, ``ddim_eps`` or ``velocity``); ``model_output_type`` what the student
     network's raw output predicts (:func:`perflow.parameterization.check_model_output_type`), turned
-    into the parameterization's output at ``(z_t, t)`` by :meth:`ReflowExample.student_output`.
+    into the parameterization's output at ``(z_t, t)`` by :meth:`ReflowExample.student_output`;
+    ``clip_sample``: the teacher's x0 clipping range in the window solve
+    (:func:`perflow.solver.solve_window`; ``None``: off).
     """
     check_model_output_type(model_output_type, prediction_type)
     schedule = as_schedule(schedule)
@@ -96,7 +99,7 @@ def reflow_example(
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     window = window_of(t, boundaries, schedule, prediction_type)
     z_s = schedule.marginal(x0, noise, window.t_s)
-    z_e = solve_window(denoiser, z_s, window.t_s, window.t_e, num_solver_steps, schedule, teacher_prediction_type)
+    z_e = solve_window(denoiser, z_s, window.t_s, window.t_e, num_solver_steps, schedule, teacher_prediction_type, clip_sample)
     work = torch.promote_types(x0.dtype, torch.float32)
     z_s32, z_e32 = z_s.to(work), z_e.to(work)
     target = target_from_window(z_s32, z_e32, window)

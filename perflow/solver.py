@@ -57,6 +57,7 @@ def solve_window(
     num_steps: int,
     schedule: NoiseSchedule | torch.Tensor,
     prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
 ) -> torch.Tensor:
     """``z_e = Phi(z_s, t_s, t_e)``: ``n`` DDIM steps on the times ``t_s + j (t_e - t_s) / n``, ``j = 0..n``.
 
@@ -67,6 +68,11 @@ def solve_window(
     are ``(B,)``). ``schedule`` is the teacher's :class:`~perflow.schedule.NoiseSchedule` (or
     its raw ``alphas_cumprod``). The update is computed in float32 (or ``z_s``'s dtype if
     wider); the denoiser casts to its own dtype.
+
+    ``clip_sample = r`` (a teacher whose scheduler config has ``clip_sample: true`` and
+    ``clip_sample_range: r``) clips the predicted clean sample in every step, as diffusers'
+    DDIM/DDPM step does: ``z_{j+1} = alpha(t_{j+1}) clip(x0, -r, r) + sigma(t_{j+1}) eps`` with the
+    model's own ``eps``. ``None`` (default): no clipping.
     """
     if num_steps < 1:
         raise ValueError(f"the teacher solver needs num_steps >= 1, got {num_steps}")
@@ -84,6 +90,8 @@ def solve_window(
         t_b = t_s + (t_e - t_s) * ((j + 1) / num_steps)
         out = denoiser(z, schedule.timestep(t_a)).to(work_dtype)
         x0, eps = x0_eps_from_output(out, z, *schedule.alpha_sigma(t_a, z), prediction_type)
+        if clip_sample is not None:
+            x0 = x0.clamp(-clip_sample, clip_sample)
         z = schedule.marginal(x0, eps, t_b)
     return z.to(z_s.dtype)
 

@@ -22,8 +22,9 @@ class ModelConfig:
     """The teacher, and how the student is built from it."""
 
     teacher: str = "digits"
-    """Teacher: a diffusers SD1.5/2.1/SDXL pipeline folder, a class-conditional folder
-    (unet/, scheduler/, label_encoder/) or a built-in name (``digits``)."""
+    """Teacher: a diffusers SD1.5/2.1/SDXL or DDPMPipeline folder (model_index.json), a bare UNet2DModel
+    folder (config.json + scheduler_config.json), a class-conditional folder (unet/, scheduler/,
+    label_encoder/) or a built-in name (``digits``, ``faces``, ``photos``); see docs/training.md."""
     teacher_dtype: str = "auto"
     """Teacher dtype: ``auto`` (the mixed-precision dtype, else float32), float32, float16, bfloat16."""
     gradient_checkpointing: bool = False
@@ -31,6 +32,9 @@ class ModelConfig:
     student_init: str | None = None
     """Start the student from this UNet folder instead of the teacher's weights (e.g. the previous
     stage of progressive reflow, K = 4 -> 2 -> 1); the delta is still taken against the teacher."""
+    null_label: int | None = None
+    """A UNet2DModel teacher with a class embedding: the class index it was trained with as "no class"
+    (CFG, caption dropout); unset: none, so set data.caption_dropout 0 and cfg_mode sync."""
     allow_pickle: bool = False
     """Let the teacher's pickled ``.bin`` weights be read (by diffusers' restricted loader) when a
     component has no safetensors; off by default: such a teacher is refused, naming the file."""
@@ -52,6 +56,8 @@ class DataConfig:
     """Seeded horizontal flips."""
     caption_column: str = "text"
     """Caption field in metadata.jsonl / the ``.json`` of a shard sample (``.txt`` is also read)."""
+    label_column: str = "label"
+    """Class label field in metadata.jsonl/csv, read for a teacher conditioned on class labels."""
     caption_free: bool = False
     """Ignore captions/labels: train an unconditional student (every sample gets the null condition)."""
     caption_dropout: float = 0.1

@@ -12,8 +12,10 @@ naming the file; ``skip`` (default) fills its slot with the next readable item (
 ``""`` and marks it in ``caption_missing``: the loop treats it as a dropped caption and counts it.
 
 - **image folder** (HF ``imagefolder`` convention): images plus a ``metadata.jsonl`` of
-  ``{"file_name": ..., "text": ...}`` lines; without ``metadata.jsonl`` every image is used,
-  caption-free.
+  ``{"file_name": ..., "text": ...}`` lines (or a ``metadata.csv`` with those columns); without
+  metadata every image is used, caption-free. For a teacher conditioned on class labels
+  (:class:`LabelRange`, from :func:`teacher_labels`) each row's ``label`` column
+  (``data.label_column``) is read instead of the caption and checked against the teacher's classes.
 - **tar shards** (WebDataset layout): samples are the members sharing a basename
   (``0001.jpg`` + ``0001.txt`` or ``0001.json``). The shards are indexed once (member offsets)
   and read by random access with the stdlib ``tarfile``, so they support the same seeded,
@@ -26,12 +28,14 @@ so ``(epoch, index)`` after a resume is exact.
 
 from __future__ import annotations
 
+import csv
 import glob
 import io
 import json
 import os
 import re
 import tarfile
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,6 +53,58 @@ MAX_SUBSTITUTES = 100
 
 class BadImageError(ValueError):
     """An image or sample that cannot be read (names the file)."""
+
+
+@dataclass(frozen=True)
+class LabelRange:
+    """The class labels a teacher takes: integers ``0 .. num_labels - 1`` (no upper bound when
+    ``num_labels`` is None) other than its ``null_label``; read from ``column``."""
+
+    column: str = "label"
+    num_labels: int | None = None
+    null_label: int | None = None
+
+    def check(self, value: Any, where: str) -> int:
+        """``value`` as a label; a ``ValueError`` naming ``where`` (file and row) and the fix if it is not one."""
+        text = str(value).strip()
+        if isinstance(value, bool) or not (isinstance(value, int) or text.lstrip("-").isdigit()):
+            raise ValueError(f"{where}: {self.column} {value!r} is not an integer class index; fix the row or set data.label_column")
+        label = int(text)
+        top = f"{self.num_labels - 1}" if self.num_labels is not None else ""
+        if label < 0 or (self.num_labels is not None and label >= self.num_labels) or label == self.null_label:
+            null = f", {self.null_label} is the null class" if self.null_label is not None else ""
+            raise ValueError(
+                f"{where}: {self.column} {label} is not one of the teacher's classes (0..{top}{null}); fix the row "
+                "or give the teacher these labels were made for"
+            )
+        return label
+
+
+def teacher_labels(teacher: Any, data_cfg: Any) -> LabelRange | None:
+    """The :class:`LabelRange` a dataset must read for ``teacher`` (one with ``uses_labels``), None when it
+    reads captions (or nothing: ``data.caption_free``)."""
+    if not getattr(teacher, "uses_labels", False) or data_cfg.caption_free:
+        return None
+    return LabelRange(data_cfg.label_column, teacher.num_labels, teacher.null_label)
+
+
+def read_metadata(root: Path) -> tuple[Path, list[tuple[int, dict]]] | None:
+    """``(file, [(line number, row)])`` of an image folder's ``metadata.jsonl`` (or ``metadata.csv``), or None."""
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        rows = []
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{meta}:{n}: not a JSON object ({err.msg}); fix the line") from None
+        return meta, rows
+    meta = root / "metadata.csv"
+    if meta.is_file():
+        with open(meta, newline="") as f:
+            return meta, [(n, row) for n, row in enumerate(csv.DictReader(f), 2)]
+    return None
 
 
 def image_mode(channels: int) -> str:
@@ -147,30 +203,37 @@ class _ImageDataset(Dataset):
 
 
 class ImageFolderDataset(_ImageDataset):
-    """Images of a folder with an optional ``metadata.jsonl`` (``file_name`` + caption column)."""
+    """Images of a folder with an optional ``metadata.jsonl``/``metadata.csv`` (``file_name`` + caption
+    column, or the label column of ``labels``)."""
 
     def __init__(
         self, root: str | Path, resolution: int, center_crop: bool = True, random_flip: bool = False,
         caption_column: str = "text", seed: int = 0, channels: int = 3, on_bad_image: str = "skip",
+        labels: LabelRange | None = None,
     ):
         super().__init__(resolution, center_crop, random_flip, seed, channels, on_bad_image)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        meta = self.root / "metadata.jsonl"
-        self.items: list[tuple[str, str | None]] = []
-        if meta.is_file():
-            for n, line in enumerate(meta.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if "file_name" not in row:
+        metadata = read_metadata(self.root)
+        self.items: list[tuple[str, str | int | None]] = []
+        if metadata is not None:
+            meta, rows = metadata
+            for n, row in rows:
+                if not isinstance(row, dict) or "file_name" not in row:
                     raise ValueError(f"{meta}:{n}: each line needs a 'file_name' (HF imagefolder convention)")
-                if caption_column not in row:
+                if labels is not None:
+                    if labels.column not in row:
+                        raise ValueError(f"{meta}:{n}: no label column {labels.column!r} (the teacher is conditioned on "
+                                         "class labels); set data.label_column, or data.caption_free true")
+                    value: str | int = labels.check(row[labels.column], f"{meta}:{n}")
+                elif caption_column not in row:
                     raise ValueError(f"{meta}:{n}: no caption column {caption_column!r}; set data.caption_column")
+                else:
+                    value = str(row[caption_column])
                 if not (self.root / row["file_name"]).is_file():
                     raise FileNotFoundError(f"{meta}:{n}: {row['file_name']} not found in {self.root}")
-                self.items.append((row["file_name"], str(row[caption_column])))
+                self.items.append((row["file_name"], value))
         else:
             files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
             self.items = [(str(p.relative_to(self.root)), None) for p in files]
@@ -184,10 +247,12 @@ class ImageFolderDataset(_ImageDataset):
         return str(self.root / self.items[index][0])
 
     def _load(self, index: int, epoch: int) -> dict[str, Any]:
-        name, caption = self.items[index]
+        name, value = self.items[index]
         item = self._image(self.root / name, index, epoch)
-        if caption is not None:
-            item["caption"] = caption
+        if isinstance(value, int):
+            item["label"] = value
+        elif value is not None:
+            item["caption"] = value
         return item
 
 
@@ -214,10 +279,11 @@ class TarShardDataset(_ImageDataset):
     def __init__(
         self, shards: str | list[str], resolution: int, center_crop: bool = True, random_flip: bool = False,
         caption_column: str = "text", seed: int = 0, channels: int = 3, on_bad_image: str = "skip",
+        labels: LabelRange | None = None,
     ):
         super().__init__(resolution, center_crop, random_flip, seed, channels, on_bad_image)
         self.paths = expand_shards(shards) if isinstance(shards, str) else list(shards)
-        self.caption_column = caption_column
+        self.caption_column, self.labels = caption_column, labels
         self.keys: list[str] = []
         # sample: (shard, {ext: (offset_data, size)})
         self.samples: list[tuple[int, dict[str, tuple[int, int]]]] = []
@@ -253,7 +319,14 @@ class TarShardDataset(_ImageDataset):
         shard, parts = self.samples[index]
         ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in parts)
         item = self._image(self._read(shard, parts[ext]), index, epoch)
-        if "txt" in parts:
+        if self.labels is not None:  # the label from the sample's .cls, or its .json's label column
+            meta = json.loads(self._read(shard, parts["json"])) if "json" in parts else {}
+            raw = self._read(shard, parts["cls"]).decode("utf-8").strip() if "cls" in parts else meta.get(self.labels.column)
+            if raw is None:
+                raise ValueError(f"{self._name(index)}: no class label (.cls, or {self.labels.column!r} in its .json); "
+                                 "set data.label_column, or data.caption_free true")
+            item["label"] = self.labels.check(raw, self._name(index))
+        elif "txt" in parts:
             item["caption"] = self._read(shard, parts["txt"]).decode("utf-8").strip()
         elif "json" in parts:
             meta = json.loads(self._read(shard, parts["json"]))
@@ -275,9 +348,10 @@ class _DropEpoch(Dataset):
         return self.base[key[0]]
 
 
-def build_dataset(data_cfg, seed: int = 0, channels: int = 3) -> Dataset:
+def build_dataset(data_cfg, seed: int = 0, channels: int = 3, labels: LabelRange | None = None) -> Dataset:
     """The dataset named by a :class:`~perflow.training.config.DataConfig`; images are read with
-    ``channels`` channels (the teacher's)."""
+    ``channels`` channels (the teacher's), and class labels instead of captions when ``labels`` is
+    given (:func:`teacher_labels`)."""
     if data_cfg.source == "digits":
         from perflow.builtin.digits import load_digits_dataset
 
@@ -285,7 +359,7 @@ def build_dataset(data_cfg, seed: int = 0, channels: int = 3) -> Dataset:
     kw = dict(
         resolution=data_cfg.resolution, center_crop=data_cfg.center_crop, random_flip=data_cfg.random_flip,
         caption_column=data_cfg.caption_column, seed=seed, channels=channels,
-        on_bad_image=getattr(data_cfg, "on_bad_image", "skip"),
+        on_bad_image=getattr(data_cfg, "on_bad_image", "skip"), labels=labels,
     )
     if data_cfg.source == "imagefolder":
         return ImageFolderDataset(data_cfg.path, **kw)

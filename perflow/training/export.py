@@ -3,10 +3,15 @@
 ``<output_dir>/``
 - ``unet/``: the student (``save_pretrained``, safetensors);
 - ``scheduler/scheduler_config.json``: the matching ``PeRFlowScheduler`` (same betas, ``K``,
-  boundaries, the student's prediction type);
+  boundaries, the student's prediction type); for a teacher sampled with ``clip_sample`` or
+  ``thresholding`` also ``_teacher_sampling`` (:data:`TEACHER_SAMPLING_KEY`; private, so
+  ``from_config`` ignores it): what the window solve did with them;
 - for an SD/SDXL teacher (``save_pipeline``): the rest of the pipeline (``model_index.json``,
   VAE, text encoders, tokenizers), so the folder loads with ``DiffusionPipeline.from_pretrained``;
-  for a class-conditional teacher: ``label_encoder/``;
+  for an unconditional ``UNet2DModel`` teacher (``save_pipeline``): a ``DDPMPipeline``
+  ``model_index.json`` (``DDPMPipeline.from_pretrained(out)`` samples with the PeRFlow scheduler);
+  for a class-conditional teacher: ``label_encoder/`` (a ``UNet2DModel`` with ``class_labels``:
+  ``unet/`` and ``scheduler/`` only, no diffusers pipeline takes its labels);
 - ``delta.safetensors``: ``delta = student - teacher`` with metadata (base model, ``K``,
   prediction type, CFG mode, boundaries, scheduler config).
 
@@ -21,8 +26,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..io import atomic_folder, match_umask, write_text
-from .teachers import ClassConditionalTeacher, SDXLTeacher, Teacher
+from ..io import atomic_folder, match_umask, read_json, write_text
+from .teachers import ClassConditionalTeacher, SDXLTeacher, Teacher, UNet2DTeacher
+
+TEACHER_SAMPLING_KEY = "_teacher_sampling"
+"""Scheduler-config key recording the teacher's ``clip_sample``/``thresholding`` and what the window solve applied."""
 
 
 def replace_dir(target: Path, write: Callable[[Path], None]) -> Path:
@@ -51,6 +59,24 @@ def perflow_scheduler(
     )
 
 
+def teacher_sampling(teacher: Teacher) -> dict[str, Any] | None:
+    """What the window solve did with a teacher whose scheduler clips or thresholds ``x0``:
+    ``{"clip_sample": r or None (x0 clipped to [-r, r]), "thresholding": bool (never applied)}``;
+    None for a teacher that does neither (nothing to record)."""
+    if teacher.clip_sample is None and not teacher.thresholding:
+        return None
+    return {"clip_sample": teacher.clip_sample, "thresholding": teacher.thresholding, "thresholding_applied": False}
+
+
+def _save_scheduler(scheduler, folder: Path, sampling: dict[str, Any] | None) -> None:
+    import json
+
+    scheduler.save_pretrained(folder)
+    if sampling is not None:
+        f = folder / "scheduler_config.json"
+        write_text(f, json.dumps({**read_json(f), TEACHER_SAMPLING_KEY: sampling}, indent=2, sort_keys=True) + "\n")
+
+
 def export_student(
     output_dir: str | Path,
     student: torch.nn.Module,
@@ -71,11 +97,15 @@ def export_student(
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     written["unet"] = replace_dir(out / "unet", lambda d: student.save_pretrained(d, safe_serialization=True))
-    written["scheduler"] = replace_dir(out / "scheduler", lambda d: scheduler.save_pretrained(d))
+    sampling = teacher_sampling(teacher)
+    written["scheduler"] = replace_dir(out / "scheduler", lambda d: _save_scheduler(scheduler, d, sampling))
     if isinstance(teacher, ClassConditionalTeacher):
         written["label_encoder"] = replace_dir(
             out / "label_encoder", lambda d: teacher.label_encoder.save_pretrained(d, safe_serialization=True)
         )
+    elif isinstance(teacher, UNet2DTeacher):
+        if save_pipeline and not teacher.conditional:
+            written["model_index"] = _write_model_index(out, "DDPMPipeline", {"unet": ["diffusers", "UNet2DModel"]})
     elif save_pipeline:
         written.update(_export_pipeline(out, teacher))
     if save_delta:
@@ -90,6 +120,7 @@ def export_student(
             "cfg_mode": cfg_mode,
             "window_boundaries": scheduler.boundaries.tolist(),
             "scheduler_config": dict(scheduler.config),
+            **({"teacher_sampling": sampling} if sampling is not None else {}),
             **(extra_metadata or {}),
         }
         written["delta"] = match_umask(_save(delta, out / "delta.safetensors", meta))
@@ -98,8 +129,6 @@ def export_student(
 
 def _export_pipeline(out: Path, teacher: Teacher) -> dict[str, Path]:
     """``model_index.json`` and the teacher's frozen parts, so ``out`` is a loadable pipeline folder."""
-    import json
-
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     written: dict[str, Path] = {}
@@ -110,12 +139,7 @@ def _export_pipeline(out: Path, teacher: Teacher) -> dict[str, Path]:
         kw = {} if name.startswith("tokenizer") else {"safe_serialization": True}
         written[name] = replace_dir(out / name, lambda d, p=part, k=kw: p.save_pretrained(d, **k))
     cls = StableDiffusionXLPipeline if isinstance(teacher, SDXLTeacher) else StableDiffusionPipeline
-    index: dict[str, Any] = {"_class_name": cls.__name__}
-    import diffusers
-
-    index["_diffusers_version"] = diffusers.__version__
-    index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    index["scheduler"] = ["perflow.scheduler", "PeRFlowScheduler"]  # "perflow" alone fails in DiffusionPipeline.from_pretrained
+    index: dict[str, Any] = {"unet": ["diffusers", "UNet2DConditionModel"]}
     index["vae"] = ["diffusers", type(teacher.vae).__name__]
     for name in parts:
         if name.startswith(("text_encoder", "tokenizer")):
@@ -125,6 +149,18 @@ def _export_pipeline(out: Path, teacher: Teacher) -> dict[str, Path]:
     else:
         index.update(force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
         index.update(image_encoder=[None, None], feature_extractor=[None, None])
-    write_text(out / "model_index.json", json.dumps(index, indent=2))
-    written["model_index"] = out / "model_index.json"
+    written["model_index"] = _write_model_index(out, cls.__name__, index)
     return written
+
+
+def _write_model_index(out: Path, pipeline: str, parts: dict[str, Any]) -> Path:
+    """``out/model_index.json`` of a ``pipeline`` with ``parts`` and the PeRFlow scheduler."""
+    import json
+
+    import diffusers
+
+    index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
+    index["scheduler"] = ["perflow.scheduler", "PeRFlowScheduler"]  # "perflow" alone fails in DiffusionPipeline.from_pretrained
+    index.update(parts)
+    write_text(out / "model_index.json", json.dumps(index, indent=2))
+    return out / "model_index.json"

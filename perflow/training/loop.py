@@ -43,7 +43,7 @@ from ..io import write_text
 from .outdir import SUMMARY_FILE, WRITE_ERRORS, OutputDirError, OutputLock
 from .runs import RunNotes, RunStart, on_main, open_run
 from .safety import NonFiniteError, StopSignals, TrainingInterrupted, nonfinite_message, nonfinite_names
-from .teachers import ClassConditionalTeacher, Teacher, as_teacher
+from .teachers import Teacher, as_teacher
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CAPTION_FREE_GRID = 16
@@ -119,12 +119,6 @@ def _accelerator(cfg: TrainConfig):
     )
 
 
-def _default_prompts(teacher: Teacher) -> list:
-    if isinstance(teacher, ClassConditionalTeacher):
-        return list(range(teacher.null_label))
-    return ["a photo of a cat", "a painting of a dog", "a red digit", ""]
-
-
 def train(
     config: TrainConfig | dict | str | None = None,
     teacher: Any = None,
@@ -171,7 +165,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
 
     from ..time_sampling import make_time_sampler
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .data import build_dataset, check_channels, close_loader, make_loader
+    from .data import build_dataset, check_channels, close_loader, make_loader, teacher_labels
     from .export import perflow_scheduler
 
     p, tr, out, dc = cfg.perflow, cfg.training, cfg.output, cfg.data
@@ -179,7 +173,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     output_dir = Path(out.output_dir)
 
     # ---- teacher (frozen, its own dtype) and student (fp32 master copy) ----------------------
-    teacher_obj = as_teacher(teacher if teacher is not None else cfg.model.teacher, cfg.model.allow_pickle)
+    teacher_obj = as_teacher(teacher if teacher is not None else cfg.model.teacher, cfg.model.allow_pickle, cfg.model.null_label)
+    teacher_obj.check_training(cfg)
     tdtype = MP_DTYPES[tr.mixed_precision] if cfg.model.teacher_dtype == "auto" else DTYPES[cfg.model.teacher_dtype]
     if device.type == "cpu" and tdtype == torch.float16:
         tdtype = torch.float32  # fp16 kernels are missing or slow on CPU
@@ -198,7 +193,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     param_names = [n for n, _ in student.named_parameters()]
 
     channels = image_channels(teacher_obj)
-    ds = dataset if dataset is not None else build_dataset(dc, seed=tr.seed, channels=channels)
+    ds = dataset if dataset is not None else build_dataset(dc, tr.seed, channels, teacher_labels(teacher_obj, dc))
     check_channels(ds, channels)
     schedule = teacher_obj.schedule
     boundaries = boundaries_of(cfg, schedule)
@@ -412,10 +407,9 @@ def image_channels(teacher: Teacher) -> int:
 
 
 def load_student_init(student: torch.nn.Module, path: str) -> None:
-    """Copy a saved UNet's weights (a ``save_pretrained`` folder or its parent) into the student."""
-    from diffusers import UNet2DConditionModel
-
-    from perflow.io import check_weight_files
+    """Copy a saved UNet's weights (a ``save_pretrained`` folder or its parent) into the student; the
+    folder's model class (its ``config.json``'s ``_class_name``) must be the student's."""
+    from perflow.io import check_weight_files, read_json
 
     folder = Path(path)
     if (folder / "unet" / "config.json").is_file():
@@ -423,8 +417,12 @@ def load_student_init(student: torch.nn.Module, path: str) -> None:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model.student_init {path!r} is not a diffusers UNet folder (config.json missing)")
     check_weight_files(folder)  # a truncated or damaged file: an error naming it, not a traceback
+    cls, saved = type(student), read_json(folder / "config.json").get("_class_name")
+    if saved != cls.__name__:
+        raise ValueError(f"model.student_init {path!r} holds a {saved}, but the teacher's denoiser is a {cls.__name__}; "
+                         f"give a {cls.__name__} folder")
     try:
-        init = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).state_dict()
+        init = cls.from_pretrained(folder, use_safetensors=True).state_dict()
     except OSError as err:
         raise FileNotFoundError(f"model.student_init {path!r}: no readable safetensors UNet weights ({err})") from None
     own = student.state_dict()
@@ -464,10 +462,12 @@ def training_loss(
     if missing is not None:  # a sample without a caption is an unconditional one, like a dropped caption
         dropped = dropped | missing
     cond_s = teacher.drop(cond, dropped) if bool(dropped.any()) else cond
-    den = guided_teacher_denoiser(teacher.unet, cond_s, teacher.uncond(cond_s), dropped, p.cfg_mode, p.guidance_scale)
+    uncond = teacher.uncond(cond_s) if teacher.has_null else None  # without one, check_training refused what uses it
+    den = guided_teacher_denoiser(teacher.unet, cond_s, uncond, dropped, p.cfg_mode, p.guidance_scale)
     ex = reflow_example(
         den, x0, boundaries, schedule, p.num_solver_steps, p.prediction_type, teacher.prediction_type,
         generator=generator, time_sampler=time_sampler, model_output_type=student_output_type(cfg, teacher),
+        clip_sample=teacher.clip_sample,
     )
     kwargs = cond_s.to(device, torch.float32).unet_kwargs()
     return batch_loss(lambda z, ts: student(z, ts, **kwargs, return_dict=False)[0], ex, tr.loss, tr.huber_c, tr.loss_weighting)
@@ -479,13 +479,13 @@ def _validate(cfg: TrainConfig, student, ema, teacher: Teacher, scheduler, path:
     from .validation import image_grid, sample_student, save_png
 
     o, p, dc = cfg.output, cfg.perflow, cfg.data
-    prompts = o.validation_prompts if o.validation_prompts else _default_prompts(teacher)
+    prompts = o.validation_prompts if o.validation_prompts else teacher.default_prompts()
     w = o.validation_guidance_scale
-    if dc.caption_free:  # an unconditional student: the null condition, no guidance, a grid of CAPTION_FREE_GRID
+    if dc.caption_free or not teacher.conditional:  # an unconditional student: the null condition, no guidance, a grid of CAPTION_FREE_GRID
         prompts = prompts if o.validation_prompts else (prompts * CAPTION_FREE_GRID)[:CAPTION_FREE_GRID]
         w = 1.0
     elif w is None:  # CFG-fixed students are sampled without guidance; sync ones with the teacher's usual scale
-        w = 1.0 if p.cfg_mode == "fixed" else (2.0 if isinstance(teacher, ClassConditionalTeacher) else 7.5)
+        w = 1.0 if p.cfg_mode == "fixed" else teacher.validation_guidance
     if ema is not None:
         ema.store(student.parameters())
         ema.copy_to(student.parameters())
@@ -498,7 +498,7 @@ def _validate(cfg: TrainConfig, student, ema, teacher: Teacher, scheduler, path:
         size = dc.resolution // teacher.vae_scale
         shape = (len(prompts), teacher.latent_channels, size, size)
         gen = torch.Generator().manual_seed(cfg.training.seed)
-        z = sample_student(student, scheduler, cond, teacher.uncond(cond), shape, o.validation_steps, w, gen)
+        z = sample_student(student, scheduler, cond, teacher.uncond(cond) if teacher.has_null else None, shape, o.validation_steps, w, gen)
         images = teacher.decode_latents(z)
         return save_png(image_grid(images), path)
     finally:

@@ -1,6 +1,6 @@
 """Frozen teachers: a UNet, its noise schedule, its condition encoders and (optionally) a VAE.
 
-Three kinds, each loadable from a folder or built from in-memory objects:
+Four kinds, each loadable from a folder or built from in-memory objects:
 
 - ``sd``: a diffusers Stable Diffusion 1.x/2.x pipeline (``model_index.json``); the teacher's
   prediction type (``epsilon`` or ``v_prediction``) is read from its scheduler config; the
@@ -11,6 +11,17 @@ Three kinds, each loadable from a folder or built from in-memory objects:
   ``label_encoder/`` (:class:`perflow.models.LabelEncoder`; label ``num_classes`` is the null
   label), optionally ``vae/``; without a VAE it works in pixel space. ``"digits"`` names the
   built-in digits teacher.
+- ``unet2d``: a pixel-space diffusers ``UNet2DModel``: a ``DDPMPipeline``/``DDIMPipeline`` folder
+  (``model_index.json``, ``unet/``, ``scheduler/``) or a bare UNet folder (``config.json`` and
+  weights, the schedule from ``scheduler_config.json`` in it, in its ``scheduler/`` subfolder or in
+  a ``scheduler/`` folder beside it). Unconditional (the condition is ``UNet2DCondition()``), or
+  class-conditional through ``class_labels`` when it has a class embedding (``num_class_embeds``, or
+  ``class_embed_type="timestep"``); its null class, if it was trained with one, is ``null_label``
+  (``model.null_label``). ``"faces"`` names the built-in faces teacher (a ``DDPMPipeline``).
+
+A teacher whose scheduler config has ``clip_sample: true`` is solved with the predicted ``x0``
+clipped to ``[-clip_sample_range, clip_sample_range]`` in every step (:attr:`Teacher.clip_sample`,
+passed to :func:`perflow.solver.solve_window`); ``thresholding: true`` is warned about and not applied.
 
 Every encoder runs under ``torch.no_grad`` in the teacher's dtype. Batches are dicts from
 :mod:`perflow.training.data`: ``pixel_values`` ``(B, C, H, W)`` in ``[-1, 1]``, and ``caption``
@@ -19,8 +30,10 @@ Every encoder runs under ``torch.no_grad`` in the teacher's dtype. Batches are d
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -28,6 +41,31 @@ from ..denoisers import Condition
 from ..schedule import DiscreteVPSchedule
 
 BUILTIN_TEACHERS = {"digits": ("builtin", "weights", "digits_teacher")}
+SUITE_TEACHER_NAMES = ("faces", "photos")
+"""Built-in suite teachers :func:`load_teacher` also finds by name (:func:`perflow.builtin.suite.suite_teacher_path`)."""
+
+
+def teacher_clip_sample(config: Mapping[str, Any], name: str = "teacher") -> float | None:
+    """The clipping range ``r`` of the predicted ``x0`` that a diffusers scheduler config asks for, or None.
+
+    ``clip_sample: true`` gives ``r = clip_sample_range`` (default 1.0); a config without
+    ``clip_sample`` is taken as off (every saved diffusers config has the key; the scheduler
+    classes' own default, true, is not assumed). ``thresholding: true`` (dynamic thresholding) is
+    not applied in the window solve: a warning says so (``docs/training.md``, "clip_sample").
+    """
+    if config.get("thresholding"):
+        warnings.warn(
+            f"{name}: the scheduler config sets thresholding (dynamic thresholding); perflow's window solve does not "
+            "apply it" + (" and clips x0 by clip_sample instead" if config.get("clip_sample") else "")
+            + " (docs/training.md, clip_sample)",
+            UserWarning, stacklevel=3,
+        )
+    if not config.get("clip_sample"):
+        return None
+    r = float(config.get("clip_sample_range", 1.0))
+    if not r > 0:
+        raise ValueError(f"{name}: the scheduler config's clip_sample_range must be > 0, got {r}")
+    return r
 
 
 def teacher_schedule(config: dict) -> tuple[DiscreteVPSchedule, str, dict]:
@@ -60,14 +98,28 @@ def teacher_schedule(config: dict) -> tuple[DiscreteVPSchedule, str, dict]:
 class Teacher:
     """Base class: ``unet``, its noise ``schedule`` (:class:`~perflow.schedule.DiscreteVPSchedule`,
     float64) and ``schedule_config`` (the diffusers scheduler keys it came from), ``prediction_type``
-    and encoders."""
+    and encoders; ``clip_sample``: the ``x0`` clipping range of its sampler (:func:`teacher_clip_sample`),
+    ``thresholding``: whether its scheduler asks for dynamic thresholding (not applied)."""
 
     kind = "base"
+    conditional = True
+    """False for an unconditional model (its only condition is ``UNet2DCondition()``)."""
+    has_null = True
+    """Whether :meth:`null_text` exists (the unconditional input of CFG and caption dropout)."""
+    uses_labels = False
+    """Conditioned on integer class labels (the batch's ``label``) rather than captions."""
+    num_labels: int | None = None
+    """Label indices the model embeds (the null label included); None: no labels, or no upper bound."""
+    null_label: int | None = None
+    validation_guidance = 7.5
+    """CFG scale of validation grids in CFG-sync runs when ``output.validation_guidance_scale`` is unset."""
 
     def __init__(self, unet, scheduler_config: dict, vae=None, name: str = "teacher"):
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.schedule, self.prediction_type, self.schedule_config = teacher_schedule(scheduler_config)
+        self.clip_sample = teacher_clip_sample(scheduler_config, name)
+        self.thresholding = bool(scheduler_config.get("thresholding", False))
         self.name = name
         self._null: Condition | None = None
 
@@ -145,8 +197,7 @@ class Teacher:
         """The null condition for the same batch (SDXL keeps each sample's time ids)."""
         if self._null is None:
             self._null = self.null_text()
-        null = self._null.repeat(len(cond))
-        return Condition(null.encoder_hidden_states, null.text_embeds, cond.time_ids)
+        return dataclasses.replace(self._null.repeat(len(cond)), time_ids=cond.time_ids)
 
     def drop(self, cond: Condition, dropped: torch.Tensor) -> Condition:
         """Rows where ``dropped`` is true replaced by the null condition (caption dropout)."""
@@ -156,15 +207,48 @@ class Teacher:
         """Condition for sampling previews of ``prompts`` (captions or labels) at ``resolution``."""
         raise NotImplementedError
 
+    def default_prompts(self) -> list:
+        """Validation prompts (or labels) when ``output.validation_prompts`` is unset."""
+        return ["a photo of a cat", "a painting of a dog", "a red digit", ""]
+
+    def check_training(self, cfg: Any) -> None:
+        """Refuse, in one line naming the setting and the fix, a :class:`~perflow.training.config.TrainConfig`
+        that needs an unconditional pass this teacher cannot make."""
+        p, d, o = cfg.perflow, cfg.data, cfg.output
+        guided = p.cfg_mode == "fixed" and p.guidance_scale != 1.0
+        if not self.conditional:
+            if guided:
+                raise ValueError(f"{self.name} is an unconditional model: perflow.cfg_mode fixed has nothing to guide; "
+                                 "use --cfg_mode sync")
+            return
+        if self.has_null:
+            return
+        needs = [name for name, on in (
+            (f"perflow.cfg_mode fixed at guidance_scale {p.guidance_scale}", guided),
+            (f"data.caption_dropout {d.caption_dropout}", d.caption_dropout > 0),
+            ("data.caption_free", d.caption_free),
+            (f"output.validation_guidance_scale {o.validation_guidance_scale}",
+             o.validation_guidance_scale not in (None, 1.0)),
+        ) if on]
+        if needs:
+            raise ValueError(
+                f"{needs[0]} needs the teacher's unconditional (null class) output, but {self.name}'s class embedding "
+                f"has no null class: turn it off (--caption_dropout 0, --cfg_mode sync), or name the class index the "
+                "model was trained with as 'no class' (--null_label N)"
+            )
+
 
 class ClassConditionalTeacher(Teacher):
     """A ``UNet2DConditionModel`` conditioned on :class:`perflow.models.LabelEncoder` embeddings."""
 
     kind = "class"
+    uses_labels = True
+    validation_guidance = 2.0
 
     def __init__(self, unet, scheduler_config: dict, label_encoder, vae=None, name: str = "teacher"):
         super().__init__(unet, scheduler_config, vae, name)
         self.label_encoder = label_encoder.eval().requires_grad_(False)
+        self.num_labels = self.null_label + 1
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {**super().modules(), "label_encoder": self.label_encoder}
@@ -172,6 +256,9 @@ class ClassConditionalTeacher(Teacher):
     @property
     def null_label(self) -> int:
         return self.label_encoder.null_label
+
+    def default_prompts(self) -> list:
+        return list(range(self.null_label))
 
     @torch.no_grad()
     def encode_labels(self, labels: torch.Tensor) -> Condition:
@@ -308,12 +395,127 @@ class SDXLTeacher(SDTeacher):
         return self._cond(["" if p is None else str(p) for p in prompts], size, torch.tensor([0, 0]), size)
 
 
+@dataclasses.dataclass
+class UNet2DCondition(Condition):
+    """What a ``UNet2DModel`` sees besides ``(z, timestep)``: ``class_labels`` ``(B,)`` int64 for one with
+    a class embedding, nothing for an unconditional one (``UNet2DCondition()``, which has no batch size)."""
+
+    encoder_hidden_states: torch.Tensor | None = None  # unused: a UNet2DModel has no cross-attention
+    class_labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        if self.class_labels is None:
+            raise ValueError("an unconditional UNet2DCondition() holds no tensor and has no batch size")
+        return self.class_labels.shape[0]
+
+    def unet_kwargs(self) -> dict:
+        """Keyword arguments for ``UNet2DModel.forward``."""
+        return {} if self.class_labels is None else {"class_labels": self.class_labels}
+
+
+class UNet2DTeacher(Teacher):
+    """A pixel-space diffusers ``UNet2DModel`` (what ``DDPMPipeline`` samples): unconditional, or
+    class-conditional through ``class_labels`` when the UNet has a class embedding.
+
+    ``null_label``: the class index the model was trained with as "no class" (for CFG and caption
+    dropout; usually ``num_class_embeds - 1``). Without it every index is a real class and
+    :meth:`check_training` refuses whatever needs an unconditional pass. An unconditional model's
+    condition is ``UNet2DCondition()`` (its null condition too).
+    """
+
+    kind = "unet2d"
+
+    def __init__(self, unet, scheduler_config: dict, null_label: int | None = None, name: str = "teacher"):
+        c = unet.config
+        if c.class_embed_type not in (None, "timestep"):
+            raise ValueError(
+                f"{name}: UNet2DModel class_embed_type {c.class_embed_type!r} takes embedding vectors, not class labels; "
+                "perflow supports num_class_embeds (a label embedding table) and class_embed_type 'timestep'"
+            )
+        if c.out_channels != c.in_channels:
+            raise ValueError(
+                f"{name}: the UNet2DModel outputs {c.out_channels} channels for {c.in_channels} input channels (a learned "
+                "variance?); perflow needs out_channels == in_channels (the prediction alone)"
+            )
+        super().__init__(unet, scheduler_config, None, name)
+        self.uses_labels = self.conditional = unet.class_embedding is not None
+        self.num_labels = c.num_class_embeds if self.uses_labels and c.class_embed_type is None else None
+        if null_label is not None:
+            if not self.uses_labels:
+                raise ValueError(f"model.null_label {null_label} is set but {name}'s UNet2DModel has no class embedding; "
+                                 "leave it unset for an unconditional model")
+            if not 0 <= null_label < (self.num_labels or null_label + 1):
+                raise ValueError(f"model.null_label must be in 0..{self.num_labels - 1} (num_class_embeds "
+                                 f"{self.num_labels}), got {null_label}")
+        self.null_label = null_label
+        self.has_null = null_label is not None or not self.uses_labels
+        self.validation_guidance = 2.0 if self.uses_labels and self.has_null else 1.0
+
+    def _labels(self, labels: Any) -> Condition:
+        return UNet2DCondition(class_labels=torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(self.device))  # (B,)
+
+    def _no_null(self, what: str) -> ValueError:
+        return ValueError(
+            f"{what}, but {self.name}'s class embedding has no null class: give every image a label (a 'label' "
+            "column in metadata.jsonl, data.label_column), or name the model's 'no class' index with --null_label N"
+        )
+
+    def condition(self, batch: dict) -> Condition:
+        if not self.uses_labels:
+            return UNet2DCondition()
+        labels = batch.get("label")
+        if labels is None:  # caption-free data: every sample unconditional
+            if self.null_label is None:
+                raise self._no_null("the training data has no class labels")
+            labels = [self.null_label] * batch["pixel_values"].shape[0]
+        labels = torch.as_tensor(labels)
+        if bool((labels < 0).any()) or (self.num_labels is not None and bool((labels >= self.num_labels).any())):
+            top = self.num_labels - 1 if self.num_labels is not None else ""
+            raise ValueError(f"a batch label is outside the teacher's classes 0..{top}: {labels.tolist()}; "
+                             "fix the dataset's labels")
+        return self._labels(labels)
+
+    def null_text(self) -> Condition:
+        if not self.uses_labels:
+            return UNet2DCondition()
+        if self.null_label is None:
+            raise self._no_null("the unconditional output was asked for")
+        return self._labels([self.null_label])
+
+    def uncond(self, cond: Condition) -> Condition:
+        return UNet2DCondition() if not self.uses_labels else super().uncond(cond)
+
+    def default_prompts(self) -> list:
+        if not self.uses_labels:
+            return [None]
+        return [k for k in range(self.num_labels or 4) if k != self.null_label][:16]
+
+    def validation_condition(self, prompts: list, resolution: int) -> Condition:
+        if not self.uses_labels:
+            return UNet2DCondition()
+        if None in prompts and self.null_label is None:
+            raise self._no_null("a validation prompt is empty (the null class)")
+        labels = [self.null_label if p is None else int(p) for p in prompts]
+        top = self.num_labels if self.num_labels is not None else float("inf")
+        bad = [k for k in labels if not 0 <= k < top]
+        if bad:
+            raise ValueError(f"validation labels must be in 0..{top - 1} (num_class_embeds {top}), got {bad}")
+        return self._labels(labels)
+
+
 # ----------------------------------------------------------------------------- construction
 
 
-def teacher_from_pipeline(pipe: Any, name: str = "teacher") -> Teacher:
-    """Wrap an in-memory ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``."""
+def teacher_from_pipeline(pipe: Any, name: str = "teacher", null_label: int | None = None) -> Teacher:
+    """Wrap an in-memory ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or a pipeline of a
+    ``UNet2DModel`` and a scheduler (``DDPMPipeline``, ``DDIMPipeline``; ``null_label``: see :class:`UNet2DTeacher`)."""
+    from diffusers import UNet2DModel
+
     config = dict(pipe.scheduler.config)
+    if isinstance(pipe.unet, UNet2DModel):
+        return UNet2DTeacher(pipe.unet, checked_vp_config(config, f"{name}'s scheduler"), null_label, name=name)
+    if null_label is not None:
+        raise ValueError(f"model.null_label applies to UNet2DModel teachers with a class embedding, not {type(pipe).__name__}")
     if getattr(pipe, "text_encoder_2", None) is not None:
         return SDXLTeacher(
             pipe.unet, config, pipe.vae, pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2,
@@ -325,9 +527,14 @@ def teacher_from_pipeline(pipe: Any, name: str = "teacher") -> Teacher:
 
 
 def builtin_teacher_path(name: str) -> Path:
-    """Folder of the built-in teacher ``name`` (a key of ``BUILTIN_TEACHERS``); ``FileNotFoundError`` if missing."""
+    """Folder of the built-in teacher ``name`` (a key of ``BUILTIN_TEACHERS`` or one of
+    ``SUITE_TEACHER_NAMES``); ``FileNotFoundError`` if missing."""
     import perflow
 
+    if name in SUITE_TEACHER_NAMES:
+        from perflow.builtin.suite import suite_teacher_path
+
+        return suite_teacher_path(name)
     path = Path(perflow.__file__).parent.joinpath(*BUILTIN_TEACHERS[name])
     if not (path / "unet").is_dir():
         raise FileNotFoundError(
@@ -374,26 +581,70 @@ def _from_pretrained(cls: Any, path: Path | str, allow_pickle: bool, **kw: Any) 
         raise FileNotFoundError(f"cannot load {cls.__name__} from {str(path)!r}: {err}") from None
 
 
-def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> Teacher:
-    """Load a teacher from a folder (SD/SDXL pipeline or class-conditional) or a built-in name (``digits``).
+def checked_vp_config(config: dict, where: str) -> dict:
+    """``config`` if it defines a discrete variance-preserving (DDPM/DDIM) beta schedule, else a ``ValueError``."""
+    if "beta_schedule" not in config and config.get("trained_betas") is None:
+        raise ValueError(
+            f"{where} ({config.get('_class_name', 'no _class_name')}) defines no beta schedule; perflow needs a "
+            "DDPM/DDIM-style (variance-preserving) scheduler config with beta_schedule or trained_betas"
+        )
+    return config
+
+
+def unet2d_scheduler_config(folder: Path) -> dict:
+    """The scheduler config of a bare ``UNet2DModel`` folder: ``folder/scheduler_config.json``,
+    ``folder/scheduler/scheduler_config.json`` or ``folder/../scheduler/scheduler_config.json`` (a
+    pipeline's ``unet/``); a one-line ``FileNotFoundError`` naming the places and the fix when none exists."""
+    from perflow.io import read_json
+
+    places = [folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json",
+              folder.parent / "scheduler" / "scheduler_config.json"]
+    for f in places:
+        if f.is_file():
+            return checked_vp_config(read_json(f), str(f))
+    raise FileNotFoundError(
+        f"{folder} holds a UNet2DModel but no noise schedule: save the scheduler it was trained with there, e.g. "
+        f"DDPMScheduler(...).save_pretrained('{folder}') writes {places[0].name} (also read from scheduler/ in it or beside it)"
+    )
+
+
+def _unet2d_folder(path: Path) -> Path | None:
+    """The folder of a bare ``UNet2DModel`` at ``path`` or ``path/unet`` (its ``config.json`` names the class), else None."""
+    from perflow.io import read_json
+
+    for folder in (path, path / "unet"):
+        if (folder / "config.json").is_file() and read_json(folder / "config.json").get("_class_name") == "UNet2DModel":
+            return folder
+    return None
+
+
+def load_teacher(
+    spec: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False, null_label: int | None = None
+) -> Teacher:
+    """Load a teacher from a folder (SD/SDXL pipeline, ``DDPMPipeline``, bare ``UNet2DModel``,
+    class-conditional) or a built-in name (``digits``, ``faces``, ``photos``).
 
     Weights are read from safetensors only; ``allow_pickle=True`` (config ``model.allow_pickle``)
-    lets diffusers read pickled ``.bin`` weights with its restricted loader.
+    lets diffusers read pickled ``.bin`` weights with its restricted loader. ``null_label``
+    (``model.null_label``): the "no class" index of a ``UNet2DModel`` with a class embedding.
     """
     name = str(spec)
-    path = builtin_teacher_path(name) if name in BUILTIN_TEACHERS else Path(spec)
+    builtin = name in BUILTIN_TEACHERS or name in SUITE_TEACHER_NAMES
+    path = builtin_teacher_path(name) if builtin else Path(spec)
     kw = {} if dtype is None else {"torch_dtype": dtype}
     if not path.is_dir():
         if name.count("/") == 1 and not name.startswith((".", "/")):  # a hub id: the local cache, or a download
             from diffusers import DiffusionPipeline
 
             try:
-                return teacher_from_pipeline(_from_pretrained(DiffusionPipeline, name, allow_pickle, **kw), name=name)
+                pipe = _from_pretrained(DiffusionPipeline, name, allow_pickle, **kw)
+                return teacher_from_pipeline(pipe, name=name, null_label=null_label)
             except OSError as err:
                 raise FileNotFoundError(f"teacher {name!r} is neither a local folder nor a loadable hub pipeline: {err}") from err
         raise FileNotFoundError(
-            f"teacher {name!r} is not a folder; give a diffusers pipeline folder (model_index.json), a "
-            f"class-conditional teacher folder (unet/, scheduler/, label_encoder/) or one of {sorted(BUILTIN_TEACHERS)}"
+            f"teacher {name!r} is not a folder; give a diffusers pipeline folder (model_index.json: SD, SDXL, "
+            "DDPMPipeline), a UNet2DModel folder (config.json + scheduler_config.json), a class-conditional teacher "
+            f"folder (unet/, scheduler/, label_encoder/) or one of {sorted([*BUILTIN_TEACHERS, *SUITE_TEACHER_NAMES])}"
         )
     from perflow.io import read_json, read_scheduler_config
 
@@ -409,12 +660,21 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickl
         if cls_name == "StableDiffusionPipeline":
             kw["safety_checker"] = None
         pipe = _from_pretrained(cls, path, allow_pickle, **kw)
-        return teacher_from_pipeline(pipe, name=name)
+        return teacher_from_pipeline(pipe, name=name, null_label=null_label)
+    if (folder := _unet2d_folder(path)) is not None:
+        from diffusers import UNet2DModel
+
+        config = unet2d_scheduler_config(folder)
+        unet = _from_pretrained(UNet2DModel, folder, allow_pickle, **kw)
+        return UNet2DTeacher(unet, config, null_label, name=name)
+    if null_label is not None:
+        raise ValueError(f"model.null_label applies to UNet2DModel teachers with a class embedding; {path} is not one")
     missing = [d for d in ("unet", "scheduler", "label_encoder") if not (path / d).is_dir()]
     if missing:
         raise FileNotFoundError(
             f"{path} has no model_index.json and lacks {missing}: a class-conditional teacher folder needs "
-            "unet/, scheduler/ and label_encoder/ (see perflow.models)"
+            "unet/, scheduler/ and label_encoder/ (see perflow.models); a UNet2DModel folder needs config.json "
+            "naming UNet2DModel"
         )
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -427,15 +687,19 @@ def load_teacher(spec: str | Path, dtype: torch.dtype | None = None, allow_pickl
     return ClassConditionalTeacher(unet, config, label_encoder, vae, name=name)
 
 
-def as_teacher(obj: Any, allow_pickle: bool = False) -> Teacher:
-    """A :class:`Teacher` from a Teacher, a diffusers SD/SDXL pipeline, a folder path or a built-in name.
+def as_teacher(obj: Any, allow_pickle: bool = False, null_label: int | None = None) -> Teacher:
+    """A :class:`Teacher` from a Teacher, a diffusers pipeline (SD, SDXL, ``DDPMPipeline``), a folder path or a built-in name.
 
-    ``allow_pickle``: for a folder, let pickled ``.bin`` weights be read (see :func:`load_teacher`).
+    ``allow_pickle``: for a folder, let pickled ``.bin`` weights be read (see :func:`load_teacher`);
+    ``null_label``: see :class:`UNet2DTeacher` (a built :class:`Teacher` already has its own).
     """
     if isinstance(obj, Teacher):
+        if null_label is not None and null_label != obj.null_label:
+            raise ValueError(f"model.null_label {null_label} differs from the given teacher's null label {obj.null_label}; "
+                             "leave it unset for a Teacher object")
         return obj
     if isinstance(obj, (str, Path)):
-        return load_teacher(obj, allow_pickle=allow_pickle)
+        return load_teacher(obj, allow_pickle=allow_pickle, null_label=null_label)
     if hasattr(obj, "unet") and hasattr(obj, "scheduler"):
-        return teacher_from_pipeline(obj)
+        return teacher_from_pipeline(obj, null_label=null_label)
     raise TypeError(f"cannot make a teacher from {type(obj).__name__}; pass a Teacher, a pipeline or a folder path")
