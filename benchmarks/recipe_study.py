@@ -42,6 +42,7 @@ DEFAULTS = dict(
     weight_decay=0.0,
     max_grad_norm=1.0,
     seed=0,
+    clip_sample="auto",  # auto: the teacher's scheduler config (clip_sample, clip_sample_range); off
 )
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -159,7 +160,20 @@ def run(args, s: dict) -> None:
         sched_cfg, prediction_type=s["prediction_type"], num_time_windows=boundaries.numel() - 1,
         window_boundaries=boundaries.tolist(), model_output_type=mot,
     )
-    time_sampler = make_time_sampler(s["time_sampling"], boundaries)
+    clip = None
+    if s["clip_sample"] == "auto" and config.get("clip_sample", False):
+        clip = float(config.get("clip_sample_range", 1.0))
+    if str(s["time_sampling"]).startswith("starts:"):  # with probability p a window start, else uniform
+        prob = float(str(s["time_sampling"]).split(":")[1])
+        b = boundaries.cpu()
+
+        def time_sampler(batch, generator, device):
+            t = torch.rand(batch, generator=generator, dtype=torch.float64)
+            at_start = torch.rand(batch, generator=generator, dtype=torch.float64) < prob
+            j = torch.searchsorted(-b, -t, right=True).clamp(1, b.numel() - 1) - 1  # window of t
+            return torch.where(at_start, b[j], t).to(device)
+    else:
+        time_sampler = make_time_sampler(s["time_sampling"], boundaries)
     student = copy.deepcopy(unet).train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=float(s["learning_rate"]), weight_decay=float(s["weight_decay"]))
@@ -190,7 +204,8 @@ def run(args, s: dict) -> None:
         x0, labels = draw(gen, int(s["batch_size"]))
         teach = denoiser(unet, le, labels)
         ex = reflow_example(teach, x0, boundaries, schedule, int(s["num_solver_steps"]), s["prediction_type"],
-                            teacher_type, generator=gen, time_sampler=time_sampler, model_output_type=mot)
+                            teacher_type, generator=gen, time_sampler=time_sampler, model_output_type=mot,
+                            clip_sample=clip)
         loss = batch_loss(denoiser(student, le, labels), ex, "mse", weighting=s["loss_weighting"])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -25,6 +25,7 @@ import torch
 
 from .parameterization import (
     check_model_output_type,
+    clipped_epsilon,
     epsilon_from_output,
     interpolate,
     target_from_window,
@@ -55,12 +56,19 @@ class ReflowExample:
     model_output_type: str = "epsilon"  # what the student's raw output predicts (epsilon-type only)
     alpha_t: torch.Tensor | None = None  # alpha(t), sigma(t) broadcast against z_t (when not epsilon)
     sigma_t: torch.Tensor | None = None
+    clip_sample: float | None = None  # a ddim_eps student's clean-sample clipping range (the teacher's)
+    alpha_e: torch.Tensor | None = None  # alpha(t_e) broadcast against z_t (when clipping)
 
     def student_output(self, output: torch.Tensor) -> torch.Tensor:
-        """The raw student output in the parameterization's terms (:func:`perflow.parameterization.epsilon_from_output`)."""
-        if self.model_output_type == "epsilon":
-            return output
-        return epsilon_from_output(output.float(), self.z_t, self.alpha_t, self.sigma_t, self.model_output_type)
+        """The raw student output in the parameterization's terms: :func:`perflow.parameterization.epsilon_from_output`,
+        then, for a clipping teacher's ``ddim_eps`` student, :func:`perflow.parameterization.clipped_epsilon`."""
+        if self.model_output_type != "epsilon":
+            output = epsilon_from_output(output.float(), self.z_t, self.alpha_t, self.sigma_t, self.model_output_type)
+        if self.clip_sample is not None:
+            output = clipped_epsilon(
+                output.float(), self.z_t, self.t, self.window, self.alpha_t, self.sigma_t, self.alpha_e, self.clip_sample
+            )
+        return output
 
 
 def reflow_example(
@@ -87,7 +95,8 @@ def reflow_example(
     network's raw output predicts (:func:`perflow.parameterization.check_model_output_type`), turned
     into the parameterization's output at ``(z_t, t)`` by :meth:`ReflowExample.student_output`;
     ``clip_sample``: the teacher's x0 clipping range in the window solve
-    (:func:`perflow.solver.solve_window`; ``None``: off).
+    (:func:`perflow.solver.solve_window`; ``None``: off), and for a ``ddim_eps`` student in its
+    predicted window end too (:func:`perflow.parameterization.clipped_epsilon`).
     """
     check_model_output_type(model_output_type, prediction_type)
     schedule = as_schedule(schedule)
@@ -105,12 +114,15 @@ def reflow_example(
     target = target_from_window(z_s32, z_e32, window)
     z_t = interpolate(z_s32, z_e32, t, window.t_s, window.t_e)
     T = schedule.num_train_timesteps
-    alpha_t = sigma_t = None
-    if model_output_type != "epsilon":
+    alpha_t = sigma_t = alpha_e = None
+    student_clip = clip_sample if prediction_type == "ddim_eps" else None
+    if model_output_type != "epsilon" or student_clip is not None:
         alpha_t, sigma_t = schedule.to(dtype=work).alpha_sigma(t, z_t)
+        alpha_e = schedule.to(dtype=work).alpha_sigma(window.t_e, z_t)[0]
     return ReflowExample(
         z_t=z_t, timestep=(t * T).float(), target=target, t=t, t_s=window.t_s, t_e=window.t_e, z_s=z_s, z_e=z_e,
         window=window, model_output_type=model_output_type, alpha_t=alpha_t, sigma_t=sigma_t,
+        clip_sample=student_clip, alpha_e=alpha_e,
     )
 
 

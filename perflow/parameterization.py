@@ -98,6 +98,34 @@ def velocity_from_output(output: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
     return (z_e_hat - z) / (expand_like(window.t_e, z) - expand_like(t, z))
 
 
+def clipped_epsilon(
+    output: torch.Tensor,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    window: Window,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    alpha_e: torch.Tensor,
+    clip_range: float,
+) -> torch.Tensor:
+    """The ``ddim_eps`` output whose window end honours a teacher's ``clip_sample`` range ``r``.
+
+    With the clean sample implied at the current point, ``x0 = (z - sigma out) / alpha``, and
+    ``delta = clip(x0, -r, r) - x0``, returns
+    ``out + alpha_e delta (lam (t_c - t_s) + t_e - t_c) / (eta (t_e - t_s))``: the output whose predicted
+    window end (:func:`window_end_from_output`) is ``z_e_hat + (1 - f) alpha_e delta`` with
+    ``f = (t_c - t_s) / (t_e - t_s)``. At a window start that is ``alpha_e clip(x0) + sigma_e out``,
+    diffusers' clipped DDIM step (so an untrained student of a clipping teacher starts as the
+    teacher's clipped DDIM over the windows); the correction shrinks to 0 at the window end, so the
+    velocity stays bounded; and wherever ``|x0| <= r`` the output is unchanged.
+    ``alpha``, ``sigma`` at ``t_c``, ``alpha_e`` at the window end, broadcast against ``z``.
+    """
+    w, t_c = window.expand_like(z), expand_like(t, z)
+    x0 = (z - sigma * output) / alpha
+    delta = x0.clamp(-clip_range, clip_range) - x0
+    return output + alpha_e * delta * window_end_denominator(t_c, w) / (w.eta * (w.t_e - w.t_s))
+
+
 def target_from_window(z_s: torch.Tensor, z_e: torch.Tensor, window: Window) -> torch.Tensor:
     """Regression target for the segment ``z_s -> z_e`` of ``window``.
 
@@ -120,6 +148,7 @@ def interpolate(
 __all__ = [
     "MODEL_OUTPUT_TYPES",
     "check_model_output_type",
+    "clipped_epsilon",
     "epsilon_from_output",
     "resolve_model_output_type",
     "interpolate",

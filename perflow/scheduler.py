@@ -30,7 +30,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 
-from .parameterization import check_model_output_type, epsilon_from_output, velocity_from_output
+from .parameterization import check_model_output_type, clipped_epsilon, epsilon_from_output, velocity_from_output
 from .schedule import DiscreteVPSchedule
 from .solver import TEACHER_PREDICTION_TYPES
 from .tensors import expand_like
@@ -80,6 +80,10 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
             ``prediction_type`` it is turned into the window's epsilon at ``(z, t_c)``
             (:func:`perflow.parameterization.epsilon_from_output`), so a student that keeps its
             v-prediction teacher's output type samples, untrained, as the teacher's DDIM.
+        clip_sample, clip_sample_range: the teacher's clean-sample clipping (a pixel-space DDPM's
+            config has ``clip_sample: true``); a ``ddim_eps`` student of such a teacher was trained
+            to clip as its teacher does (:func:`perflow.parameterization.clipped_epsilon`) and is
+            sampled the same way. Ignored by the other parameterizations.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -101,6 +105,8 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         window_boundaries: list[float] | None = None,
         rescale_betas_zero_snr: bool = False,
         model_output_type: str = "epsilon",
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
     ):
         if prediction_type in TEACHER_PREDICTION_TYPES:
             raise ValueError(
@@ -125,6 +131,9 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self.alphas_cumprod = schedule.alphas_cumprod  # (T,) float32
         self.schedule = schedule.to(dtype=torch.float64)  # the same values; lam/eta are computed in float64
         self.boundaries = boundaries
+        if clip_sample and not clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range!r}")
+        self._clip = float(clip_sample_range) if (clip_sample and prediction_type == "ddim_eps") else None
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
@@ -268,8 +277,12 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         step_t = self._timestep_tensor(timestep, device)  # () or (B,)
         t_c, dt, t_lookup = self._step_times(step_t)
         window = window_of(t_lookup, self.boundaries, self.schedule, self.config.prediction_type)
-        if self.config.model_output_type != "epsilon":
-            out = epsilon_from_output(out, z, *self.schedule.alpha_sigma(t_c, z), self.config.model_output_type)
+        if self.config.model_output_type != "epsilon" or self._clip is not None:
+            alpha, sigma = self.schedule.alpha_sigma(t_c, z)
+            out = epsilon_from_output(out, z, alpha, sigma, self.config.model_output_type)
+            if self._clip is not None:
+                alpha_e = self.schedule.alpha_sigma(window.t_e, z)[0]
+                out = clipped_epsilon(out, z, t_c, window, alpha, sigma, alpha_e, self._clip)
         v = velocity_from_output(out, z, t_c, window)
         # at or below t = 0 the flow has arrived: no velocity (avoids 0/0 at the last window's end)
         v = torch.where(expand_like(t_c, z) > 0, v, torch.zeros((), dtype=work, device=device))

@@ -157,3 +157,85 @@ def test_model_output_type_is_checked():
         check_model_output_type("eps", "ddim_eps")
     with pytest.raises(ValueError, match="epsilon-type parameterization"):
         PeRFlowScheduler(prediction_type="velocity", model_output_type="v_prediction")
+
+
+# ----------------------------------------------------------------------------- a clipping teacher
+
+
+def _ddpm_alphas_cumprod() -> torch.Tensor:
+    return torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), dim=0)
+
+
+def _wild_eps(z: torch.Tensor) -> torch.Tensor:
+    """An epsilon 'network' whose implied clean sample leaves [-1, 1] (so clipping acts)."""
+    return 0.8 * torch.tanh(2 * z) + 0.3 * z.roll(1, dims=-1)
+
+
+@pytest.mark.parametrize("bounds", [[1.0, 0.75, 0.5, 0.25, 0.0], [1.0, 0.6125, 0.3, 0.0]])
+def test_untrained_student_of_a_clipping_teacher_is_its_clipped_ddim(bounds):
+    """With clip_sample (a pixel DDPM's config), the ddim_eps scheduler at N = K is exactly diffusers'
+    clipped DDIM step per window (solve_window with n = 1 and the clip); without it, it is not."""
+    from perflow.schedule import DiscreteVPSchedule
+    from perflow.scheduler import PeRFlowScheduler
+    from perflow.solver import solve_window
+
+    K = len(bounds) - 1
+    cfg = dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="ddim_eps", window_boundaries=bounds)
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    runs = {}
+    for clip in (True, False):
+        sched = PeRFlowScheduler(**cfg, clip_sample=clip)
+        sched.set_timesteps(K)
+        x = z.clone()
+        for ts in sched.timesteps:
+            x = sched.step(_wild_eps(x), ts, x).prev_sample
+        runs[clip] = x
+    schedule = DiscreteVPSchedule(sched.alphas_cumprod.double())
+    ref = z.clone()
+    for j in range(K):
+        t_s, t_e = torch.tensor(bounds[j], dtype=torch.float64), torch.tensor(bounds[j + 1], dtype=torch.float64)
+        ref = solve_window(lambda v, _i: _wild_eps(v), ref, t_s, t_e, 1, schedule, "epsilon", clip_sample=1.0)
+    torch.testing.assert_close(runs[True], ref, rtol=1e-9, atol=1e-9)
+    assert (runs[False] - ref).abs().max() > 1e-2
+
+
+def test_clipped_epsilon_moves_the_window_end_by_the_remaining_fraction_of_the_clip_correction():
+    """z_e_hat(clipped_epsilon(out)) - z_e_hat(out) = (1 - f) alpha_e (clip(x0) - x0), f the window fraction
+    done: the DDIM clip at a window start, nothing at its end (the velocity stays bounded)."""
+    from perflow.parameterization import clipped_epsilon, window_end_from_output
+    from perflow.schedule import DiscreteVPSchedule
+    from perflow.windows import window_of
+
+    schedule = DiscreteVPSchedule(_ddpm_alphas_cumprod())
+    bounds = equal_boundaries(4)
+    t = torch.tensor([1.0, 0.9, 0.6, 0.2500001, 0.1], dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
+    out = _wild_eps(z)
+    w = window_of(t, bounds, schedule, "ddim_eps")
+    alpha, sigma = schedule.alpha_sigma(t, z)
+    alpha_e = schedule.alpha_sigma(w.t_e, z)[0]
+    clipped = clipped_epsilon(out, z, t, w, alpha, sigma, alpha_e, 1.0)
+    x0 = (z - sigma * out) / alpha
+    f = _bcast((t - w.t_s) / (w.t_e - w.t_s), z)
+    expected = (1 - f) * alpha_e * (x0.clamp(-1, 1) - x0)
+    got = window_end_from_output(clipped, z, t, w) - window_end_from_output(out, z, t, w)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    assert expected[:3].abs().max() > 1e-3  # clipping acts in these windows
+
+
+def test_loss_of_a_clipping_teacher_student_at_window_starts_is_zero_only_with_the_clip():
+    """One clipped teacher step per window, t at window starts: the teacher as a ddim_eps student has zero
+    loss when its prediction is clipped as the teacher's (clip_sample), not without."""
+    from perflow.objective import batch_loss, reflow_example
+    from perflow.schedule import DiscreteVPSchedule
+
+    schedule = DiscreteVPSchedule(_ddpm_alphas_cumprod())
+    bounds = equal_boundaries(4)
+    x0 = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    net = lambda z, _ts: _wild_eps(z)  # noqa: E731
+    ex = reflow_example(net, x0, bounds, schedule, 1, "ddim_eps", t=bounds[:4].clone(), clip_sample=1.0,
+                        generator=torch.Generator().manual_seed(2))
+    assert batch_loss(net, ex, weighting="window_end").item() < 1e-12  # float32 loss arithmetic
+    ex.clip_sample = None  # the student unclipped, the target still clipped
+    assert batch_loss(net, ex, weighting="window_end").item() > 1e-2

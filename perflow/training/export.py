@@ -56,6 +56,8 @@ def perflow_scheduler(
         num_time_windows=num_windows,
         window_boundaries=boundaries.tolist() if explicit else None,
         model_output_type=model_output_type,
+        clip_sample=teacher.clip_sample is not None,
+        clip_sample_range=teacher.clip_sample or 1.0,
     )
 
 
