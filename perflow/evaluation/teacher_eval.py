@@ -302,6 +302,10 @@ def _metrics(config: TeacherEvalConfig, name: str, kind: str, inputs: list, real
     if real is not None:
         extra["sw_real"] = lambda x: metrics.sliced_wasserstein(x.flatten(1), real.flatten(1), config.sw_projections, seed=config.seed)
     feature_fn = real_features = classify_fn = labels = None
+    if config.classifier is not None and kind != "class":
+        raise ValueError(f"--classifier checks labels: it needs a class-conditional teacher, {name!r} is {_KIND_WORDS[kind]}")
+    if config.inception and real is None:
+        raise ValueError("--inception computes FID against real images: give --real-images DIR")
     use_classifier = kind == "class" and (config.classifier is not None or name == "digits")
     if use_classifier:
         from perflow.builtin.classifier import load_digit_classifier
