@@ -113,12 +113,22 @@ def resolve_teacher(spec: Any):
 
 
 def conditioning(teacher) -> str:
-    """``"text"`` (a tokenizer), ``"class"`` (a label encoder) or ``"none"`` (unconditional)."""
+    """``"text"`` (a tokenizer), ``"class"`` (integer labels: a label encoder or a class embedding) or
+    ``"none"`` (unconditional), read from the teacher's attributes."""
     if getattr(teacher, "tokenizer", None) is not None:
         return "text"
-    if getattr(teacher, "label_encoder", None) is not None:
+    if getattr(teacher, "label_encoder", None) is not None or getattr(teacher, "uses_labels", False):
         return "class"
     return "none"
+
+
+def num_classes(teacher) -> int:
+    """The real classes of a class-conditional teacher: those below its null label, else every embedded one."""
+    null = getattr(teacher, "null_label", None)
+    count = null if null is not None else getattr(teacher, "num_labels", None)
+    if not count:
+        raise ValueError(f"{teacher.name!r} does not say how many classes it has: give --labels")
+    return int(count)
 
 
 def sample_conditions(teacher, config: TeacherEvalConfig) -> list:
@@ -133,7 +143,7 @@ def sample_conditions(teacher, config: TeacherEvalConfig) -> list:
             raise ValueError(f"{teacher.name!r} is a text-to-image teacher: give --prompts (strings, or a text file)")
         return [config.prompts[i % len(config.prompts)] for i in range(n)]
     if kind == "class":
-        labels = config.labels or list(range(teacher.null_label))
+        labels = config.labels or list(range(num_classes(teacher)))
         return [int(labels[i % len(labels)]) for i in range(n)]
     return [None] * n
 
@@ -221,6 +231,8 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     w = config.guidance_scale if config.guidance_scale is not None else (7.5 if kind == "text" else 1.0)
     if kind == "none" and w != 1.0:
         raise ValueError(f"{name!r} is unconditional: classifier-free guidance needs a condition; use --guidance-scale 1")
+    if w != 1.0 and not getattr(teacher, "has_null", True):
+        raise ValueError(f"{name!r} has no null class, so no unconditional output to guide against; use --guidance-scale 1")
     inputs = sample_conditions(teacher, config)
     size = teacher.unet.config.sample_size
     res = config.resolution or (size if isinstance(size, int) else size[0]) * teacher.vae_scale
