@@ -68,7 +68,7 @@ def chunked_denoiser(unet, cond, uncond, guidance_scale: float, batch_size: int)
     from perflow.denoisers import Condition, unet_denoiser
 
     def part(c: Condition, sl: slice) -> Condition:
-        return Condition(**{n: None if x is None else x[sl] for n, x in c.tensors().items()})
+        return type(c)(**{n: None if x is None else x[sl] for n, x in c.tensors().items()})  # a subclass stays one
 
     fns: dict[int, object] = {}  # chunk start -> its denoiser, built on first use
 
