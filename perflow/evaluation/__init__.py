@@ -3,7 +3,8 @@
 - metrics (:mod:`perflow.evaluation.metrics`): :func:`frechet_distance`,
   :func:`frechet_distance_features`, :func:`sliced_wasserstein`, :func:`paired_mse`, :func:`straightness`;
 - harness: :func:`compare_samplers` (model-agnostic);
-- evaluators, one module each: :func:`evaluate_digits` (built-in teacher, :mod:`.digits`),
+- evaluators, one module each: :func:`evaluate_teacher` (any teacher kind, :mod:`.teacher_eval`),
+  :func:`evaluate_digits` (built-in teacher, :mod:`.digits`),
   :func:`evaluate_images` (SD/SDXL pipelines, FID/CLIP from local weights, :mod:`.images`),
   :func:`evaluate_2d` (exact Gaussian-mixture teacher, :mod:`.toy2d`);
 - :func:`baseline_scheduler` (DDIM, DPM-Solver++, UniPC) and :func:`sample`;
@@ -21,6 +22,8 @@ _LAZY = {
     **{n: "perflow.evaluation.harness" for n in ("Sampler", "EvalResult", "Metrics", "compare_samplers")},
     **{n: "perflow.evaluation.digits" for n in (
         "DigitsEvalConfig", "evaluate_digits", "class_model_fn")},
+    "TeacherEvalConfig": "perflow.evaluation.teacher_eval",
+    "evaluate_teacher": "perflow.evaluation.teacher_eval",
     "ImageEvalConfig": "perflow.evaluation.images",
     "evaluate_images": "perflow.evaluation.images",
     "evaluate_2d": "perflow.evaluation.toy2d",

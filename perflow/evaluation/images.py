@@ -45,37 +45,43 @@ class ImageEvalConfig:
     extra: dict = field(default_factory=dict)
 
 
-def load_real_images(folder: str | Path, resolution: int, limit: int | None = None) -> torch.Tensor:
-    """Images of ``folder`` as ``(N, 3, R, R)`` in ``[-1, 1]`` (short side resized, centre crop), read by
-    the training data loader :func:`perflow.training.data.load_image` (no flip)."""
+def load_real_images(folder: str | Path, resolution: int, limit: int | None = None, channels: int = 3) -> torch.Tensor:
+    """Images of ``folder`` as ``(N, channels, R, R)`` in ``[-1, 1]`` (short side resized, centre crop; grey
+    for ``channels=1``), read by the training data loader :func:`perflow.training.data.load_image` (no flip)."""
     import numpy as np
 
     from perflow.training.data import IMAGE_EXTS, load_image
 
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS) if Path(folder).is_dir() else []
     if len(files) < 2:
-        raise FileNotFoundError(f"FID needs at least 2 real images ({', '.join(IMAGE_EXTS)}) in {folder}")
+        raise FileNotFoundError(f"the real reference set needs at least 2 real images ({', '.join(IMAGE_EXTS)}) in {folder}")
+    if channels not in (1, 3):
+        raise ValueError(f"real images can be read with 1 (grey) or 3 (RGB) channels, not {channels}")
     rng = np.random.default_rng(0)  # unused: centre crop, no flip
-    return torch.stack([load_image(f, resolution, True, False, rng)["pixel_values"] for f in files[:limit]])
+    mode = "L" if channels == 1 else "RGB"
+    return torch.stack([load_image(f, resolution, True, False, rng, mode)["pixel_values"] for f in files[:limit]])
 
 
-def _chunked_denoiser(unet, cond, uncond, guidance_scale: float, batch_size: int):
-    """``model(z, t)`` of a UNet under CFG, evaluated in chunks of ``batch_size`` (memory), same result."""
+def chunked_denoiser(unet, cond, uncond, guidance_scale: float, batch_size: int):
+    """``model(z, t)`` of a UNet under CFG (``uncond`` unused when ``guidance_scale == 1``), evaluated in
+    chunks of ``batch_size`` (memory), same result."""
     from perflow.denoisers import Condition, unet_denoiser
 
     def part(c: Condition, sl: slice) -> Condition:
-        return Condition(**{n: None if x is None else x[sl] for n, x in c.tensors().items()})
+        return type(c)(**{n: None if x is None else x[sl] for n, x in c.tensors().items()})  # a subclass stays one
 
-    fns = []
-    for start in range(0, len(cond), batch_size):
-        sl = slice(start, start + batch_size)
-        if guidance_scale == 1.0:
-            fns.append(unet_denoiser(unet, part(cond, sl)))
-        else:
-            fns.append(unet_denoiser(unet, part(cond, sl), part(uncond, sl), guidance_scale))
+    fns: dict[int, object] = {}  # chunk start -> its denoiser, built on first use
+
+    def fn(start: int):
+        if start not in fns:
+            sl = slice(start, start + batch_size)
+            fns[start] = (unet_denoiser(unet, part(cond, sl)) if guidance_scale == 1.0
+                          else unet_denoiser(unet, part(cond, sl), part(uncond, sl), guidance_scale))
+        return fns[start]
 
     def run(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(zc, tc) for fn, zc, tc in zip(fns, z.split(batch_size), t.split(batch_size))])
+        starts = range(0, z.shape[0], batch_size)
+        return torch.cat([fn(s)(zc, tc) for s, zc, tc in zip(starts, z.split(batch_size), t.split(batch_size))])
 
     return run
 
@@ -106,7 +112,7 @@ def evaluate_images(config: ImageEvalConfig, progress: bool = True) -> EvalResul
     noise = torch.randn(config.num_samples, teacher.latent_channels, side, side, generator=gen).to(teacher.device, teacher.dtype)
 
     def model(unet):
-        return _chunked_denoiser(unet, cond, uncond, w, config.batch_size)
+        return chunked_denoiser(unet, cond, uncond, w, config.batch_size)
 
     from perflow.io import read_scheduler_config
 

@@ -18,9 +18,15 @@ COLUMNS = (
     ("fd", "FD to real (lower)", "{:.3f}"),
     ("paired_mse", "MSE to teacher ref (lower)", "{:.4f}"),
     ("sw", "sliced W2 to data (lower)", "{:.4f}"),
+    ("sw_ref", "sliced W2 to teacher ref (lower)", "{:.4f}"),
+    ("sw_ref_se", "±", "{:.4f}"),
+    ("sw_real", "sliced W2 to real (lower)", "{:.4f}"),
     ("accuracy", "label accuracy", "{:.3f}"),
     ("clip_score", "CLIP score", "{:.2f}"),
+    ("spacing", "timestep spacing", "{}"),
 )
+VERDICT_METRICS = ("fd", "paired_mse", "sw", "sw_ref", "sw_real")
+"""Columns (lower is better) the findings compare PeRFlow with the baselines on."""
 
 
 def command_line(argv: list[str] | None = None, program: str | None = None) -> str:
@@ -77,7 +83,7 @@ def verdicts(result: EvalResult) -> list[str]:
     for p in perflow:
         for n in sorted({r["steps"] for r in rows if r["sampler"] == p}):
             pr = result.row(p, n)
-            for metric in ("fd", "paired_mse", "sw"):
+            for metric in VERDICT_METRICS:
                 if metric not in pr:
                     continue
                 worse = [o for o in others if _has(result, o, n, metric) and result.row(o, n)[metric] <= pr[metric]]
@@ -90,7 +96,7 @@ def verdicts(result: EvalResult) -> list[str]:
                     lines.append(f"{p} at {n} steps: {metric} {pr[metric]:.4g} is better than every baseline at {n} model evaluations")
         if _has(result, p, 4, "paired_mse") and _has(result, p, 8, "paired_mse"):
             a, b = result.row(p, 4), result.row(p, 8)
-            for metric in [m for m in ("fd", "paired_mse", "sw") if m in a and m in b]:
+            for metric in [m for m in VERDICT_METRICS if m in a and m in b]:
                 trend = "improves" if b[metric] < a[metric] else "does NOT improve"
                 lines.append(f"{p} {trend} from 4 to 8 steps on {metric}: {a[metric]:.4g} -> {b[metric]:.4g}")
     return lines

@@ -1,9 +1,10 @@
 """Sampling loops for the evaluation: any diffusers scheduler over a denoiser callable.
 
 The baselines are the teacher sampled with diffusers' own few-step solvers (DDIM,
-DPM-Solver++ (2M), UniPC), all with ``timestep_spacing="trailing"`` so that even one step
+DPM-Solver++ (2M), UniPC), by default with ``timestep_spacing="trailing"`` so that even one step
 starts from the last training timestep (``t = 1``, as PeRFlow does) rather than from
-``leading`` spacing's timestep 1, and all end at the teacher's last noise level ``abar[0]``. PeRFlow and whole-range reflow students are sampled
+``leading`` spacing's timestep 1 (any of :data:`TIMESTEP_SPACINGS` can be asked for), and all
+end at the teacher's last noise level ``abar[0]``. PeRFlow and whole-range reflow students are sampled
 with :class:`perflow.PeRFlowScheduler`. Every sampler gets the same initial noise and
 condition, and ``N`` steps cost ``N`` model evaluations (times 2 under classifier-free
 guidance, for every sampler alike).
@@ -18,14 +19,19 @@ import torch
 from perflow.solver import Denoiser as ModelFn  # (z (B, ...), timestep (B,)) -> output
 
 BASELINE_SAMPLERS = ("ddim", "dpmsolver++", "unipc")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+"""diffusers' ``timestep_spacing`` options: where the ``N`` timesteps of an ``N``-step run sit."""
 
 
-def baseline_scheduler(name: str, teacher_scheduler_config: dict):
-    """A diffusers scheduler for the teacher: ``ddim``, ``dpmsolver++`` (2nd-order multistep) or ``unipc``."""
+def baseline_scheduler(name: str, teacher_scheduler_config: dict, timestep_spacing: str = "trailing"):
+    """A diffusers scheduler for the teacher: ``ddim``, ``dpmsolver++`` (2nd-order multistep) or ``unipc``,
+    with ``timestep_spacing`` one of :data:`TIMESTEP_SPACINGS`."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
     config = {k: v for k, v in dict(teacher_scheduler_config).items() if not k.startswith("_")}
-    config["timestep_spacing"] = "trailing"
+    config["timestep_spacing"] = timestep_spacing
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     # every sampler ends at the teacher's last noise level abar[0] (as DDIM with

@@ -1,6 +1,7 @@
 """Loading trained PeRFlow students (``perflow train`` outputs) for sampling.
 
-A student folder holds ``unet/`` (a diffusers ``UNet2DConditionModel``) and ``scheduler/``
+A student folder holds ``unet/`` (a diffusers ``UNet2DConditionModel``, or ``UNet2DModel`` for an
+unconditional teacher) and ``scheduler/``
 (a :class:`perflow.PeRFlowScheduler` config giving ``K``, the boundaries and the student's
 parameterization); a class-conditional student may carry its own ``label_encoder/``,
 otherwise the teacher's is used (PeRFlow trains the UNet only).
@@ -14,6 +15,9 @@ from pathlib import Path
 import torch
 
 _NESTED = ("", "student", "final", "pipeline")
+UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
+"""The diffusers denoiser classes a student's ``unet/config.json`` may name."""
+_FIX = "evaluate it against the teacher it was trained from (--teacher)"
 
 
 @dataclass
@@ -53,10 +57,10 @@ def load_student(path: str | Path, teacher=None) -> Student:
     config and tensor names and shapes; otherwise a ``ValueError`` names the mismatch. Weights
     are read from safetensors only (a damaged file is an error naming it).
     """
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     from perflow.delta.keys import is_perflow_scheduler_config
-    from perflow.io import check_weight_files, read_scheduler_config
+    from perflow.io import check_weight_files, read_json, read_scheduler_config
 
     folder = find_student_dir(path)
     config = read_scheduler_config(folder, required=True)
@@ -66,7 +70,16 @@ def load_student(path: str | Path, teacher=None) -> Student:
             "PeRFlowScheduler: is this a teacher folder rather than a PeRFlow student?"
         )
     check_weight_files(folder)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).eval().requires_grad_(False)
+    cls_name = read_json(folder / "unet" / "config.json").get("_class_name", "UNet2DConditionModel")
+    if cls_name not in UNET_CLASSES:
+        raise ValueError(f"{folder / 'unet' / 'config.json'} names {cls_name!r}; a student UNet is one of {UNET_CLASSES}")
+    if teacher is not None and cls_name != type(teacher.unet).__name__:
+        raise ValueError(
+            f"the student {str(folder / 'unet')!r} is a {cls_name}, the teacher's denoiser a "
+            f"{type(teacher.unet).__name__}; {_FIX}"
+        )
+    unet = getattr(diffusers, cls_name).from_pretrained(folder / "unet", use_safetensors=True)
+    unet = unet.eval().requires_grad_(False)
     if teacher is not None:
         check_same_architecture(unet, teacher.unet, folder / "unet")
     label_encoder = None
@@ -83,7 +96,7 @@ def check_same_architecture(student_unet: torch.nn.Module, teacher_unet: torch.n
     """Refuse a student UNet whose class, config or tensor names/shapes are not the teacher UNet's (naming them)."""
     from perflow.delta.keys import compare_keys, config_differences
 
-    fix = "evaluate it against the teacher it was trained from (--teacher)"
+    fix = _FIX
     if type(student_unet) is not type(teacher_unet):
         raise ValueError(
             f"the student {str(where)!r} is a {type(student_unet).__name__}, the teacher's denoiser a "
