@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1] / "src"  # this checkout's package root (src layout)
 sys.path.insert(0, str(REPO))  # the fixtures are built with this checkout's perflow
 
 
@@ -363,7 +363,7 @@ def markdown(outcomes: list[Outcome]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--perflow-path", default=str(REPO), help="checkout whose perflow the subprocesses import (PYTHONPATH)")
+    p.add_argument("--perflow-path", default=str(REPO), help="folder holding the perflow package the subprocesses import (PYTHONPATH): a checkout's src/, or an older checkout's root")
     p.add_argument("--jobs", type=int, default=2, help="cases run at once")
     p.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     p.add_argument("--output", default=None, help="also write the table and counts to this Markdown file")

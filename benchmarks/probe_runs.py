@@ -42,7 +42,8 @@ BASE = ["--config", "digits", "--batch_size", "8", "--num_solver_steps", "2", "-
 class Runner:
     def __init__(self, repo: Path):
         self.repo = repo
-        self.env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        src = repo / "src" if (repo / "src" / "perflow").is_dir() else repo  # src layout, or an older checkout
+        self.env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
     def start(self, out: Path, *args: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "perflow", "train", *BASE, "--output_dir", str(out.absolute()), *args]

@@ -23,7 +23,7 @@ from perflow.tiny import tiny_sd15_pipeline, tiny_sd15_unet
 
 from delta_helpers import perturbed
 
-REPO = Path(__file__).resolve().parents[1]
+SRC = Path(__file__).resolve().parents[1] / "src"  # the checkout's package root (src layout)
 HINT = "re-download or re-export it"
 
 
@@ -193,7 +193,7 @@ def _in_small_mount(tmp_path: Path, options: str, argv: list) -> subprocess.Comp
     mnt.mkdir()
     cmd = " ".join(f"'{a}'" for a in [sys.executable, "-m", "perflow", *map(str, argv)])
     script = f"mount -t tmpfs -o {options},size=64k tmpfs {mnt} && {cmd}; rc=$?; ls -A {mnt}; exit $rc"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -466,7 +466,7 @@ def test_killed_merge_leaves_temporaries_that_the_next_run_removes(world, tmp_pa
         cf._write_model_weights = killed
         cf.merge_into_path({str(world['unet'])!r}, {str(world['delta'])!r}, {str(tmp_path / 'out')!r})
     """)
-    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)},
+    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(SRC)},
                          capture_output=True, timeout=300)
     assert res.returncode == -9
     stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

@@ -21,7 +21,7 @@ from perflow.io import (
     write_text,
 )
 
-PACKAGE = Path(__file__).resolve().parents[1] / "perflow"
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "perflow"
 DELTA_ORDER = ["keys", "metadata", "lora", "io", "merge", "formats"]  # each imports only from those before it
 
 

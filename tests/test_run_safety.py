@@ -27,7 +27,7 @@ from perflow.tiny import tiny_class_teacher
 from test_training import _digits, _fast
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+SRC = Path(__file__).resolve().parents[1] / "src"  # the checkout's package root (src layout)
 
 
 def _run(out, data=None, teacher=None, **kw):
@@ -129,7 +129,7 @@ def _cli(out, *args, **popen):
     cmd = [sys.executable, "-m", "perflow", "train", "--config", "digits", "--batch_size", "8", "--num_solver_steps", "2",
            "--learning_rate", "1e-3", "--output_dir", str(out), "--tracker", "none", "--progress", "false",
            "--validation_every", "0", "--save_delta", "false", *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 

@@ -125,7 +125,7 @@ def set_field(cfg: TrainConfig, key: str, value: Any) -> None:
 
 
 def recipe_names() -> list[str]:
-    """Names of the recipes shipped in ``perflow/recipes``."""
+    """Names of the recipes shipped in ``src/perflow/recipes``."""
     root = resources.files("perflow") / "recipes"
     return sorted(p.name.rsplit(".", 1)[0] for p in root.iterdir() if p.name.endswith((".yaml", ".yml", ".toml")))
 

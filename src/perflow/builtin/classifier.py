@@ -5,7 +5,7 @@ Trained on the ``"train"`` split of :mod:`perflow.builtin.digits` (8x8, ``[-1, 1
 with one-pixel random shifts and light Gaussian pixel noise so that it judges
 generated digits on their shape. Reproduce the shipped weights with::
 
-    python -m perflow.builtin.classifier --output-dir perflow/builtin/weights/digits_classifier
+    python -m perflow.builtin.classifier --output-dir src/perflow/builtin/weights/digits_classifier
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ live in :mod:`perflow.training.config_io`.
 A config file has up to five sections (``model``, ``data``, ``perflow``, ``training``,
 ``output``); every field has a documented default. Field names are unique across sections,
 so a flag may name a field with or without its section: ``--training.max_steps 100`` and
-``--max_steps 100`` are the same. Recipes shipped in ``perflow/recipes/`` are found by name
+``--max_steps 100`` are the same. Recipes shipped in ``src/perflow/recipes/`` are found by name
 (``--config digits``).
 """
 

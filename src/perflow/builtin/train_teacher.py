@@ -9,9 +9,9 @@ on a learned label embedding (:class:`perflow.models.LabelEncoder`); the null la
 10 % of the labels so it supports classifier-free guidance. AdamW with warm-up and cosine decay,
 gradient clipping at 1, weights averaged by EMA; seeded. Reproduce the shipped weights with::
 
-    python -m perflow.builtin.train_teacher --teacher digits --output-dir perflow/builtin/weights/digits_teacher
-    python -m perflow.builtin.train_teacher --teacher faces --threads 1 --output-dir perflow/builtin/weights/faces_teacher
-    python -m perflow.builtin.train_teacher --teacher photos --threads 1 --output-dir perflow/builtin/weights/photos_teacher
+    python -m perflow.builtin.train_teacher --teacher digits --output-dir src/perflow/builtin/weights/digits_teacher
+    python -m perflow.builtin.train_teacher --teacher faces --threads 1 --output-dir src/perflow/builtin/weights/faces_teacher
+    python -m perflow.builtin.train_teacher --teacher photos --threads 1 --output-dir src/perflow/builtin/weights/photos_teacher
 
 A class-conditional folder holds ``unet/``, ``scheduler/`` and ``label_encoder/`` (the format
 :mod:`perflow.training` loads); the unconditional ``faces`` folder is a diffusers
@@ -176,7 +176,7 @@ def train_digits_teacher(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m perflow.builtin.train_teacher", description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default="digits", help="digits (default), faces or photos")
-    p.add_argument("--output-dir", default=None, help="default: perflow/builtin/weights/<teacher>_teacher")
+    p.add_argument("--output-dir", default=None, help="default: src/perflow/builtin/weights/<teacher>_teacher")
     p.add_argument("--max-steps", type=int, default=None, help="default: the teacher's (digits 3000)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the teacher's (digits 128)")
     p.add_argument("--learning-rate", type=float, default=None, help="default: 2e-3")

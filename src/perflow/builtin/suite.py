@@ -75,7 +75,7 @@ class SuiteTeacher:
 
     @property
     def path(self) -> Path:
-        """Where the shipped weights live: ``perflow/builtin/weights/<name>_teacher``."""
+        """Where the shipped weights live: ``src/perflow/builtin/weights/<name>_teacher``."""
         return WEIGHTS / f"{self.name}_teacher"
 
 
