@@ -35,8 +35,9 @@ from .solver import TEACHER_PREDICTION_TYPES, x0_eps_from_output
 from .tensors import expand_like
 from .windows import EPSILON_TYPES, Window
 
-MODEL_OUTPUT_TYPES = TEACHER_PREDICTION_TYPES
-"""What a student network's raw output predicts (diffusers' ``prediction_type`` words)."""
+MODEL_OUTPUT_TYPES = tuple(p for p in TEACHER_PREDICTION_TYPES if p != "flow_prediction")
+"""What a student network's raw output predicts (diffusers' ``prediction_type`` words; a flow-matching
+student's ``velocity`` parameterization outputs the velocity itself)."""
 
 
 def check_model_output_type(model_output_type: str, prediction_type: str) -> str:

@@ -18,7 +18,11 @@ teacher solver, the training targets, the scheduler); a schedule kind implements
 Today's kind is :class:`DiscreteVPSchedule`, a discrete variance-preserving diffusion teacher
 (``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``, ``abar(t) = abar[i(t)]``,
 ``i(t) = clamp(round(t T) - 1, 0, T - 1)``). A continuous flow-matching teacher
-(``z = (1 - sigma) x0 + sigma eps`` with ``sigma = t``) is a second kind of the same interface.
+(``z = (1 - sigma) x0 + sigma eps`` with ``sigma = t``, diffusers' ``FlowMatchEulerDiscreteScheduler``)
+is the second kind, :class:`FlowMatchSchedule`; :func:`schedule_from_config` picks the kind of a
+teacher's scheduler config. A schedule may also place the teacher solver's ``n`` steps inside a
+window (:meth:`~NoiseSchedule.solver_time`): evenly in ``t`` for the VP kind, evenly in the
+unshifted time ``u`` for a shifted flow-matching teacher (its own sampling grid).
 
 The per-time functions are pure, vectorised over the batch and free of host-device
 synchronisation (the scheduler's ``step`` calls them); the checks run once, at construction.
@@ -26,9 +30,10 @@ synchronisation (the scheduler's ``step`` calls them); the checks run once, at c
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
@@ -176,6 +181,11 @@ class NoiseSchedule(ABC):
         alpha, sigma = self.alpha_sigma(t, x0)
         return alpha * x0 + sigma * noise
 
+    def solver_time(self, t_s: torch.Tensor, t_e: torch.Tensor, j: int, n: int) -> torch.Tensor:
+        """Time of the teacher solver's point ``j`` of ``n`` in window ``(t_s, t_e)``: ``t_s + (t_e - t_s) (j / n)``
+        (evenly spaced; a kind with its own sampling grid overrides this)."""
+        return t_s + (t_e - t_s) * (j / n)
+
 
 @dataclass(frozen=True, eq=False)
 class DiscreteVPSchedule(NoiseSchedule):
@@ -237,6 +247,183 @@ class DiscreteVPSchedule(NoiseSchedule):
         return self if ac is self.alphas_cumprod else DiscreteVPSchedule(ac)
 
 
+FLOW_MATCH_KEYS = (
+    "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+    "base_image_seq_len", "max_image_seq_len",
+)
+"""The keys of a ``FlowMatchEulerDiscreteScheduler`` config that :class:`FlowMatchSchedule` reads."""
+
+FLOW_MATCH_SCHEDULERS = (
+    "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler",
+)
+
+
+def shift_sigma(u: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+    """The shifted teacher time ``sigma = s u / (1 + (s - 1) u)`` of the unshifted time ``u`` in ``[0, 1]``.
+
+    Dynamic shifting (``sigma = e^mu / (e^mu + (1/u - 1))``, diffusers' exponential ``time_shift``)
+    is the same map with ``s = e^mu``; written without ``1/u``, so ``u = 0`` gives 0.
+    """
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def unshift_sigma(sigma: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`shift_sigma`: ``u = sigma / (s - (s - 1) sigma)``."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+def dynamic_shift_mu(
+    image_seq_len: int | float,
+    base_image_seq_len: int = 256,
+    max_image_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """``mu``, linear in the image's token count: ``mu = base_shift + (L - L_base) (max_shift - base_shift) / (L_max - L_base)``.
+
+    The same arithmetic as the SD3 and Flux pipelines' ``calculate_shift`` (``m L + b``), so trainer and
+    pipeline get the same float.
+    """
+    m = (max_shift - base_shift) / (max_image_seq_len - base_image_seq_len)
+    b = base_shift - m * base_image_seq_len
+    return image_seq_len * m + b
+
+
+@dataclass(frozen=True, eq=False)
+class FlowMatchSchedule(NoiseSchedule):
+    """A continuous flow-matching teacher: ``z_t = (1 - t) x0 + t eps`` with ``t = sigma`` (1 = noise).
+
+    The teacher predicts the velocity ``dz/dsigma = eps - x0`` at timestep ``sigma T`` (its
+    prediction type is ``flow_prediction``), and samples on a shifted grid
+    ``sigma = s u / (1 + (s - 1) u)`` of an even grid in ``u``: ``s = shift``, or with
+    ``use_dynamic_shifting`` ``s = e^mu`` with ``mu`` from the image's token count
+    (:func:`dynamic_shift_mu`). Windows are boundaries in ``t = sigma`` itself (they do not depend on
+    the shift, hence not on the resolution: ``docs/method.md``, "Windows and the shift"); the shift
+    only places the teacher solver's ``n`` Euler steps inside a window (:meth:`solver_time`).
+    A dynamic-shift schedule must be resolved to one resolution first (:meth:`at_resolution`).
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    mu: float | None = None  # set by at_resolution for a dynamic-shift teacher
+
+    def __post_init__(self) -> None:
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift!r}")
+        if self.use_dynamic_shifting and self.base_image_seq_len == self.max_image_seq_len:
+            raise ValueError("base_image_seq_len and max_image_seq_len must differ for dynamic shifting")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "FlowMatchSchedule":
+        """The schedule of a ``FlowMatchEulerDiscreteScheduler`` config (only :data:`FLOW_MATCH_KEYS`;
+        a missing key takes that scheduler's default)."""
+        kw = {k: config[k] for k in FLOW_MATCH_KEYS if config.get(k) is not None}
+        return cls(**kw)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float64
+
+    @property
+    def effective_shift(self) -> float:
+        """``s``: ``shift``, or ``e^mu`` for a dynamic-shift teacher resolved to a resolution."""
+        if not self.use_dynamic_shifting:
+            return float(self.shift)
+        if self.mu is None:
+            raise ValueError(
+                "this flow-matching teacher uses dynamic shifting, whose shift depends on the image's token "
+                "count: resolve it first with schedule.at_resolution(image_seq_len) (or pass mu)"
+            )
+        return math.exp(self.mu)
+
+    def at_resolution(self, image_seq_len: int | None = None, mu: float | None = None) -> "FlowMatchSchedule":
+        """The schedule at one resolution: ``mu`` given, or :func:`dynamic_shift_mu` of ``image_seq_len``
+        (the transformer's token count, ``(H / 2) (W / 2)`` latents for SD3 and Flux). ``self`` for a
+        static shift."""
+        if not self.use_dynamic_shifting:
+            return self
+        if mu is None:
+            if image_seq_len is None:
+                raise ValueError("a dynamic-shift teacher needs image_seq_len (or mu) to compute its shift")
+            mu = dynamic_shift_mu(image_seq_len, self.base_image_seq_len, self.max_image_seq_len,
+                                  self.base_shift, self.max_shift)
+        return replace(self, mu=float(mu))
+
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1 - t, t)``, broadcast against ``like`` in its dtype."""
+        sigma = expand_like(t, like)
+        return 1 - sigma, sigma
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """``sigma T`` in ``t``'s dtype (the denoiser casts it to the model's)."""
+        return t * self.num_train_timesteps
+
+    def solver_time(self, t_s: torch.Tensor, t_e: torch.Tensor, j: int, n: int) -> torch.Tensor:
+        """``sigma_j = shift(u_s + (u_e - u_s) j / n)`` with ``u = unshift(t)``: the window's part of the
+        teacher's own shifted grid (:func:`shift_sigma`). The ends are ``t_s`` and ``t_e`` exactly."""
+        if j == 0:
+            return t_s
+        if j == n:
+            return t_e
+        s = self.effective_shift
+        u_s, u_e = unshift_sigma(t_s, s), unshift_sigma(t_e, s)
+        return shift_sigma(u_s + (u_e - u_s) * (j / n), s)
+
+    def epsilon_coefficients(
+        self, t_s: torch.Tensor, t_e: torch.Tensor, prediction_type: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refused: the epsilon-type parameterizations divide by ``alpha(1) = 0`` on the flow-matching path."""
+        raise ValueError(
+            f"prediction_type={prediction_type!r} does not apply to a flow-matching teacher (its window "
+            "coefficients divide by alpha(t=1) = 1 - 1 = 0); use prediction_type='velocity', which starts "
+            "exactly at the teacher's own velocity output"
+        )
+
+    def check_windows(self, boundaries: torch.Tensor, num_solver_steps: int | None = None) -> None:
+        """Continuous time: any valid boundaries."""
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FlowMatchSchedule":
+        return self
+
+
+def scheduler_kind(config: Mapping[str, Any]) -> str:
+    """``"flow_matching"`` or ``"discrete_vp"`` for a diffusers scheduler config; a config that is neither is refused.
+
+    Flow-matching: a ``FlowMatch*`` scheduler class (or a config with its ``shift`` and ``use_dynamic_shifting``), a PeRFlow config with ``schedule_kind:
+    flow_matching``, or a ``flow_prediction`` config (DPM-Solver/UniPC in flow mode). Variance-preserving:
+    ``beta_start``/``beta_end``/``beta_schedule`` or ``trained_betas`` (DDPM, DDIM, PNDM, Euler, ...).
+    """
+    name = config.get("_class_name", "")
+    kind = config.get("schedule_kind")
+    if kind in SCHEDULE_KINDS:
+        return kind
+    flow_keys = "shift" in config and "use_dynamic_shifting" in config  # FlowMatchEulerDiscreteScheduler's own
+    if name in FLOW_MATCH_SCHEDULERS or flow_keys or config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas"):
+        return "flow_matching"
+    if any(k in config for k in ("beta_start", "beta_end", "beta_schedule", "trained_betas")):
+        return "discrete_vp"
+    raise ValueError(
+        f"the teacher's scheduler config ({name or 'no _class_name'}) is neither variance-preserving (beta_start, "
+        "beta_end, beta_schedule or trained_betas) nor flow-matching (FlowMatchEulerDiscreteScheduler: shift, "
+        "use_dynamic_shifting); use a teacher whose scheduler_config.json is one of these"
+    )
+
+
+SCHEDULE_KINDS = ("discrete_vp", "flow_matching")
+
+
+def schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule:
+    """The teacher's :class:`NoiseSchedule` of a diffusers scheduler config, its kind from :func:`scheduler_kind`."""
+    if scheduler_kind(config) == "flow_matching":
+        return FlowMatchSchedule.from_config(config)
+    return DiscreteVPSchedule.from_config(config)
+
+
 def as_schedule(schedule: NoiseSchedule | torch.Tensor) -> NoiseSchedule:
     """``schedule`` itself, or a raw ``alphas_cumprod`` tensor wrapped as a :class:`DiscreteVPSchedule`."""
     if isinstance(schedule, NoiseSchedule):
@@ -248,13 +435,22 @@ def as_schedule(schedule: NoiseSchedule | torch.Tensor) -> NoiseSchedule:
 
 __all__ = [
     "BETA_SCHEDULES",
+    "FLOW_MATCH_KEYS",
+    "FLOW_MATCH_SCHEDULERS",
     "SCHEDULE_KEYS",
+    "SCHEDULE_KINDS",
     "DiscreteVPSchedule",
+    "FlowMatchSchedule",
     "NoiseSchedule",
     "abar_at",
     "alphas_cumprod_from_config",
     "as_schedule",
     "check_index_spacing",
+    "dynamic_shift_mu",
+    "schedule_from_config",
+    "scheduler_kind",
+    "shift_sigma",
     "timestep_index",
+    "unshift_sigma",
     "vp_epsilon_coefficients",
 ]

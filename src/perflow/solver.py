@@ -22,8 +22,9 @@ from .schedule import NoiseSchedule, as_schedule
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``denoiser(z (B, ...), timestep (B,)) -> model output (B, ...)``: a teacher, a student, any model."""
 
-TEACHER_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-"""What a teacher's output predicts (diffusers' ``prediction_type``)."""
+TEACHER_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+"""What a teacher's output predicts (diffusers' ``prediction_type``; ``flow_prediction``: the velocity
+``dz/dsigma = eps - x0`` of a flow-matching teacher, :class:`perflow.schedule.FlowMatchSchedule`)."""
 
 
 def x0_eps_from_output(
@@ -34,7 +35,10 @@ def x0_eps_from_output(
     ``epsilon``: ``x0 = (z - sigma eps) / alpha``;
     ``v_prediction`` (``v = alpha eps - sigma x0``, variance preserving: ``alpha^2 + sigma^2 = 1``):
     ``x0 = alpha z - sigma v``, ``eps = sigma z + alpha v``;
-    ``sample``: ``eps = (z - alpha x0) / sigma``.
+    ``sample``: ``eps = (z - alpha x0) / sigma``;
+    ``flow_prediction`` (``v = eps - x0`` on the flow-matching path, ``alpha + sigma = 1``):
+    ``x0 = z - sigma v``, ``eps = z + alpha v`` (so the DDIM step to ``sigma'`` is the Euler step
+    ``z + (sigma' - sigma) v``).
     ``alpha``, ``sigma`` broadcast against ``z`` (:meth:`perflow.schedule.NoiseSchedule.alpha_sigma`).
     """
     if prediction_type == "epsilon":
@@ -43,6 +47,8 @@ def x0_eps_from_output(
         return alpha * z - sigma * output, sigma * z + alpha * output
     if prediction_type == "sample":
         return output, (z - alpha * output) / sigma
+    if prediction_type == "flow_prediction":
+        return z - sigma * output, z + alpha * output
     raise ValueError(
         f"unknown teacher prediction_type {prediction_type!r}; expected one of {TEACHER_PREDICTION_TYPES}"
     )
@@ -59,7 +65,11 @@ def solve_window(
     prediction_type: str = "epsilon",
     clip_sample: float | None = None,
 ) -> torch.Tensor:
-    """``z_e = Phi(z_s, t_s, t_e)``: ``n`` DDIM steps on the times ``t_s + j (t_e - t_s) / n``, ``j = 0..n``.
+    """``z_e = Phi(z_s, t_s, t_e)``: ``n`` DDIM steps on the times ``t_j = schedule.solver_time(t_s, t_e, j, n)``.
+
+    For a VP teacher ``t_j = t_s + j (t_e - t_s) / n``, ``j = 0..n``; a shifted flow-matching teacher
+    places them on its own shifted grid (:meth:`perflow.schedule.FlowMatchSchedule.solver_time`), where
+    each DDIM step of its ``flow_prediction`` output is an Euler step ``z + (t_{j+1} - t_j) v``.
 
     Step ``j`` evaluates the teacher at ``schedule.timestep(t_j)`` (index ``i(t_j)`` for a
     discrete teacher), turns its output into ``(x0, eps)`` at ``t_j`` and moves to
@@ -86,8 +96,8 @@ def solve_window(
     t_e = torch.as_tensor(t_e, device=z.device, dtype=torch.float64).expand(z.shape[0])
     schedule = as_schedule(schedule).to(device=z.device, dtype=work_dtype)
     for j in range(num_steps):
-        t_a = t_s + (t_e - t_s) * (j / num_steps)
-        t_b = t_s + (t_e - t_s) * ((j + 1) / num_steps)
+        t_a = schedule.solver_time(t_s, t_e, j, num_steps)
+        t_b = schedule.solver_time(t_s, t_e, j + 1, num_steps)
         out = denoiser(z, schedule.timestep(t_a)).to(work_dtype)
         x0, eps = x0_eps_from_output(out, z, *schedule.alpha_sigma(t_a, z), prediction_type)
         if clip_sample is not None:

@@ -8,6 +8,9 @@
   on ``[0, 1]`` (more weight near both window ends, after "Improving the Training of
   Rectified Flows"): ``t = t_s + u (t_e - t_s)``. Inverse CDF:
   ``u = 1/2 + asinh((2 r - 1) sinh(a / 2)) / a`` with ``r ~ U[0, 1)``; ``a -> 0`` is uniform.
+- ``logit_normal``: ``t = 1 / (1 + exp(-(m + s n)))``, ``n ~ N(0, 1)`` (SD3's training distribution,
+  "Scaling Rectified Flow Transformers", ``m = 0, s = 1``): density
+  ``p(t) = exp(-(logit(t) - m)^2 / (2 s^2)) / (s sqrt(2 pi) t (1 - t))``, :func:`logit_normal_times`.
 
 Every sampler draws on the CPU generator it is given (reproducible across devices) and returns
 float64 times ``(B,)`` on the requested device.
@@ -23,7 +26,7 @@ import torch
 TimeSampler = Callable[[int, torch.Generator | None, torch.device], torch.Tensor]
 """``sampler(batch_size, generator, device) -> t (B,)`` float64 in ``[0, 1]``."""
 
-TIME_SAMPLINGS = ("uniform", "u_shaped")
+TIME_SAMPLINGS = ("uniform", "u_shaped", "logit_normal")
 
 
 def uniform_times(batch_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -52,13 +55,29 @@ def u_shaped_times(boundaries: torch.Tensor, a: float = 4.0) -> TimeSampler:
     return sample
 
 
-def make_time_sampler(name: str, boundaries: torch.Tensor, a: float = 4.0) -> TimeSampler:
-    """``uniform`` or ``u_shaped`` (see the module docstring)."""
+def logit_normal_times(mean: float = 0.0, std: float = 1.0) -> TimeSampler:
+    """A sampler of ``t = sigmoid(m + s n)``, ``n ~ N(0, 1)`` (float64, ``(B,)``, in ``(0, 1)``)."""
+    if not std > 0:
+        raise ValueError(f"logit_normal_std must be > 0, got {std!r}")
+
+    def sample(batch_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        n = torch.randn(batch_size, generator=generator, dtype=torch.float64)
+        return torch.sigmoid(mean + std * n).to(device)
+
+    return sample
+
+
+def make_time_sampler(
+    name: str, boundaries: torch.Tensor, a: float = 4.0, mean: float = 0.0, std: float = 1.0
+) -> TimeSampler:
+    """``uniform``, ``u_shaped`` (parameter ``a``) or ``logit_normal`` (``mean``, ``std``); see the module docstring."""
     if name == "uniform":
         return uniform_times
     if name == "u_shaped":
         return u_shaped_times(boundaries, a)
-    raise ValueError(f"unknown time_sampling {name!r}; expected 'uniform' or 'u_shaped'")
+    if name == "logit_normal":
+        return logit_normal_times(mean, std)
+    raise ValueError(f"unknown time_sampling {name!r}; expected one of {TIME_SAMPLINGS}")
 
 
-__all__ = ["TIME_SAMPLINGS", "TimeSampler", "make_time_sampler", "u_shaped_fraction", "u_shaped_times", "uniform_times"]
+__all__ = ["TIME_SAMPLINGS", "TimeSampler", "logit_normal_times", "make_time_sampler", "u_shaped_fraction", "u_shaped_times", "uniform_times"]

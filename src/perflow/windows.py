@@ -149,6 +149,8 @@ def resolve_boundaries(
         b = equal_boundaries(num_time_windows, t_noise, t_clean)
     if schedule is not None:
         schedule.check_windows(b, num_solver_steps)
+        if prediction_type in EPSILON_TYPES:
+            schedule.epsilon_coefficients(b[:-1], b[1:], prediction_type)  # a kind without them refuses here
         if prediction_type is not None:
             check_nonzero_abar(b, schedule, prediction_type)
     return b

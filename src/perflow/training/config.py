@@ -90,9 +90,14 @@ class PeRFlowConfig:
     guidance_scale: float = 7.5
     """Teacher guidance w* in CFG-fixed mode (unused in sync mode)."""
     time_sampling: str = "uniform"
-    """``uniform`` t in [0, 1), or ``u_shaped``: uniform window, then a U-shaped position inside it."""
+    """``uniform`` t in [0, 1), ``u_shaped`` (uniform window, then a U-shaped position inside it) or
+    ``logit_normal`` (``t = sigmoid(m + s n)``, SD3's training distribution, for flow-matching teachers)."""
     u_shape_a: float = 4.0
     """Sharpness a of the U-shaped density ``p(u) ~ cosh(a (u - 1/2))`` within a window."""
+    logit_normal_mean: float = 0.0
+    """``m`` of the ``logit_normal`` time sampling."""
+    logit_normal_std: float = 1.0
+    """``s`` of the ``logit_normal`` time sampling."""
 
 
 @dataclass

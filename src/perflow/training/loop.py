@@ -197,7 +197,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     check_channels(ds, channels)
     schedule = teacher_obj.schedule
     boundaries = boundaries_of(cfg, schedule)
-    time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a)
+    time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a, p.logit_normal_mean, p.logit_normal_std)
 
     opt = torch.optim.AdamW(
         student.parameters(), lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2),
