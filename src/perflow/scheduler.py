@@ -18,6 +18,12 @@ on the boundary exactly (:meth:`PeRFlowScheduler.set_timesteps`).
 It loads the released PeRFlow checkpoints' ``scheduler_config.json`` unchanged and
 reproduces their timesteps (``t T`` truncated to int64) and latents (bit for bit for
 boundaries on the grid, e.g. every released ``K = 4`` model).
+
+The same class samples flow-matching students (SD3, Flux: ``schedule_kind="flow_matching"``,
+:class:`perflow.schedule.FlowMatchSchedule`): ``t = sigma``, timesteps ``sigma T`` as float32 (not
+truncated), windows fixed in ``sigma`` at every resolution, and the flow-matching scheduler's
+contract that the SD3 and Flux pipelines use (``set_timesteps(num_inference_steps, device, sigmas=...,
+mu=...)``, ``sigmas``, ``set_begin_index``, ``scale_noise``).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput, logging
 
 from .parameterization import check_model_output_type, clipped_epsilon, epsilon_from_output, velocity_from_output
-from .schedule import DiscreteVPSchedule
+from .schedule import FLOW_MATCH_KEYS, DiscreteVPSchedule, FlowMatchSchedule
 from .solver import TEACHER_PREDICTION_TYPES
 from .tensors import expand_like
 from .windows import PREDICTION_TYPES, check_prediction_type, inference_times, resolve_boundaries, window_of
@@ -61,6 +67,11 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
 
         pipe.scheduler = PeRFlowScheduler.from_config(pipe.scheduler.config, prediction_type="diff_eps")
 
+    and in SD3 and Flux pipelines (text-to-image and image-to-image), from their
+    ``FlowMatchEulerDiscreteScheduler`` config (the kind and ``velocity`` are then picked)::
+
+        pipe.scheduler = PeRFlowScheduler.from_config(pipe.scheduler.config)
+
     Args:
         num_train_timesteps: ``T``, the teacher's number of training timesteps.
         beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr: the teacher's
@@ -69,7 +80,9 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
             ``velocity`` parameterization is accepted.
         set_alpha_to_one: kept for compatibility with released configs; unused (the sampler
             ends at ``t = 0``, whose ``abar`` is ``abar[0]``).
-        prediction_type: the student's parameterization: ``diff_eps``, ``ddim_eps`` or ``velocity``.
+        prediction_type: the student's parameterization: ``diff_eps``, ``ddim_eps`` or ``velocity``
+            (``None``: ``diff_eps`` for a variance-preserving teacher, ``velocity`` for flow matching,
+            the only one it accepts).
         t_noise, t_clean: first and last boundary of the equal windows.
         num_time_windows: ``K``, the number of equal windows (ignored, and updated, when
             ``window_boundaries`` is given).
@@ -84,9 +97,17 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
             config has ``clip_sample: true``); a ``ddim_eps`` student of such a teacher was trained
             to clip as its teacher does (:func:`perflow.parameterization.clipped_epsilon`) and is
             sampled the same way. Ignored by the other parameterizations.
+        schedule_kind: ``discrete_vp`` (the beta schedule above) or ``flow_matching``; ``None``:
+            ``flow_matching`` when ``shift`` or ``use_dynamic_shifting`` is given (a
+            ``FlowMatchEulerDiscreteScheduler`` config), else ``discrete_vp``.
+        shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len:
+            the flow-matching teacher's shift (``FlowMatchEulerDiscreteScheduler``'s meaning), kept in
+            the config for the pipelines' ``calculate_shift`` and the trainer's teacher solve; the
+            sampler's grid does not depend on them (windows are fixed in ``sigma``). ``None`` for a
+            variance-preserving teacher.
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
     order = 1
 
     @register_to_config
@@ -98,7 +119,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         beta_schedule: str = "scaled_linear",
         trained_betas: np.ndarray | list[float] | None = None,
         set_alpha_to_one: bool = False,
-        prediction_type: str = "diff_eps",
+        prediction_type: str | None = None,
         t_noise: float = 1.0,
         t_clean: float = 0.0,
         num_time_windows: int = 4,
@@ -107,7 +128,22 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         model_output_type: str = "epsilon",
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
+        schedule_kind: str | None = None,
+        shift: float | None = None,
+        use_dynamic_shifting: bool | None = None,
+        base_shift: float | None = None,
+        max_shift: float | None = None,
+        base_image_seq_len: int | None = None,
+        max_image_seq_len: int | None = None,
     ):
+        if schedule_kind is None:
+            schedule_kind = "flow_matching" if (shift is not None or use_dynamic_shifting is not None) else "discrete_vp"
+        if schedule_kind not in ("discrete_vp", "flow_matching"):
+            raise ValueError(f"unknown schedule_kind {schedule_kind!r}; expected 'discrete_vp' or 'flow_matching'")
+        flow = schedule_kind == "flow_matching"
+        if prediction_type is None:
+            prediction_type = "velocity" if flow else "diff_eps"
+        self.register_to_config(schedule_kind=schedule_kind, prediction_type=prediction_type)
         if prediction_type in TEACHER_PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type={prediction_type!r} is a teacher's (diffusion) prediction type; a PeRFlow "
@@ -118,7 +154,12 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         check_model_output_type(model_output_type, prediction_type)
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
-        schedule = DiscreteVPSchedule.from_config(self.config)  # abar (T,) float32, as DDIMScheduler
+        if flow:
+            schedule = FlowMatchSchedule.from_config(self.config)
+            # the teacher's shift settings, filled in, for the pipelines' calculate_shift
+            self.register_to_config(**{k: getattr(schedule, k) for k in FLOW_MATCH_KEYS})
+        else:
+            schedule = DiscreteVPSchedule.from_config(self.config)  # abar (T,) float32, as DDIMScheduler
         boundaries = resolve_boundaries(
             num_time_windows, window_boundaries, schedule, prediction_type=prediction_type,
             t_noise=t_noise, t_clean=t_clean,
@@ -128,7 +169,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
             self.register_to_config(
                 window_boundaries=boundaries.tolist(), num_time_windows=boundaries.numel() - 1
             )
-        self.alphas_cumprod = schedule.alphas_cumprod  # (T,) float32
+        self.alphas_cumprod = None if flow else schedule.alphas_cumprod  # (T,) float32
         self.schedule = schedule.to(dtype=torch.float64)  # the same values; lam/eta are computed in float64
         self.boundaries = boundaries
         if clip_sample and not clip_sample_range > 0:
@@ -137,10 +178,28 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None  # flow matching: (N + 1,) step times and the final 0
+        self.mu: float | None = None  # flow matching: the pipeline's shift exponent, recorded, not used
+        self._begin_index: int | None = None
         # set by set_timesteps, on the sampling device: (N,) float64 each
         self._scheduled: torch.Tensor | None = None  # the timesteps
         self._times: torch.Tensor | None = None  # exact step start times t_j
         self._step_ts: torch.Tensor | None = None  # tau_j T, the times step integrates between
+
+    @property
+    def is_flow_matching(self) -> bool:
+        """Whether the teacher is a flow-matching model (``schedule_kind == "flow_matching"``)."""
+        return self.config.schedule_kind == "flow_matching"
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first step's index, as set by an image-to-image pipeline (:meth:`set_begin_index`)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Record where an image-to-image pipeline starts in :attr:`timesteps`. :meth:`step` finds each
+        step by its timestep, so sampling from any begin index needs nothing else."""
+        self._begin_index = begin_index
 
     @property
     def num_windows(self) -> int:
@@ -154,8 +213,23 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         """Identity (a PeRFlow model takes the latent as it is); present for interchangeability."""
         return sample
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Set the ``N`` sampling timesteps ``t T`` (truncated to int64), on ``device``.
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | np.ndarray | torch.Tensor | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | np.ndarray | torch.Tensor | None = None,
+    ) -> None:
+        """Set the ``N`` sampling timesteps ``t T`` (truncated to int64; float32 ``sigma T`` for flow matching), on ``device``.
+
+        Flow matching (the SD3/Flux pipelines' call): ``N`` is ``num_inference_steps`` or the length of
+        ``sigmas``/``timesteps``. The pipelines' default ``sigmas = linspace(1, 1/N, N)`` means "``N``
+        steps" and gets the PeRFlow grid below; other ``sigmas`` (or ``timesteps / T``) are taken as the
+        step start times themselves (strictly decreasing in ``(0, 1]``; a step crossing a boundary uses
+        the velocity of the window it starts in). ``mu`` (dynamic shift) is recorded and does not move
+        the grid: windows are fixed in ``sigma``. A variance-preserving scheduler takes
+        ``num_inference_steps`` only.
 
         Step start times ``t_j`` come from :func:`perflow.windows.inference_times`: with ``N >= K``
         each window gets ``N // K`` steps (the first ``N % K`` one more), evenly spaced from
@@ -168,21 +242,14 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         the time the model is told (the released behaviour). For boundaries on the ``1/T`` grid
         (every ``K`` dividing ``T``, all released models) ``tau_j = timestep_j / T`` throughout.
         """
-        try:
-            num_inference_steps = operator.index(num_inference_steps)
-        except TypeError:
+        if self.is_flow_matching:
+            return self._set_flow_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
+        if sigmas is not None or timesteps is not None:
             raise ValueError(
-                f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}"
-            ) from None
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-        K = self.num_windows
-        if num_inference_steps < K:
-            logger.warning(
-                f"num_inference_steps={num_inference_steps} is below the number of time windows K={K}: "
-                "a step crosses windows using the velocity of the window it starts in, which is exact "
-                "only for a flow that is straight across them; use at least K steps for full quality."
+                "the variance-preserving PeRFlow scheduler sets its own timesteps from num_inference_steps; "
+                "do not pass sigmas or timesteps"
             )
+        num_inference_steps = self._check_num_steps(num_inference_steps)
         T = self.config.num_train_timesteps
         boundaries = self.boundaries.cpu()
         times = inference_times(num_inference_steps, boundaries)  # (N,) float64
@@ -198,6 +265,63 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = timesteps.to(device)
         self._scheduled, self._times, self._step_ts = (
             x.to(self.timesteps.device) for x in (timesteps.to(torch.float64), times, step_ts)
+        )
+        self._to_device(self.timesteps.device)
+
+    def _check_num_steps(self, num_inference_steps) -> int:
+        try:
+            num_inference_steps = operator.index(num_inference_steps)
+        except TypeError:
+            raise ValueError(
+                f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}"
+            ) from None
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
+        K = self.num_windows
+        if num_inference_steps < K:
+            logger.warning(
+                f"num_inference_steps={num_inference_steps} is below the number of time windows K={K}: "
+                "a step crosses windows using the velocity of the window it starts in, which is exact "
+                "only for a flow that is straight across them; use at least K steps for full quality."
+            )
+        return num_inference_steps
+
+    def _set_flow_timesteps(self, num_inference_steps, device, sigmas, mu, timesteps) -> None:
+        """:meth:`set_timesteps` for a flow-matching student: exact step times ``t_j``, timesteps ``t_j T`` (float32)."""
+        T = self.config.num_train_timesteps
+        given = None
+        if timesteps is not None:
+            given = torch.as_tensor(np.asarray(timesteps, dtype=np.float64)) / T
+        elif sigmas is not None:
+            given = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+        if given is not None:
+            n = given.numel()
+            if num_inference_steps is not None and num_inference_steps != n:
+                raise ValueError(f"num_inference_steps={num_inference_steps} but {n} sigmas/timesteps were given")
+            num_inference_steps = n
+        if num_inference_steps is None:
+            raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
+        num_inference_steps = self._check_num_steps(num_inference_steps)
+        boundaries = self.boundaries.cpu()
+        default = torch.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps, dtype=torch.float64)
+        if given is None or torch.allclose(given, default, rtol=0, atol=1e-6):
+            times = inference_times(num_inference_steps, boundaries)  # (N,) float64
+        else:
+            times = given
+            if given.dim() != 1 or not bool((times[1:] < times[:-1]).all()) or not (0 < float(times[-1]) and float(times[0]) <= 1):
+                raise ValueError(
+                    f"sigmas must strictly decrease within (0, 1] (timesteps within (0, {T}]), got {times.tolist()}"
+                )
+        timesteps32 = (times * T).to(torch.float32)  # sigma T, as diffusers' flow-matching scheduler
+        if not bool((timesteps32[1:] < timesteps32[:-1]).all()):
+            raise ValueError(f"num_inference_steps={num_inference_steps} gives repeated float32 timesteps; use fewer steps")
+        self.num_inference_steps = num_inference_steps
+        self.mu = mu
+        self._begin_index = None
+        self.timesteps = timesteps32.to(device)
+        self.sigmas = torch.cat([times, times.new_zeros(1)]).to(torch.float32).to(self.timesteps.device)
+        self._scheduled, self._times, self._step_ts = (
+            x.to(self.timesteps.device) for x in (timesteps32.to(torch.float64), times, times * T)
         )
         self._to_device(self.timesteps.device)
 
@@ -298,7 +422,16 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
     ) -> torch.Tensor:
         """The teacher's forward process at ``t = timesteps / T``:
         ``sqrt(abar(t)) x0 + sqrt(1 - abar(t)) noise`` with ``abar(t) = abar[clamp(round(t T) - 1, 0, T - 1)]``
-        (so timestep 0 uses ``abar[0]``, no wrap-around)."""
+        (so timestep 0 uses ``abar[0]``, no wrap-around); for flow matching ``(1 - t) x0 + t noise``."""
         T = self.config.num_train_timesteps
         t = self._timestep_tensor(timesteps, original_samples.device) / T
         return self.schedule.marginal(original_samples, noise, t)
+
+    def scale_noise(
+        self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The flow-matching pipelines' image-to-image entry point (``FlowMatchEulerDiscreteScheduler``'s
+        signature): :meth:`add_noise` at ``timestep``, per sample, i.e. ``(1 - t) sample + t noise``."""
+        if noise is None:
+            raise ValueError("scale_noise needs the noise to mix in")
+        return self.add_noise(sample, noise, timestep)

@@ -1,10 +1,11 @@
-"""Tiny Stable Diffusion pipelines with random weights, built offline from config.
+"""Tiny Stable Diffusion, SD3 and Flux pipelines with random weights, built offline from config.
 
 They have the real SD1.5 and SDXL architectures (text encoders, VAE, UNet with
 cross-attention, SDXL's added conditioning) at toy widths, so pipelines,
 saving, loading and weight merging can be exercised on a CPU in seconds with no
 download. The tokenizer is a real ``CLIPTokenizer`` over a small hand-written
-vocabulary. Nothing here is meant to produce meaningful images.
+vocabulary; SD3 and Flux add a T5 encoder with a small unigram tokenizer built with the
+``tokenizers`` library. Nothing here is meant to produce meaningful images.
 """
 
 from __future__ import annotations
@@ -158,6 +159,117 @@ def tiny_sdxl_pipeline(seed: int = 0):
         text_encoder_2=tiny_text_encoder(len(tok), projection=True, seed=seed + 1),
         tokenizer=tok,
         tokenizer_2=tiny_tokenizer(),
+    )
+
+
+def tiny_t5_tokenizer(max_length: int = 16):
+    """A ``T5TokenizerFast`` over a small unigram vocabulary (the words above and single letters)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + w, -1.0) for w in _WORDS] + [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "tokenizer.json")
+        tok.save(path)
+        return T5TokenizerFast(tokenizer_file=path, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                               extra_ids=0, model_max_length=max_length)
+
+
+def tiny_t5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
+    """A 2-layer ``T5EncoderModel`` at toy width."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_flow_vae(latent_channels: int, seed: int = 0):
+    """A 2-block ``AutoencoderKL`` (downsampling factor 2) with SD3/Flux-style ``shift_factor`` and no quant convs."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8), in_channels=3, out_channels=3, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    ).eval()
+
+
+def flow_scheduler(shift: float = 3.0, dynamic: bool = False):
+    """A ``FlowMatchEulerDiscreteScheduler``: SD3's (``shift = 3``) or, with ``dynamic``, Flux's dynamic shifting."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dynamic:
+        return FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                               base_image_seq_len=256, max_image_seq_len=4096)
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+
+def tiny_sd3_transformer(seed: int = 0, joint_attention_dim: int = 64, pooled_projection_dim: int = 64):
+    """An ``SD3Transformer2DModel`` (MMDiT) at toy width: 4 latent channels, 2x2 patches."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=joint_attention_dim, caption_projection_dim=32,
+        pooled_projection_dim=pooled_projection_dim, pos_embed_max_size=32,
+    ).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A ``StableDiffusion3Pipeline`` of tiny random parts: two CLIP encoders with projections (32 wide each),
+    T5 (64 wide = the joint attention width, at least the CLIP widths combined), shift 3."""
+    from diffusers import StableDiffusion3Pipeline
+
+    tok, t5tok = tiny_tokenizer(), tiny_t5_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(seed),
+        scheduler=flow_scheduler(3.0),
+        vae=tiny_flow_vae(4, seed),
+        text_encoder=tiny_text_encoder(len(tok), projection=True, seed=seed),
+        tokenizer=tok,
+        text_encoder_2=tiny_text_encoder(len(tok), projection=True, seed=seed + 1),
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(len(t5tok), d_model=64, seed=seed + 2),
+        tokenizer_3=t5tok,
+    )
+
+
+def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True):
+    """A ``FluxTransformer2DModel`` at toy width: 4 packed channels (1 latent channel x 2x2), guidance embedding."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A ``FluxPipeline`` of tiny random parts: CLIP (pooled, 32 wide), T5 (32 wide), 1 latent channel packed 2x2,
+    dynamic shifting; ``guidance_embeds`` as Flux-dev (True) or Flux-schnell (False)."""
+    from diffusers import FluxPipeline
+
+    tok, t5tok = tiny_tokenizer(), tiny_t5_tokenizer()
+    return FluxPipeline(
+        transformer=tiny_flux_transformer(seed, guidance_embeds),
+        scheduler=flow_scheduler(3.0, dynamic=True),
+        vae=tiny_flow_vae(1, seed),
+        text_encoder=tiny_text_encoder(len(tok), seed=seed),
+        tokenizer=tok,
+        text_encoder_2=tiny_t5_encoder(len(t5tok), d_model=32, seed=seed + 2),
+        tokenizer_2=t5tok,
     )
 
 
