@@ -53,6 +53,12 @@ class Condition:
         """``{field name: tensor or None}``, in field order."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def forward(self, model: torch.nn.Module, z: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """``model(z, timestep)`` under this condition: a diffusers UNet's call,
+        ``model(z, timestep, **unet_kwargs(), return_dict=False)[0]``. A transformer teacher's
+        condition (:mod:`perflow.training.flow_teachers`) overrides it with its model's call."""
+        return model(z, timestep, **self.unet_kwargs(), return_dict=False)[0]
+
     def unet_kwargs(self) -> dict:
         """Keyword arguments for ``UNet2DConditionModel.forward``."""
         kwargs: dict = {"encoder_hidden_states": self.encoder_hidden_states}
@@ -106,9 +112,9 @@ def unet_denoiser(
     uncond: Condition | None = None,
     guidance_scale: float | torch.Tensor = 1.0,
 ) -> Denoiser:
-    """``denoiser(z, i)`` for a diffusers UNet, in the UNet's own dtype.
+    """``denoiser(z, i)`` for a diffusers UNet (or transformer), in the model's own dtype.
 
-    Without ``uncond`` the output is ``unet(z, i, cond)``. With it, one batched call evaluates
+    Without ``uncond`` the output is ``unet(z, i, cond)`` (:meth:`Condition.forward`). With it, one batched call evaluates
     ``[cond; uncond]`` and returns ``uncond + w (cond - uncond)``, ``w`` a scalar or per-sample ``(B,)``.
     """
     dtype = next(unet.parameters()).dtype
@@ -118,15 +124,14 @@ def unet_denoiser(
     if uncond is not None:
         if len(uncond) != len(cond):
             raise ValueError(f"uncond has batch {len(uncond)}, cond has {len(cond)}")
-        both = cond.cat(uncond.to(device, dtype)).unet_kwargs()
-    single = cond.unet_kwargs()
+        both = cond.cat(uncond.to(device, dtype))
     w = torch.as_tensor(guidance_scale, dtype=torch.float32).to(device)  # () or (B,), moved once
 
     def denoiser(z: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         zin = z.to(device=device, dtype=dtype)
         if both is None:
-            return unet(zin, i.to(device), **single, return_dict=False)[0]
-        out = unet(torch.cat([zin, zin]), torch.cat([i, i]).to(device), **both, return_dict=False)[0]
+            return cond.forward(unet, zin, i.to(device))
+        out = both.forward(unet, torch.cat([zin, zin]), torch.cat([i, i]).to(device))
         out_c, out_u = out.float().chunk(2)
         return out_u + expand_like(w, out_c) * (out_c - out_u)
 

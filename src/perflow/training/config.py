@@ -35,6 +35,9 @@ class ModelConfig:
     null_label: int | None = None
     """A UNet2DModel teacher with a class embedding: the class index it was trained with as "no class"
     (CFG, caption dropout); unset: none, so set data.caption_dropout 0 and cfg_mode sync."""
+    max_sequence_length: int | None = None
+    """SD3/Flux teachers: the T5 prompt length (unset: the pipeline's default, 256 for SD3, 512 for Flux);
+    sample the student with the same ``max_sequence_length``."""
     allow_pickle: bool = False
     """Let the teacher's pickled ``.bin`` weights be read (by diffusers' restricted loader) when a
     component has no safetensors; off by default: such a teacher is refused, naming the file."""
@@ -89,6 +92,9 @@ class PeRFlowConfig:
     """``sync`` (teacher at guidance 1 on the student's condition) or ``fixed`` (teacher guided at guidance_scale)."""
     guidance_scale: float = 7.5
     """Teacher guidance w* in CFG-fixed mode (unused in sync mode)."""
+    embedded_guidance: float = 3.5
+    """A guidance-distilled teacher (Flux-dev): the guidance input the teacher runs at, which the student is
+    trained with in its own guidance input and is to be sampled with (``guidance_scale`` of FluxPipeline)."""
     time_sampling: str = "uniform"
     """``uniform`` t in [0, 1), ``u_shaped`` (uniform window, then a U-shaped position inside it) or
     ``logit_normal`` (``t = sigmoid(m + s n)``, SD3's training distribution, for flow-matching teachers)."""
@@ -218,6 +224,7 @@ class TrainConfig:
             ("perflow.num_time_windows", p.num_time_windows, 1),
             ("perflow.num_solver_steps", p.num_solver_steps, 1),
             ("training.max_steps", t.max_steps, 1),
+            ("perflow.embedded_guidance", p.embedded_guidance, 0),
             ("training.batch_size", t.batch_size, 1),
             ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
             ("training.learning_rate", t.learning_rate, 0),

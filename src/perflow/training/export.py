@@ -1,13 +1,14 @@
 """Final outputs of a run: the student as a diffusers folder, its PeRFlow scheduler, the delta.
 
 ``<output_dir>/``
-- ``unet/``: the student (``save_pretrained``, safetensors);
+- ``unet/`` (``transformer/`` for SD3/Flux): the student (``save_pretrained``, safetensors);
 - ``scheduler/scheduler_config.json``: the matching ``PeRFlowScheduler`` (same betas, ``K``,
   boundaries, the student's prediction type); for a teacher sampled with ``clip_sample`` or
   ``thresholding`` also ``_teacher_sampling`` (:data:`TEACHER_SAMPLING_KEY`; private, so
   ``from_config`` ignores it): what the window solve did with them;
 - for an SD/SDXL teacher (``save_pipeline``): the rest of the pipeline (``model_index.json``,
   VAE, text encoders, tokenizers), so the folder loads with ``DiffusionPipeline.from_pretrained``;
+  for an SD3/Flux teacher the same with the pipeline's own parts (:mod:`perflow.training.flow_teachers`);
   for an unconditional ``UNet2DModel`` teacher (``save_pipeline``): a ``DDPMPipeline``
   ``model_index.json`` (``DDPMPipeline.from_pretrained(out)`` samples with the PeRFlow scheduler);
   for a class-conditional teacher: ``label_encoder/`` (a ``UNet2DModel`` with ``class_labels``:
@@ -27,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from ..io import atomic_folder, match_umask, read_json, write_text
+from .flow_teachers import FlowTeacher
 from .teachers import ClassConditionalTeacher, SDXLTeacher, Teacher, UNet2DTeacher
 
 TEACHER_SAMPLING_KEY = "_teacher_sampling"
@@ -98,7 +100,9 @@ def export_student(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    written["unet"] = replace_dir(out / "unet", lambda d: student.save_pretrained(d, safe_serialization=True))
+    written[teacher.denoiser_name] = replace_dir(
+        out / teacher.denoiser_name, lambda d: student.save_pretrained(d, safe_serialization=True)
+    )
     sampling = teacher_sampling(teacher)
     written["scheduler"] = replace_dir(out / "scheduler", lambda d: _save_scheduler(scheduler, d, sampling))
     if isinstance(teacher, ClassConditionalTeacher):
@@ -108,6 +112,8 @@ def export_student(
     elif isinstance(teacher, UNet2DTeacher):
         if save_pipeline and not teacher.conditional:
             written["model_index"] = _write_model_index(out, "DDPMPipeline", {"unet": ["diffusers", "UNet2DModel"]})
+    elif save_pipeline and isinstance(teacher, FlowTeacher):
+        written.update(_export_flow_pipeline(out, teacher, student))
     elif save_pipeline:
         written.update(_export_pipeline(out, teacher))
     if save_delta:
@@ -126,6 +132,21 @@ def export_student(
             **(extra_metadata or {}),
         }
         written["delta"] = match_umask(_save(delta, out / "delta.safetensors", meta))
+    return written
+
+
+def _export_flow_pipeline(out: Path, teacher: FlowTeacher, student: torch.nn.Module) -> dict[str, Path]:
+    """``model_index.json`` and the SD3/Flux teacher's frozen parts (VAE, text encoders, tokenizers)."""
+    written: dict[str, Path] = {}
+    index: dict[str, Any] = {"transformer": ["diffusers", type(student).__name__]}
+    for name, part in teacher.frozen_parts().items():
+        kw = {} if name.startswith("tokenizer") else {"safe_serialization": True}
+        written[name] = replace_dir(out / name, lambda d, p=part, k=kw: p.save_pretrained(d, **k))
+        index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    for name in ("image_encoder", "feature_extractor"):  # SD3's optional IP-adapter parts
+        if name in teacher.pipe.components and name not in index:
+            index[name] = [None, None]
+    written["model_index"] = _write_model_index(out, type(teacher.pipe).__name__, index)
     return written
 
 

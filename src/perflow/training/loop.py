@@ -175,6 +175,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     # ---- teacher (frozen, its own dtype) and student (fp32 master copy) ----------------------
     teacher_obj = as_teacher(teacher if teacher is not None else cfg.model.teacher, cfg.model.allow_pickle, cfg.model.null_label)
     teacher_obj.check_training(cfg)
+    teacher_obj.configure(cfg)
     tdtype = MP_DTYPES[tr.mixed_precision] if cfg.model.teacher_dtype == "auto" else DTYPES[cfg.model.teacher_dtype]
     if device.type == "cpu" and tdtype == torch.float16:
         tdtype = torch.float32  # fp16 kernels are missing or slow on CPU
@@ -465,12 +466,12 @@ def training_loss(
     uncond = teacher.uncond(cond_s) if teacher.has_null else None  # without one, check_training refused what uses it
     den = guided_teacher_denoiser(teacher.unet, cond_s, uncond, dropped, p.cfg_mode, p.guidance_scale)
     ex = reflow_example(
-        den, x0, boundaries, schedule, p.num_solver_steps, p.prediction_type, teacher.prediction_type,
+        den, x0, boundaries, teacher.schedule_for(x0), p.num_solver_steps, p.prediction_type, teacher.prediction_type,
         generator=generator, time_sampler=time_sampler, model_output_type=student_output_type(cfg, teacher),
         clip_sample=teacher.clip_sample,
     )
-    kwargs = cond_s.to(device, torch.float32).unet_kwargs()
-    return batch_loss(lambda z, ts: student(z, ts, **kwargs, return_dict=False)[0], ex, tr.loss, tr.huber_c, tr.loss_weighting)
+    cond32 = cond_s.to(device, torch.float32)
+    return batch_loss(lambda z, ts: cond32.forward(student, z, ts), ex, tr.loss, tr.huber_c, tr.loss_weighting)
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ Four kinds, each loadable from a folder or built from in-memory objects:
   ``label_encoder/`` (:class:`perflow.models.LabelEncoder`; label ``num_classes`` is the null
   label), optionally ``vae/``; without a VAE it works in pixel space. ``"digits"`` names the
   built-in digits teacher.
+- ``sd3`` and ``flux``: a ``StableDiffusion3Pipeline`` or ``FluxPipeline`` folder, a flow-matching
+  transformer teacher (:mod:`perflow.training.flow_teachers`).
 - ``unet2d``: a pixel-space diffusers ``UNet2DModel``: a ``DDPMPipeline``/``DDIMPipeline`` folder
   (``model_index.json``, ``unet/``, ``scheduler/``) or a bare UNet folder (``config.json`` and
   weights, the schedule from ``scheduler_config.json`` in it, in its ``scheduler/`` subfolder or in
@@ -102,6 +104,8 @@ class Teacher:
     ``thresholding``: whether its scheduler asks for dynamic thresholding (not applied)."""
 
     kind = "base"
+    denoiser_name = "unet"
+    """The denoiser's folder (and pipeline component) name: ``unet``, or ``transformer`` (SD3, Flux)."""
     conditional = True
     """False for an unconditional model (its only condition is ``UNet2DCondition()``)."""
     has_null = True
@@ -188,6 +192,15 @@ class Teacher:
     def condition(self, batch: dict) -> Condition:
         """The condition of a data batch (no dropout)."""
         raise NotImplementedError
+
+    def schedule_for(self, latents: torch.Tensor):
+        """The schedule a window solve on ``latents`` uses: :attr:`schedule` (a dynamic-shift flow-matching
+        teacher resolves its shift at the latents' resolution, :mod:`perflow.training.flow_teachers`)."""
+        return self.schedule
+
+    def configure(self, cfg: Any) -> None:
+        """Take the run's settings the teacher's conditioning depends on (none here; a Flux teacher takes its
+        guidance input, a transformer teacher its text length)."""
 
     def null_text(self) -> Condition:
         """The batch-1 null condition (empty prompt / null label)."""
@@ -507,10 +520,17 @@ class UNet2DTeacher(Teacher):
 
 
 def teacher_from_pipeline(pipe: Any, name: str = "teacher", null_label: int | None = None) -> Teacher:
-    """Wrap an in-memory ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or a pipeline of a
+    """Wrap an in-memory ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
+    ``FluxPipeline`` (:mod:`perflow.training.flow_teachers`) or a pipeline of a
     ``UNet2DModel`` and a scheduler (``DDPMPipeline``, ``DDIMPipeline``; ``null_label``: see :class:`UNet2DTeacher`)."""
     from diffusers import UNet2DModel
 
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        from .flow_teachers import flow_teacher_from_pipeline
+
+        if null_label is not None:
+            raise ValueError(f"model.null_label applies to UNet2DModel teachers with a class embedding, not {type(pipe).__name__}")
+        return flow_teacher_from_pipeline(pipe, name=name)
     config = dict(pipe.scheduler.config)
     if isinstance(pipe.unet, UNet2DModel):
         return UNet2DTeacher(pipe.unet, checked_vp_config(config, f"{name}'s scheduler"), null_label, name=name)
@@ -700,6 +720,6 @@ def as_teacher(obj: Any, allow_pickle: bool = False, null_label: int | None = No
         return obj
     if isinstance(obj, (str, Path)):
         return load_teacher(obj, allow_pickle=allow_pickle, null_label=null_label)
-    if hasattr(obj, "unet") and hasattr(obj, "scheduler"):
+    if (hasattr(obj, "unet") or hasattr(obj, "transformer")) and hasattr(obj, "scheduler"):
         return teacher_from_pipeline(obj, null_label=null_label)
     raise TypeError(f"cannot make a teacher from {type(obj).__name__}; pass a Teacher, a pipeline or a folder path")

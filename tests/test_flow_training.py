@@ -1,0 +1,141 @@
+"""Training PeRFlow students of flow-matching transformer teachers: tiny SD3 and Flux pipeline folders.
+
+A few training steps from a pipeline folder (the teacher's kind read from ``model_index.json``), the
+exported folder loads with ``DiffusionPipeline.from_pretrained`` with the PeRFlow scheduler and generates at
+4 steps (text-to-image); the adapters' conditioning and packing are checked against the pipelines' own.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from perflow.scheduler import PeRFlowScheduler
+from perflow.training import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    root.mkdir()
+    lines = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+        lines.append(json.dumps({"file_name": f"{i:02d}.png", "text": f"a photo of a cat {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _settings(out, **kw):
+    base = {
+        "data.source": "imagefolder", "data.resolution": 16, "model.max_sequence_length": 8,
+        "perflow.prediction_type": "velocity", "perflow.num_solver_steps": 2, "training.batch_size": 2,
+        "training.max_steps": 2, "training.learning_rate": 1e-4, "training.lr_warmup_steps": 0,
+        "output.output_dir": str(out), "output.checkpoint_every": 0, "output.validation_every": 0,
+        "output.tracker": "none", "output.progress": False, "training.ema_decay": 0.0,
+    }
+    base.update(kw)
+    return base
+
+
+def _folder(family, tmp_path):
+    from perflow.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline() if family == "sd3" else tiny_flux_pipeline()
+    folder = tmp_path / f"{family}-teacher"
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("sd3", {"perflow.cfg_mode": "fixed", "perflow.guidance_scale": 4.0, "data.caption_dropout": 0.5,
+             "perflow.time_sampling": "logit_normal"}),
+    ("flux", {"perflow.embedded_guidance": 2.5}),
+])
+def test_train_from_a_pipeline_folder_exports_a_loadable_pipeline(family, extra, image_folder, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe, folder = _folder(family, tmp_path)
+    out = tmp_path / "out"
+    result = train(None, **_settings(out, **{"model.teacher": str(folder), "data.path": str(image_folder), **extra}))
+    assert result.teacher.kind == family and len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert result.teacher_evals_per_sample == (4 if family == "sd3" else 2)
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file() and not (out / "unet").exists()
+    loaded = DiffusionPipeline.from_pretrained(out)
+    assert type(loaded).__name__ == type(pipe).__name__
+    assert isinstance(loaded.scheduler, PeRFlowScheduler)
+    assert loaded.scheduler.config.schedule_kind == "flow_matching" and loaded.scheduler.config.prediction_type == "velocity"
+    assert loaded.scheduler.config.use_dynamic_shifting == (family == "flux")
+    trained = result.student.state_dict()
+    assert all(torch.equal(loaded.transformer.state_dict()[k], v) for k, v in trained.items())
+    assert any(not torch.equal(pipe.transformer.state_dict()[k], v) for k, v in trained.items())  # it did train
+    kw = {"guidance_scale": 2.5} if family == "flux" else {"guidance_scale": 1.5}
+    images = loaded("a photo of a cat", num_inference_steps=4, height=16, width=16, max_sequence_length=8,
+                    output_type="np", generator=torch.Generator().manual_seed(0), **kw).images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_teacher_denoiser_is_the_pipelines_transformer_call(family):
+    """The adapter's call (packing, ids, timestep scaling, guidance) gives what the pipeline's own call gives."""
+    from perflow.training.flow_teachers import pack_latents, unpack_latents
+    from perflow.training.teachers import as_teacher
+    from perflow.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline() if family == "sd3" else tiny_flux_pipeline()
+    teacher = as_teacher(pipe)
+    teacher.max_sequence_length = 8
+    z = torch.randn(2, teacher.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.8, 0.3], dtype=torch.float64)
+    cond = teacher.encode_prompts(["a photo of a cat", "a red dog"])
+    ours = cond.forward(teacher.unet, z, teacher.schedule.timestep(sigma))
+    with torch.no_grad():
+        if family == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt("a photo of a cat", None, None, do_classifier_free_guidance=False,
+                                                      max_sequence_length=8)
+            ref0 = pipe.transformer(hidden_states=z[:1], timestep=torch.tensor([800.0]), encoder_hidden_states=embeds,
+                                    pooled_projections=pooled, return_dict=False)[0]
+        else:
+            assert torch.equal(unpack_latents(pack_latents(z), 8, 8), z)
+            embeds, pooled, text_ids = pipe.encode_prompt("a photo of a cat", None, max_sequence_length=8)
+            latents = pipe._pack_latents(z[:1], 1, 1, 8, 8)
+            ids = pipe._prepare_latent_image_ids(1, 4, 4, z.device, z.dtype)
+            out = pipe.transformer(hidden_states=latents, timestep=torch.tensor([0.8]), guidance=torch.tensor([3.5]),
+                                   pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                   img_ids=ids, return_dict=False)[0]
+            ref0 = pipe._unpack_latents(out, 16, 16, pipe.vae_scale_factor)
+    torch.testing.assert_close(ours[:1], ref0, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_refuses_two_pass_cfg_and_eps_types(image_folder, tmp_path):
+    from perflow.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    data = {"data.path": str(image_folder)}
+    with pytest.raises(ValueError, match="guidance is an input embedding.*--embedded_guidance"):
+        train(None, teacher=pipe, **_settings(tmp_path / "a", **{"perflow.cfg_mode": "fixed", **data}))
+    with pytest.raises(ValueError, match="does not apply to the flow-matching teacher.*velocity"):
+        train(None, teacher=pipe, **_settings(tmp_path / "b", **{"perflow.prediction_type": "ddim_eps", **data}))
+
+
+def test_cli_train_picks_the_teacher_from_model_index(image_folder, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from perflow.cli import main
+
+    _, folder = _folder("sd3", tmp_path)
+    out = tmp_path / "cli-out"
+    flags = {**_settings(out, **{"model.teacher": str(folder), "data.path": str(image_folder), "training.max_steps": 1,
+                                 "data.caption_dropout": 0.0})}
+    rc = main(["train", *[f"--{k}={v}" for k, v in flags.items()]])
+    assert rc in (0, None)
+    loaded = DiffusionPipeline.from_pretrained(out)
+    assert type(loaded).__name__ == "StableDiffusion3Pipeline" and isinstance(loaded.scheduler, PeRFlowScheduler)
