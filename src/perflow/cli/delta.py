@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="delta_command", metavar="ACTION", required=True)
 
     e = sub.add_parser("extract", help="delta = student - teacher (fp32) with metadata, as .safetensors")
-    e.add_argument("--student", required=True, help="student: diffusers UNet folder, pipeline or teacher folder")
+    e.add_argument("--student", required=True, help="student: diffusers UNet/transformer folder, pipeline or teacher folder")
     e.add_argument("--teacher", required=True, help="teacher the student was trained from (same layouts)")
     e.add_argument("-o", "--output", required=True, help="output .safetensors file")
     e.add_argument("--num-time-windows", type=int, help="K (only if the student has no PeRFlow scheduler/)")
@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
 
     m = sub.add_parser("merge", help="add scale * delta to a UNet folder, pipeline folder or single-file checkpoint")
     m.add_argument("--delta", required=True, help="delta .safetensors or released delta folder")
-    m.add_argument("--into", required=True, help="diffusers UNet folder, pipeline folder or single-file .safetensors")
+    m.add_argument("--into", required=True, help="diffusers UNet/transformer folder, pipeline folder (SD, SDXL, SD3, Flux) or single-file .safetensors")
     m.add_argument("-o", "--output", required=True, help="output folder (or .safetensors for a single file)")
     m.add_argument("--variant", default=None, help=_VARIANT_HELP)
     m.add_argument("--scale", type=_finite, default=1.0, help="multiplier of the delta (default 1.0)")

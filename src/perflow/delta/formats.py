@@ -49,6 +49,7 @@ from .keys import BETA_KEYS, StateDict, config_differences, config_fingerprint, 
 from .merge import (
     MergeReport,
     check_base_config,
+    check_family,
     check_scale,
     extract_delta,
     merge_state_dict,
@@ -328,7 +329,9 @@ def merge_into_path(
         check_base_config(config, metadata)
         return merge_single_file(model, delta, out, config, scale, strict, partial)
     src = model_folder(model)
-    check_base_config(read_json(src / "config.json"), metadata)
+    model_config = read_json(src / "config.json")
+    check_family(model_config.get("_class_name"), metadata)
+    check_base_config(model_config, metadata)
     groups = weight_files(src)
     # every weight variant (plain, fp16, ...) is merged; the plain one's report is returned
     merges = {v: merge_state_dict(read_weights(files), delta, scale, strict, partial) for v, files in groups.items()}

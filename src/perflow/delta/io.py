@@ -90,17 +90,17 @@ def load_delta(path: str | os.PathLike, variant: str | None = None) -> tuple[dic
 
 
 def model_folder(path: str | os.PathLike) -> Path:
-    """The diffusers model folder of ``path``: ``path`` itself or its ``unet/`` subfolder."""
+    """The diffusers model folder of ``path``: ``path`` itself or its ``unet/`` (``transformer/`` for SD3, Flux) subfolder."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no model folder at {str(path)!r}")
-    for cand in (path, path / "unet"):
+    for cand in (path, path / "unet", path / "transformer"):
         if (cand / "config.json").is_file() and list(cand.glob("diffusion_pytorch_model*.safetensors")):
             return cand
     hint = " (pickled .bin weights are not read: re-save them as safetensors)" if list(path.rglob("*.bin")) else ""
     raise ValueError(
         f"{str(path)!r} is neither a diffusers model folder (config.json + diffusion_pytorch_model.safetensors) "
-        f"nor a pipeline folder with such a unet/ subfolder{hint}"
+        f"nor a pipeline folder with such a unet/ or transformer/ subfolder{hint}"
     )
 
 

@@ -87,8 +87,15 @@ class LoraExport:
         return math.sqrt(resid / total) if total > 0 else 0.0
 
     def adapter_config(self) -> dict[str, Any]:
-        """The peft ``LoraConfig`` fields diffusers reads from the file (alpha = rank: scale 1)."""
-        pattern = {m: r for m, r in self.ranks.items() if r != self.rank}
+        """The peft ``LoraConfig`` fields diffusers reads from the file (alpha = rank: scale 1).
+
+        peft matches a ``rank_pattern`` key ``k`` to every module named ``k`` or ``*.k``, first key first; a
+        module name that is also the ending of another target (Flux's top-level ``proj_out`` and
+        ``single_transformer_blocks.0.proj_out``) is anchored as ``^k`` so that it matches only itself.
+        """
+        names = set(self.ranks)
+        anchored = {m: (f"^{m}" if any(o.endswith("." + m) for o in names) else m) for m in names}
+        pattern = {anchored[m]: r for m, r in self.ranks.items() if r != self.rank}
         return {
             "r": self.rank,
             "lora_alpha": self.rank,
@@ -202,8 +209,9 @@ def lora_file_to_delta(
     except ValueError:
         raise ValueError(f"{path}: its {LORA_METADATA_KEY} header is not JSON; re-export the LoRA") from None
     r0, a0 = adapter.get(f"{role}.r"), adapter.get(f"{role}.lora_alpha")
-    ranks = adapter.get(f"{role}.rank_pattern") or {}
-    alphas = adapter.get(f"{role}.alpha_pattern") or {}
+    # a key anchored as "^name" (adapter_config) names the module "name" itself
+    ranks = {k.removeprefix("^"): v for k, v in (adapter.get(f"{role}.rank_pattern") or {}).items()}
+    alphas = {k.removeprefix("^"): v for k, v in (adapter.get(f"{role}.alpha_pattern") or {}).items()}
     delta = lora_to_delta(tensors)
     for key in delta:
         module = key[: -len(".weight")]

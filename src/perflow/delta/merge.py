@@ -207,11 +207,38 @@ def merge_delta(
         merged, _ = merge_state_dict(target, delta, scale, strict, partial)
         return merged
     module = denoiser_of(target)
+    check_family(type(module).__name__, metadata)
     check_base_config(getattr(module, "config", None), metadata)
     merge_into_module(module, delta, scale, strict, partial)
     if module is not target and set_scheduler:
         target.scheduler = perflow_scheduler_from_metadata(metadata, base_config=dict(target.scheduler.config))
     return target
+
+
+MODEL_FAMILIES = {
+    "UNet2DConditionModel": "Stable Diffusion UNet",
+    "SD3Transformer2DModel": "SD3 (MMDiT) transformer",
+    "FluxTransformer2DModel": "Flux transformer",
+    "SanaTransformer2DModel": "SANA transformer",
+}
+"""Denoiser classes whose deltas never transfer to one another (a different architecture, not a fine-tune)."""
+
+
+def check_family(model_class: str | None, metadata: Mapping[str, Any]) -> None:
+    """Refuse to merge a delta learned on one model family into another (an SD3 delta into Flux, ...).
+
+    The delta's family is its recorded teacher class (``base_model.class``); a delta without one (the
+    released SD1.5 format) and classes outside :data:`MODEL_FAMILIES` are left to the key and shape checks.
+    """
+    base = metadata.get("base_model")
+    recorded = base.get("class") if isinstance(base, Mapping) else None
+    theirs, ours = MODEL_FAMILIES.get(recorded or ""), MODEL_FAMILIES.get(model_class or "")
+    if theirs and ours and theirs != ours:
+        raise ValueError(
+            f"this delta was learned on a {theirs} ({recorded}) and cannot be merged into a {ours} ({model_class}): "
+            f"a delta only applies to models of its teacher's architecture and lineage; merge it into a "
+            f"{theirs}, or train a PeRFlow student of the {ours} teacher"
+        )
 
 
 def check_base_config(config: Mapping[str, Any] | None, metadata: Mapping[str, Any]) -> list[str]:
