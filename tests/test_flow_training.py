@@ -139,3 +139,18 @@ def test_cli_train_picks_the_teacher_from_model_index(image_folder, tmp_path):
     assert rc in (0, None)
     loaded = DiffusionPipeline.from_pretrained(out)
     assert type(loaded).__name__ == "StableDiffusion3Pipeline" and isinstance(loaded.scheduler, PeRFlowScheduler)
+
+
+@pytest.mark.parametrize("recipe", ["sd3", "flux"])
+def test_recipes_train_a_tiny_teacher_of_their_family(recipe, image_folder, tmp_path):
+    """The packaged recipes' settings (velocity, logit-normal, CFG mode, guidance input) run, shrunk to toy size."""
+    from perflow.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline() if recipe == "sd3" else tiny_flux_pipeline()
+    small = _settings(tmp_path / "out", **{"data.path": str(image_folder), "training.max_steps": 1,
+                                           "training.gradient_accumulation_steps": 1, "training.mixed_precision": "no",
+                                           "model.gradient_checkpointing": False, "output.validation_every": 0,
+                                           "data.num_workers": 0})
+    result = train(recipe, teacher=pipe, **small)
+    assert result.teacher.kind == recipe and len(result.losses) == 1 and np.isfinite(result.losses[0])
+    assert result.scheduler.config.schedule_kind == "flow_matching"
