@@ -39,6 +39,10 @@ def test_schedule_from_config_picks_the_kind_and_refuses_neither():
     assert (fm.shift, fm.use_dynamic_shifting, fm.base_shift, fm.max_shift, fm.base_image_seq_len,
             fm.max_image_seq_len) == (3.0, True, 0.5, 1.15, 256, 4096)
     assert schedule_from_config(FlowMatchEulerDiscreteScheduler(**SD3).config).shift == 3.0
+    from diffusers import UniPCMultistepScheduler
+
+    unipc = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    assert schedule_from_config(unipc.config).shift == 3.0  # flow mode names its shift flow_shift
     vp = schedule_from_config(DDIMScheduler(beta_schedule="scaled_linear").config)
     assert isinstance(vp, DiscreteVPSchedule)
     with pytest.raises(ValueError, match="neither variance-preserving .* nor flow-matching"):

@@ -65,7 +65,9 @@ def test_train_from_a_pipeline_folder_exports_a_loadable_pipeline(family, extra,
 
     pipe, folder = _folder(family, tmp_path)
     out = tmp_path / "out"
-    result = train(None, **_settings(out, **{"model.teacher": str(folder), "data.path": str(image_folder), **extra}))
+    result = train(None, **_settings(out, **{"model.teacher": str(folder), "data.path": str(image_folder),
+                                             "output.validation_every": 2, "output.validation_steps": 4, **extra}))
+    assert (out / "validation" / "step-0000002.png").is_file()  # the student's 4-step preview grid
     assert result.teacher.kind == family and len(result.losses) == 2 and all(np.isfinite(result.losses))
     assert result.teacher_evals_per_sample == (4 if family == "sd3" else 2)
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file() and not (out / "unet").exists()

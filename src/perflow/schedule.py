@@ -321,8 +321,11 @@ class FlowMatchSchedule(NoiseSchedule):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FlowMatchSchedule":
         """The schedule of a ``FlowMatchEulerDiscreteScheduler`` config (only :data:`FLOW_MATCH_KEYS`;
-        a missing key takes that scheduler's default)."""
+        a missing key takes that scheduler's default). A DPM-Solver/UniPC flow-mode config names its
+        shift ``flow_shift``: it is read as ``shift``."""
         kw = {k: config[k] for k in FLOW_MATCH_KEYS if config.get(k) is not None}
+        if "shift" not in kw and config.get("flow_shift") is not None:
+            kw["shift"] = config["flow_shift"]
         return cls(**kw)
 
     @property
