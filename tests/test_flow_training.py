@@ -83,6 +83,27 @@ def test_train_from_a_pipeline_folder_exports_a_loadable_pipeline(family, extra,
     images = loaded("a photo of a cat", num_inference_steps=4, height=16, width=16, max_sequence_length=8,
                     output_type="np", generator=torch.Generator().manual_seed(0), **kw).images
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    # image-to-image from the same folder: the img2img pipeline with the loaded PeRFlow scheduler
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+
+    i2i_cls = StableDiffusion3Img2ImgPipeline if family == "sd3" else FluxImg2ImgPipeline
+    i2i = i2i_cls(**loaded.components)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    edited = i2i("a photo of a cat", image=image, strength=0.5, num_inference_steps=4, height=16, width=16,
+                 max_sequence_length=8, output_type="np", generator=torch.Generator().manual_seed(0), **kw).images
+    assert edited.shape == (1, 16, 16, 3) and np.isfinite(edited).all() and i2i.scheduler.begin_index == 2
+
+
+def test_a_scheduler_of_neither_kind_is_refused():
+    from diffusers import EDMEulerScheduler
+
+    from perflow.training.teachers import as_teacher
+    from perflow.tiny import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    pipe.scheduler = EDMEulerScheduler()
+    with pytest.raises(ValueError, match="neither variance-preserving .* nor flow-matching"):
+        as_teacher(pipe)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
