@@ -177,3 +177,13 @@ def test_recipes_train_a_tiny_teacher_of_their_family(recipe, image_folder, tmp_
     result = train(recipe, teacher=pipe, **small)
     assert result.teacher.kind == recipe and len(result.losses) == 1 and np.isfinite(result.losses[0])
     assert result.scheduler.config.schedule_kind == "flow_matching"
+
+
+def test_a_unet_teacher_with_a_flow_matching_scheduler_is_refused():
+    from diffusers import UniPCMultistepScheduler
+
+    from perflow.training.teachers import teacher_schedule
+
+    config = dict(UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0).config)
+    with pytest.raises(ValueError, match="flow-matching one .* StableDiffusion3Pipeline and FluxPipeline"):
+        teacher_schedule(config)

@@ -85,6 +85,11 @@ def teacher_schedule(config: dict) -> tuple[DiscreteVPSchedule, str, dict]:
     from ..windows import check_nonzero_abar, equal_boundaries
 
     prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type == "flow_prediction":
+        raise ValueError(
+            "this UNet teacher's scheduler is a flow-matching one (prediction_type flow_prediction); perflow trains "
+            "flow-matching teachers from StableDiffusion3Pipeline and FluxPipeline folders (docs/training.md)"
+        )
     if prediction_type not in TEACHER_PREDICTION_TYPES:
         raise ValueError(f"the teacher's scheduler has unsupported prediction_type {prediction_type!r}")
     filled = DDIMScheduler.from_config(dict(config)).config
