@@ -79,6 +79,10 @@ def test_train_from_a_pipeline_folder_exports_a_loadable_pipeline(family, extra,
     trained = result.student.state_dict()
     assert all(torch.equal(loaded.transformer.state_dict()[k], v) for k, v in trained.items())
     assert any(not torch.equal(pipe.transformer.state_dict()[k], v) for k, v in trained.items())  # it did train
+    from perflow.delta import load_delta
+
+    _, meta = load_delta(out / "delta.safetensors")
+    assert meta["base_model"]["class"] == type(pipe.transformer).__name__ and meta["prediction_type"] == "velocity"
     kw = {"guidance_scale": 2.5} if family == "flux" else {"guidance_scale": 1.5}
     images = loaded("a photo of a cat", num_inference_steps=4, height=16, width=16, max_sequence_length=8,
                     output_type="np", generator=torch.Generator().manual_seed(0), **kw).images

@@ -122,7 +122,10 @@ def export_student(
         base = teacher.unet if teacher_weights is None else teacher_weights
         delta = extract_delta(student, base)
         meta = {
-            "base_model": base_model_info(base, name=teacher.name, config=teacher.unet.config),
+            # the class of the teacher's denoiser, also when the delta is taken against its state dict (a run that
+            # cast the teacher), so that a merge into another model family is refused (perflow.delta.merge.check_family)
+            "base_model": {**base_model_info(base, name=teacher.name, config=teacher.unet.config),
+                           "class": type(teacher.unet).__name__},
             "num_time_windows": scheduler.num_windows,
             "prediction_type": scheduler.config.prediction_type,
             "cfg_mode": cfg_mode,
