@@ -35,6 +35,7 @@ DEFAULTS = dict(
     model_output_type="auto",
     loss_weighting="window_end",
     time_sampling="uniform",
+    window_start_prob=0.5,
     learning_rate=1e-4,
     lr_warmup_steps=0,
     ema_decay=0.99,
@@ -43,6 +44,7 @@ DEFAULTS = dict(
     max_grad_norm=1.0,
     seed=0,
     clip_sample="auto",  # auto: the teacher's scheduler config (clip_sample, clip_sample_range); off
+    start_from_noise="false",  # true: the first window starts from pure noise (the sampler's start)
 )
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -163,17 +165,7 @@ def run(args, s: dict) -> None:
     clip = None
     if s["clip_sample"] == "auto" and config.get("clip_sample", False):
         clip = float(config.get("clip_sample_range", 1.0))
-    if str(s["time_sampling"]).startswith("starts:"):  # with probability p a window start, else uniform
-        prob = float(str(s["time_sampling"]).split(":")[1])
-        b = boundaries.cpu()
-
-        def time_sampler(batch, generator, device):
-            t = torch.rand(batch, generator=generator, dtype=torch.float64)
-            at_start = torch.rand(batch, generator=generator, dtype=torch.float64) < prob
-            j = torch.searchsorted(-b, -t, right=True).clamp(1, b.numel() - 1) - 1  # window of t
-            return torch.where(at_start, b[j], t).to(device)
-    else:
-        time_sampler = make_time_sampler(s["time_sampling"], boundaries)
+    time_sampler = make_time_sampler(s["time_sampling"], boundaries, window_start_prob=float(s["window_start_prob"]))
     student = copy.deepcopy(unet).train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=float(s["learning_rate"]), weight_decay=float(s["weight_decay"]))
@@ -181,11 +173,13 @@ def run(args, s: dict) -> None:
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
     gen = torch.Generator().manual_seed(int(s["seed"]))
     decay = float(s["ema_decay"])
-    train_time = 0.0
-    base = {k: round(v["mse"], 5) for k, v in data["baselines"].items()}
+    train_time = 0.0  # wall-clock seconds of the training steps (inflated when other jobs share the CPU)
+    train_cpu = 0.0  # CPU seconds of this process in the training steps (robust to a shared CPU at --threads 1)
+    base = {k: dict(mse=round(v["mse"], 6), swd=round(v["swd"], 5), spacing=v["spacing"]) for k, v in data["baselines"].items()}
 
     def evaluate(step: int) -> None:
-        row = dict(teacher=args.teacher, tag=args.tag, step=step, train_s=round(train_time, 1), settings=s, baselines=base)
+        row = dict(teacher=args.teacher, tag=args.tag, step=step, train_s=round(train_time, 1), cpu_s=round(train_cpu, 1),
+                   settings=s, baselines=base)
         for steps in (4, 8):
             with torch.no_grad():
                 out = sample(denoiser(ema, le, data["labels"]), PeRFlowScheduler.from_config(scheduler.config),
@@ -200,12 +194,12 @@ def run(args, s: dict) -> None:
     if args.eval_init:
         evaluate(0)
     for step in range(1, args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         x0, labels = draw(gen, int(s["batch_size"]))
         teach = denoiser(unet, le, labels)
         ex = reflow_example(teach, x0, boundaries, schedule, int(s["num_solver_steps"]), s["prediction_type"],
                             teacher_type, generator=gen, time_sampler=time_sampler, model_output_type=mot,
-                            clip_sample=clip)
+                            clip_sample=clip, start_from_noise=str(s["start_from_noise"]).lower() == "true")
         loss = batch_loss(denoiser(student, le, labels), ex, "mse", weighting=s["loss_weighting"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -216,6 +210,7 @@ def run(args, s: dict) -> None:
             for pe, ps in zip(ema.parameters(), student.parameters()):
                 pe.lerp_(ps, 1.0 - decay)
         train_time += time.perf_counter() - t0
+        train_cpu += time.process_time() - c0
         if not math.isfinite(loss.item()):
             raise SystemExit(f"non-finite loss at step {step}")
         if step % args.eval_every == 0 or step == args.steps:

@@ -225,7 +225,7 @@ def test_default_recipe_resolves_to_the_schema_defaults_plus_its_own_values(caps
     from perflow.training.config_io import coerce, field_index, load_config, recipe_names
 
     assert "default" in recipe_names()
-    recipe = yaml.safe_load((resources.files("perflow") / "recipes" / "default.yaml").read_text())
+    recipe = yaml.safe_load((resources.files("perflow") / "recipes" / "default.yaml").read_text()) or {}
     given = {f"{s}.{k}": v for s, fields in recipe.items() for k, v in fields.items()}
     index = field_index()
     assert set(given) <= set(index)

@@ -84,3 +84,22 @@ def test_loss_names_are_checked():
         batch_loss(lambda z, ts: z, ex, weighting="snr")
     with pytest.raises(ValueError, match="needs example.window"):
         batch_loss(lambda z, ts: z, ex, weighting="window_end")
+
+
+def test_window_start_prob_moves_that_fraction_of_times_to_their_window_starts():
+    """with_window_starts: p = 0 is the sampler itself; p = 1 gives only window starts, each the start of
+    the window the sampled time fell in; p = 0.5 moves about half (binomial, 4096 draws: within 5 sigma)."""
+    from perflow.time_sampling import make_time_sampler, uniform_times, with_window_starts
+
+    b = torch.tensor([1.0, 0.7, 0.35, 0.1, 0.0], dtype=torch.float64)
+    assert with_window_starts(uniform_times, b, 0.0) is uniform_times
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    t = uniform_times(4096, g1, torch.device("cpu"))
+    s = make_time_sampler("uniform", b, window_start_prob=1.0)(4096, g2, torch.device("cpu"))
+    starts = b[(t <= 0.7).long() + (t <= 0.35).long() + (t <= 0.1).long()]  # window j of t: b[j]
+    assert torch.equal(s, starts)
+    half = make_time_sampler("uniform", b, window_start_prob=0.5)(4096, torch.Generator().manual_seed(1), torch.device("cpu"))
+    moved = torch.isin(half, b).double().mean().item()
+    assert abs(moved - 0.5) < 5 * (0.25 / 4096) ** 0.5
+    with pytest.raises(ValueError, match="window_start_prob"):
+        with_window_starts(uniform_times, b, 1.5)

@@ -195,7 +195,11 @@ def test_trainer_and_scheduler_resolve_the_same_boundaries(settings):
     from perflow.training.config_io import make_config
     from perflow.training.loop import boundaries_of
 
+    from perflow.training.teachers import Teacher
+
     cfg = make_config(None, {f"perflow.{k}": v for k, v in settings.items()})
+    if cfg.perflow.prediction_type == "auto":  # the default: what the trainer resolves it to for a diffusion teacher
+        cfg.perflow.prediction_type = Teacher.default_parameterization
     ac = alphas_cumprod_from_config(SD).double()
     sched = PeRFlowScheduler(**SD, prediction_type=cfg.perflow.prediction_type,
                              num_time_windows=cfg.perflow.num_time_windows,

@@ -16,7 +16,7 @@ from perflow.training.config_io import from_dict
 from perflow.training.data import ImageFolderDataset, ResumableBatchSampler, TarShardDataset
 from perflow.objective import reflow_loss, window_end_weight
 from perflow.schedule import DiscreteVPSchedule
-from perflow.training.loop import boundaries_of, training_loss
+from perflow.training.loop import boundaries_of, training_loss, with_parameterization
 from perflow.tiny import tiny_class_teacher
 from perflow.time_sampling import make_time_sampler, u_shaped_fraction
 
@@ -43,19 +43,24 @@ def _fast(tmp_path, **kw):
 @torch.no_grad()
 def _eval_loss(student, teacher, cfg: TrainConfig, batch) -> float:
     """The objective on a fixed batch (fixed t, noise, dropout: a seeded generator)."""
+    cfg = with_parameterization(cfg, teacher)  # prediction_type auto: the teacher's default, as the trainer does
     b = boundaries_of(cfg)
-    sampler = make_time_sampler(cfg.perflow.time_sampling, b)
+    sampler = make_time_sampler(cfg.perflow.time_sampling, b, window_start_prob=cfg.perflow.window_start_prob)
     g = torch.Generator().manual_seed(123)
     return training_loss(batch, cfg, teacher, student, b, DiscreteVPSchedule(teacher.alphas_cumprod), sampler, g,
                          torch.device("cpu")).item()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weighting", ["none", "window_end"])
+@pytest.mark.parametrize("weighting", ["none", "window_end", "default recipe"])
 def test_training_lowers_the_objective(tmp_path, weighting):
     teacher = tiny_class_teacher(seed=0)
     data = _digits(512)
-    cfg = load_config("digits", _fast(tmp_path, max_steps=120, batch_size=16, loss_weighting=weighting))
+    # the paper's setting (diff_eps, t uniform) with either weighting, and the default recipe
+    defaults = TrainConfig().training
+    paper = dict(learning_rate=defaults.learning_rate, ema_decay=defaults.ema_decay) if weighting == "default recipe" else dict(
+        loss_weighting=weighting, prediction_type="diff_eps", window_start_prob=0.0)
+    cfg = load_config("digits", _fast(tmp_path, max_steps=120, batch_size=16, **paper))
     from perflow.training.data import collate
 
     held = collate([data[i] for i in range(256)])
@@ -65,7 +70,8 @@ def test_training_lowers_the_objective(tmp_path, weighting):
     assert result.global_step == 120 and len(result.losses) == 120
     # the paper's plain MSE drops by well over a third in 120 steps; the window-end weighting puts most
     # weight on samples near window starts, the hardest to fit, so only a decrease is asserted for it
-    # (what it is for, a better few-step sampler, is checked below and in benchmarks/digits_eval.py)
+    # (what it is for, a better few-step sampler, is checked below and in benchmarks/digits_eval.py);
+    # the default recipe's ddim_eps student starts as the teacher's DDIM, at a far lower loss
     assert after < (0.7 if weighting == "none" else 1.0) * before, (before, after)
     assert result.teacher_evals_per_sample == 2
     # and the 4-step student moved towards the teacher's own ODE solution from the same noise
@@ -394,3 +400,17 @@ def test_caption_free_validation_samples_the_null_condition_without_guidance(tmp
     assert seen["w"] == 1.0 and seen["shape"][0] == CAPTION_FREE_GRID
     assert torch.equal(seen["cond"], seen["uncond"])
     assert (tmp_path / "validation" / "step-0000001.png").is_file()
+
+
+def test_prediction_type_auto_is_the_teachers_default_and_checkpoints_keep_auto(tmp_path):
+    """``perflow.prediction_type: auto`` trains ``ddim_eps`` on a diffusion teacher (the exported scheduler says
+    so), while the run's checkpoints record ``auto`` as given, so ``--resume latest`` with the same settings matches."""
+    teacher = tiny_class_teacher(seed=0)
+    cfg = load_config("digits", _fast(tmp_path / "run", max_steps=2, batch_size=4, checkpoint_every=1))
+    assert cfg.perflow.prediction_type == "auto"
+    assert with_parameterization(cfg, teacher).perflow.prediction_type == teacher.default_parameterization == "ddim_eps"
+    train(cfg, teacher=teacher, dataset=_digits(16))
+    sched = json.loads((tmp_path / "run" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "ddim_eps"
+    resumed = load_config("digits", _fast(tmp_path / "run", max_steps=3, batch_size=4, checkpoint_every=1, resume="latest"))
+    assert train(resumed, teacher=teacher, dataset=_digits(16)).global_step == 3

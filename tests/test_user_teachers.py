@@ -84,7 +84,7 @@ def test_ddpm_pipeline_teacher_trains_through_the_cli_and_exports_a_ddpm_pipelin
     assert main(train_args(teacher, images, out, "--validation_every", "2")) == 0
     assert (out / "validation" / "step-0000002.png").is_file()
     pipe = DDPMPipeline.from_pretrained(out)
-    assert isinstance(pipe.scheduler, PeRFlowScheduler) and pipe.scheduler.config.prediction_type == "diff_eps"
+    assert isinstance(pipe.scheduler, PeRFlowScheduler) and pipe.scheduler.config.prediction_type == "ddim_eps"  # the default (auto) for a diffusion teacher
     images = pipe(num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 8, 8, 1) and np.isfinite(images).all()
     saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())

@@ -85,6 +85,7 @@ def reflow_example(
     time_sampler: TimeSampler = uniform_times,
     model_output_type: str = "epsilon",
     clip_sample: float | None = None,
+    start_from_noise: bool = False,
 ) -> ReflowExample:
     """Build one piecewise-reflow batch from clean samples ``x0`` (B, ...) and a teacher denoiser.
 
@@ -97,6 +98,12 @@ def reflow_example(
     ``clip_sample``: the teacher's x0 clipping range in the window solve
     (:func:`perflow.solver.solve_window`; ``None``: off), and for a ``ddim_eps`` student in its
     predicted window end too (:func:`perflow.parameterization.clipped_epsilon`).
+
+    ``start_from_noise``: the window that starts at ``t_s = 1`` starts from ``z_s = noise``, the sampler's
+    own starting point, instead of the forward marginal ``alpha(1) x0 + sigma(1) noise``. The two differ
+    when the teacher's schedule keeps signal at ``t = 1`` (SD's ``abar(1) = 0.0047``: 6.8 % of ``x0``), which
+    the student can learn to read in training but never sees when sampling; for a zero-terminal-SNR or
+    flow-matching teacher they are the same.
     """
     check_model_output_type(model_output_type, prediction_type)
     schedule = as_schedule(schedule)
@@ -108,6 +115,9 @@ def reflow_example(
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     window = window_of(t, boundaries, schedule, prediction_type)
     z_s = schedule.marginal(x0, noise, window.t_s)
+    if start_from_noise:
+        first = (window.t_s >= 1.0).view(-1, *([1] * (z_s.dim() - 1)))  # samples in the window starting at t = 1
+        z_s = torch.where(first, noise.to(z_s.dtype), z_s)
     z_e = solve_window(denoiser, z_s, window.t_s, window.t_e, num_solver_steps, schedule, teacher_prediction_type, clip_sample)
     work = torch.promote_types(x0.dtype, torch.float32)
     z_s32, z_e32 = z_s.to(work), z_e.to(work)

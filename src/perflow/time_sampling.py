@@ -11,6 +11,10 @@
 - ``logit_normal``: ``t = 1 / (1 + exp(-(m + s n)))``, ``n ~ N(0, 1)`` (SD3's training distribution,
   "Scaling Rectified Flow Transformers", ``m = 0, s = 1``): density
   ``p(t) = exp(-(logit(t) - m)^2 / (2 s^2)) / (s sqrt(2 pi) t (1 - t))``, :func:`logit_normal_times`.
+- ``window_start_prob = p`` (any sampler): each time is moved, with probability ``p``, to the start
+  ``t_s`` of its window (:func:`with_window_starts`). A ``K``-step sampler evaluates the student
+  only there, and there the regression is deterministic (``z_t = z_s``, one target per input);
+  inside a window several segments cross the same ``z_t`` and the target is their mean.
 
 Every sampler draws on the CPU generator it is given (reproducible across devices) and returns
 float64 times ``(B,)`` on the requested device.
@@ -67,17 +71,48 @@ def logit_normal_times(mean: float = 0.0, std: float = 1.0) -> TimeSampler:
     return sample
 
 
+def with_window_starts(sampler: TimeSampler, boundaries: torch.Tensor, prob: float) -> TimeSampler:
+    """``sampler``'s times, each replaced with probability ``prob`` by the start ``t_s`` of its window
+    (``boundaries[j]`` for ``t`` in ``(boundaries[j + 1], boundaries[j]]``)."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"window_start_prob must be in [0, 1], got {prob!r}")
+    if prob == 0.0:
+        return sampler
+    b = boundaries.to(torch.float64).cpu()
+
+    def sample(batch_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        t = sampler(batch_size, generator, torch.device("cpu"))
+        at_start = torch.rand(batch_size, generator=generator, dtype=torch.float64) < prob
+        j = torch.searchsorted(-b, -t, right=True).clamp(1, b.numel() - 1) - 1  # window of t
+        return torch.where(at_start, b[j], t).to(device)
+
+    return sample
+
+
 def make_time_sampler(
-    name: str, boundaries: torch.Tensor, a: float = 4.0, mean: float = 0.0, std: float = 1.0
+    name: str, boundaries: torch.Tensor, a: float = 4.0, mean: float = 0.0, std: float = 1.0,
+    window_start_prob: float = 0.0,
 ) -> TimeSampler:
-    """``uniform``, ``u_shaped`` (parameter ``a``) or ``logit_normal`` (``mean``, ``std``); see the module docstring."""
+    """``uniform``, ``u_shaped`` (parameter ``a``) or ``logit_normal`` (``mean``, ``std``), then
+    :func:`with_window_starts` with ``window_start_prob``; see the module docstring."""
     if name == "uniform":
-        return uniform_times
-    if name == "u_shaped":
-        return u_shaped_times(boundaries, a)
-    if name == "logit_normal":
-        return logit_normal_times(mean, std)
-    raise ValueError(f"unknown time_sampling {name!r}; expected one of {TIME_SAMPLINGS}")
+        base = uniform_times
+    elif name == "u_shaped":
+        base = u_shaped_times(boundaries, a)
+    elif name == "logit_normal":
+        base = logit_normal_times(mean, std)
+    else:
+        raise ValueError(f"unknown time_sampling {name!r}; expected one of {TIME_SAMPLINGS}")
+    return with_window_starts(base, boundaries, window_start_prob)
 
 
-__all__ = ["TIME_SAMPLINGS", "TimeSampler", "logit_normal_times", "make_time_sampler", "u_shaped_fraction", "u_shaped_times", "uniform_times"]
+__all__ = [
+    "TIME_SAMPLINGS",
+    "TimeSampler",
+    "logit_normal_times",
+    "make_time_sampler",
+    "u_shaped_fraction",
+    "u_shaped_times",
+    "uniform_times",
+    "with_window_starts",
+]

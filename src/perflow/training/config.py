@@ -82,8 +82,10 @@ class PeRFlowConfig:
     """Explicit decreasing boundaries ``[1, ..., 0]`` (K + 1 values), overriding equal windows."""
     num_solver_steps: int = 8
     """n, DDIM teacher steps per window."""
-    prediction_type: str = "diff_eps"
-    """Student parameterization: ``diff_eps``, ``ddim_eps`` or ``velocity``."""
+    prediction_type: str = "auto"
+    """Student parameterization: ``auto`` (``ddim_eps`` for a diffusion teacher: with ``model_output_type: auto``
+    the untrained student is the teacher's DDIM over the windows; ``velocity`` for a flow-matching teacher,
+    which then starts as the teacher), ``ddim_eps``, ``diff_eps`` or ``velocity``."""
     model_output_type: str = "auto"
     """What the student network outputs: ``auto`` (the teacher's own prediction type with an
     epsilon-type parameterization, so ``ddim_eps`` starts as the teacher's DDIM), ``epsilon``,
@@ -104,6 +106,9 @@ class PeRFlowConfig:
     """``m`` of the ``logit_normal`` time sampling."""
     logit_normal_std: float = 1.0
     """``s`` of the ``logit_normal`` time sampling."""
+    window_start_prob: float = 0.5
+    """Probability that a training time is moved to its window's start, where a K-step sampler
+    evaluates the student and the target is deterministic (:func:`perflow.time_sampling.with_window_starts`)."""
 
 
 @dataclass
@@ -116,7 +121,7 @@ class OptimConfig:
     """Samples per process per micro-step (global batch = batch_size x processes x accumulation)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
-    learning_rate: float = 1e-5
+    learning_rate: float = 1e-4
     """AdamW learning rate (after warm-up)."""
     lr_scheduler: str = "constant"
     """A diffusers scheduler name: constant, linear, cosine, ... (all with warm-up)."""
@@ -136,11 +141,11 @@ class OptimConfig:
     """``mse`` or ``huber`` (pseudo-Huber ``sqrt(d^2 + c^2) - c`` per element)."""
     huber_c: float = 0.001
     """c of the pseudo-Huber loss."""
-    loss_weighting: str = "none"
+    loss_weighting: str = "window_end"
     """``none``, or ``window_end``: weight each sample so the loss measures the error of its predicted window end."""
     mixed_precision: str = "no"
     """``no``, ``fp16`` or ``bf16``; the student's master weights stay float32."""
-    ema_decay: float = 0.999
+    ema_decay: float = 0.99
     """EMA decay of the student's weights (0 disables EMA)."""
     seed: int = 0
     """Seed of the student's data order, noise, times and caption dropout (exactly reproducible on CPU)."""
@@ -208,9 +213,9 @@ class TrainConfig:
         from ..windows import PREDICTION_TYPES, resolve_boundaries
 
         p, t, d, o = self.perflow, self.training, self.data, self.output
-        _choice("perflow.prediction_type", p.prediction_type, PREDICTION_TYPES)
+        _choice("perflow.prediction_type", p.prediction_type, ("auto",) + PREDICTION_TYPES)
         _choice("perflow.model_output_type", p.model_output_type, ("auto",) + MODEL_OUTPUT_TYPES)
-        if p.model_output_type not in ("auto", "epsilon"):
+        if p.model_output_type not in ("auto", "epsilon") and p.prediction_type != "auto":
             check_model_output_type(p.model_output_type, p.prediction_type)
         _choice("perflow.cfg_mode", p.cfg_mode, CFG_MODES)
         _choice("perflow.time_sampling", p.time_sampling, TIME_SAMPLINGS)
@@ -246,6 +251,8 @@ class TrainConfig:
             b = resolve_boundaries(window_boundaries=p.window_boundaries)
             if b.numel() - 1 != p.num_time_windows:
                 p.num_time_windows = b.numel() - 1
+        if not 0.0 <= p.window_start_prob <= 1.0:
+            raise ValueError(f"perflow.window_start_prob must be in [0, 1], got {p.window_start_prob}")
         if not 0.0 <= d.caption_dropout < 1.0:
             raise ValueError(f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
         if not 0.0 <= t.ema_decay < 1.0:

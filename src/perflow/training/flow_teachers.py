@@ -104,6 +104,7 @@ class FlowTeacher(Teacher):
 
     denoiser_name = "transformer"
     validation_guidance = 3.5
+    default_parameterization = "velocity"
     condition_type: type[Condition] = SD3Condition
     default_max_sequence_length = 256
 
@@ -153,7 +154,7 @@ class FlowTeacher(Teacher):
         p = cfg.perflow
         if p.prediction_type != "velocity":
             raise ValueError(f"perflow.prediction_type {p.prediction_type!r} does not apply to the flow-matching teacher "
-                             f"{self.name}; use --prediction_type velocity (the student then starts at the teacher)")
+                             f"{self.name}; use --prediction_type velocity or auto (the student then starts at the teacher)")
         if cfg.data.resolution % (2 * self.vae_scale):
             raise ValueError(f"data.resolution {cfg.data.resolution} must be a multiple of {2 * self.vae_scale} for "
                              f"{self.name} (the VAE's factor x the transformer's 2x2 patches)")

@@ -19,6 +19,7 @@ sampler, both saved in checkpoints, so an interrupted run resumes bit-exactly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -86,6 +87,16 @@ def student_output_type(cfg: TrainConfig, teacher: Teacher) -> str:
     teacher: :func:`perflow.parameterization.resolve_model_output_type`)."""
     p = cfg.perflow
     return resolve_model_output_type(p.model_output_type, p.prediction_type, teacher.prediction_type)
+
+
+def with_parameterization(cfg: TrainConfig, teacher: Teacher) -> TrainConfig:
+    """``cfg`` with ``perflow.prediction_type: auto`` replaced by the teacher's default parameterization
+    (:attr:`~perflow.training.teachers.Teacher.default_parameterization`); other values are kept, and checked
+    by the teacher (:meth:`~perflow.training.teachers.Teacher.check_training`) and the config."""
+    if cfg.perflow.prediction_type != "auto":
+        return cfg
+    resolved = dataclasses.replace(cfg, perflow=dataclasses.replace(cfg.perflow, prediction_type=teacher.default_parameterization))
+    return resolved.validate()
 
 
 def boundaries_of(cfg: TrainConfig, schedule: NoiseSchedule | torch.Tensor | None = None) -> torch.Tensor:
@@ -174,6 +185,9 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
 
     # ---- teacher (frozen, its own dtype) and student (fp32 master copy) ----------------------
     teacher_obj = as_teacher(teacher if teacher is not None else cfg.model.teacher, cfg.model.allow_pickle, cfg.model.null_label)
+    saved_config = cfg.to_dict()  # what checkpoints record: the settings as given (``auto`` kept, so a resume matches)
+    cfg = with_parameterization(cfg, teacher_obj)
+    p = cfg.perflow
     teacher_obj.check_training(cfg)
     teacher_obj.configure(cfg)
     tdtype = MP_DTYPES[tr.mixed_precision] if cfg.model.teacher_dtype == "auto" else DTYPES[cfg.model.teacher_dtype]
@@ -198,7 +212,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     check_channels(ds, channels)
     schedule = teacher_obj.schedule
     boundaries = boundaries_of(cfg, schedule)
-    time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a, p.logit_normal_mean, p.logit_normal_std)
+    time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a, p.logit_normal_mean, p.logit_normal_std,
+                                     p.window_start_prob)
 
     opt = torch.optim.AdamW(
         student.parameters(), lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2),
@@ -253,7 +268,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
                                  f"not saved (the newest checkpoint {last_checkpoint} is intact)")
         epoch, index = sampler.position(micro_step)
         state = {"global_step": global_step, "micro_step": micro_step, "epoch": epoch, "batch_index": index,
-                 "losses": losses, "config": cfg.to_dict(), "run_id": start.run_id,
+                 "losses": losses, "config": saved_config, "run_id": start.run_id,
                  "num_processes": accelerator.num_processes, **notes.state()}
         return save_checkpoint(accelerator, output_dir, global_step, state, ema, param_names, generator,
                                out.keep_checkpoints, start.run_ids)
@@ -330,7 +345,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         if accelerator.is_main_process:
             summary = {"global_step": global_step, "final_loss": losses[-1] if losses else None, "seconds": seconds,
                        "samples_per_second": samples_per_second, "teacher_evals_per_sample": evals_per_sample,
-                       "run_id": start.run_id, **notes.state(), "config": cfg.to_dict()}
+                       "run_id": start.run_id, **notes.state(), "config": saved_config}
             files = _export(output_dir, final, teacher_obj, scheduler, cfg, reference, summary)
             for line in notes.report():
                 log(line)

@@ -122,6 +122,9 @@ class Teacher:
     null_label: int | None = None
     validation_guidance = 7.5
     """CFG scale of validation grids in CFG-sync runs when ``output.validation_guidance_scale`` is unset."""
+    default_parameterization = "ddim_eps"
+    """What ``perflow.prediction_type: auto`` trains: ``ddim_eps`` for a diffusion teacher (the untrained
+    student is the teacher's DDIM over the windows; docs/study.md), ``velocity`` for a flow-matching one."""
 
     def __init__(self, unet, scheduler_config: dict, vae=None, name: str = "teacher"):
         self.unet = unet.eval().requires_grad_(False)
