@@ -84,3 +84,53 @@ def test_adapt_starts_from_target_plus_delta(tmp_path):
     init = UNet2DConditionModel.from_pretrained(tmp_path / "init").state_dict()
     base = tiny_class_teacher(seed=1).unet.state_dict()
     assert all(torch.equal(init[k], base[k] + delta[k]) for k in delta)
+
+
+def _cli_adapt(out, delta, *extra):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    cmd = [sys.executable, "-m", "perflow", "delta", "adapt", "--delta", str(delta), "--target", "digits",
+           "--output-dir", str(out), "--budget-steps", "6", "--check-every", "2", "--num-samples", "20",
+           "--reference-steps", "8", "--batch-size", "20", "--threads", "1", "--set", "batch_size=8",
+           "--set", "num_solver_steps=2", "--set", "learning_rate=1e-3", "--set", "lr_warmup_steps=0",
+           "--set", "tracker=none", "--set", "progress=false", "--set", "ema_decay=0.9", *extra]
+    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_cli_adapt_killed_with_sigkill_resumes_to_the_same_delta(tmp_path):
+    """SIGKILL (no handler runs) once the run's checkpoint-4 exists; `--resume` finishes it; the checks and the
+    adapted delta equal an uninterrupted CLI run's."""
+    import time
+
+    from perflow.delta import save_delta
+    from perflow.training.teachers import load_teacher
+
+    teacher = load_teacher("digits")
+    g = torch.Generator().manual_seed(0)
+    delta = {k: 1e-4 * torch.randn(v.shape, generator=g) for k, v in teacher.unet.state_dict().items()}
+    save_delta(delta, tmp_path / "delta.safetensors", {"base_model": base_model_info(teacher.unet, name="digits"),
+                                                      "num_time_windows": 4, "prediction_type": "diff_eps"})
+    full = _cli_adapt(tmp_path / "full", tmp_path / "delta.safetensors")
+    _, err = full.communicate(timeout=600)
+    assert full.returncode in (0, 1), err
+    cut = _cli_adapt(tmp_path / "cut", tmp_path / "delta.safetensors")
+    ckpt = tmp_path / "cut" / "run" / "checkpoints" / "checkpoint-4"
+    while not ckpt.is_dir():
+        assert cut.poll() is None, cut.stderr.read()
+        time.sleep(0.05)
+    cut.kill()
+    cut.communicate(timeout=60)
+    again = _cli_adapt(tmp_path / "cut", tmp_path / "delta.safetensors", "--resume")
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == full.returncode, err
+    a = json.loads((tmp_path / "full" / "adapt.json").read_text())
+    b = json.loads((tmp_path / "cut" / "adapt.json").read_text())
+    assert a["checks"] == b["checks"] and [c["step"] for c in a["checks"]][-1] == 6
+    da = load_file(str(tmp_path / "full" / "run" / "delta.safetensors"))
+    db = load_file(str(tmp_path / "cut" / "run" / "delta.safetensors"))
+    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)

@@ -226,7 +226,8 @@ def write_transfer_report(result: EvalResult, output_dir: str | os.PathLike) -> 
     files = {"json": out / "transfer_report.json", "md": out / "transfer_report.md", "grid": out / "transfer_grid.png"}
     write_text(files["json"], json.dumps(result.to_json_dict(), indent=2, default=str) + "\n")
     md = markdown_report(result, f"Transfer report: {result.meta.get('target')}")
-    write_text(files["md"], md.replace("teacher ref", "target ref") + f"\nVerdict: {result.meta['verdict']}\n")
+    md = md.replace("teacher ref", "target ref").replace("reference: teacher DDIM", "reference: target DDIM")
+    write_text(files["md"], md + f"\nVerdict: {result.meta['verdict']}\n")
     ref = next(k for k in result.previews if k.startswith("target ddim@") and k.endswith(f"@{result.meta['reference_steps']}"))
     names = [ref]
     for n in result.meta["steps"]:

@@ -75,7 +75,9 @@ def adapt_delta(
 
     if budget_steps < 1 or check_every < 1:
         raise ValueError(f"budget_steps and check_every must be >= 1, got {budget_steps} and {check_every}")
-    out = Path(output_dir)
+    from perflow.io import check_output_path
+
+    out = check_output_path(output_dir, folder=True)  # an unusable folder: one line, before any work
     state_path = out / STATE_FILE
     eval_kwargs = dict(eval_kwargs or {})
     settings = {"delta": str(delta) if not isinstance(delta, tuple) else "tensors", "config": str(config),
