@@ -269,11 +269,12 @@ def load_target(
     if cn_folder is not None and (controlnet is not None or cn_folder.is_dir()):
         from diffusers import ControlNetModel
 
-        from .training.teachers import _from_pretrained
+        from .io import check_weight_files
 
         if not (cn_folder / "config.json").is_file():
             raise FileNotFoundError(f"no ControlNet at {str(cn_folder)!r} (config.json missing); give a ControlNetModel folder")
-        cn = _from_pretrained(ControlNetModel, cn_folder, False).eval().requires_grad_(False)
+        check_weight_files(cn_folder)  # a damaged file: one line naming it
+        cn = ControlNetModel.from_pretrained(cn_folder, use_safetensors=True).eval().requires_grad_(False)
         check_controlnet_fits(cn, teacher.unet, f"the ControlNet {str(cn_folder)!r}")
         teacher.unet = ControlledUNet(teacher.unet, cn, conditioning_scale).eval().requires_grad_(False)
         if control_images is None:
