@@ -220,3 +220,19 @@ def test_a_controlnet_of_another_base_is_refused(sd, tmp_path, capsys):
     code, err = _cli(["--delta", str(root / "delta.safetensors"), "--target", str(root / "finetune"),
                       "--controlnet", str(tmp_path / "cn"), "--control-images", str(tmp_path)], capsys)
     assert code == 2 and len(err) == 1 and "does not match the target's UNet" in err[0] and "cross_attention_dim" in err[0], err
+
+
+def test_cli_report_prints_the_verdict_and_writes_the_files(sd, tmp_path, capsys):
+    from perflow.cli import main
+
+    root, _ = sd
+    code = main(["delta", "report", "--delta", str(root / "delta.safetensors"), "--target", str(root / "finetune"),
+                 "--num-samples", "20", "--reference-steps", "8", "--resolution", "16", "--steps", "4",
+                 "--baselines", "ddim", "--spacings", "trailing", "--prompts", "a cat", "--threads", "1",
+                 "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0 and "| target + delta | 4 |" in out
+    verdict = [line for line in out.splitlines() if line.startswith("perflow delta report: the delta ")]
+    saved = json.loads((tmp_path / "out" / "transfer_report.json").read_text())
+    assert verdict == [f"perflow delta report: {saved['meta']['verdict']}"]
+    assert saved["meta"]["command"].startswith("perflow delta report --delta ")
