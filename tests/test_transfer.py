@@ -236,3 +236,20 @@ def test_cli_report_prints_the_verdict_and_writes_the_files(sd, tmp_path, capsys
     saved = json.loads((tmp_path / "out" / "transfer_report.json").read_text())
     assert verdict == [f"perflow delta report: {saved['meta']['verdict']}"]
     assert saved["meta"]["command"].startswith("perflow delta report --delta ")
+
+
+def test_a_single_file_target_with_its_base_loads_the_fine_tuned_unet(sd, tmp_path):
+    from perflow.delta.formats import unet_to_ldm_state_dict
+    from perflow.io import save_safetensors
+    from perflow.targets import load_target
+    from perflow.training.teachers import load_teacher
+
+    root, base = sd
+    tuned = load_teacher(str(root / "finetune")).unet
+    save_safetensors(unet_to_ldm_state_dict(tuned.state_dict(), dict(tuned.config)), tmp_path / "model.safetensors")
+    target = load_target(str(tmp_path / "model.safetensors"), base=str(root / "base"))
+    got, want = target.teacher.unet.state_dict(), tuned.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["conv_in.weight"], base.unet.state_dict()["conv_in.weight"])  # not the base's
+    with pytest.raises(ValueError, match="give --base"):
+        load_target(str(tmp_path / "model.safetensors"))
