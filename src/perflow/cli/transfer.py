@@ -88,7 +88,7 @@ def run_report(args) -> int:
     result = transfer_report(config)
     from perflow.evaluation.report import markdown_table
 
-    print(markdown_table(result.rows))
+    print(markdown_table(result.rows).replace("teacher ref", "target ref"))
     print(f"perflow delta report: {result.meta['verdict']}")
     if args.output_dir:
         print(f"wrote transfer_report.json, transfer_report.md, transfer_grid.png in {args.output_dir}", file=sys.stderr)
