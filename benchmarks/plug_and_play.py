@@ -53,21 +53,32 @@ def ink(x: torch.Tensor) -> float:
 
 def finetune_variant(teacher, teacher_name: str, steps: int, batch_size: int, lr: float, seed: int, image_size: int):
     """Copy of the teacher UNet fine-tuned on thick digits with the epsilon loss (labels dropped 10 %)."""
+    images, labels = thick_digits("train", image_size)
+    unet = copy.deepcopy(teacher.unet).train().float().requires_grad_(True)
+    losses = epsilon_finetune(unet, list(unet.parameters()), teacher, teacher_name, images, labels, steps, batch_size,
+                              lr, seed, desc="fine-tune variant (thick strokes)")
+    return unet.eval(), losses
+
+
+def epsilon_finetune(model, params: list, teacher, teacher_name: str, images: torch.Tensor, labels: torch.Tensor,
+                     steps: int, batch_size: int, lr: float, seed: int, control=None, desc: str = "fine-tune") -> list[float]:
+    """Train ``params`` of ``model(z_t, t, cond, [control image]) -> eps`` with the diffusion (epsilon) loss on
+    ``images``/``labels`` (labels dropped to the null label 10 % of the time), AdamW, clipping 1.0.
+
+    ``control``: ``fn(x0) -> control image`` for a ControlNet (then ``model`` takes it as a 4th argument)."""
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    images, labels = thick_digits("train", image_size)
     from perflow.evaluation.digits import teacher_scheduler_config
 
-    unet = copy.deepcopy(teacher.unet).train().float().requires_grad_(True)
     enc = teacher.label_encoder
     noise_sched = DDPMScheduler.from_config(teacher_scheduler_config(teacher_name))
     if noise_sched.config.prediction_type != "epsilon":
         raise ValueError("the fine-tune here assumes an epsilon-prediction digits teacher")
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in tqdm(range(steps), desc="fine-tune variant (thick strokes)"):
+    for _ in tqdm(range(steps), desc=desc):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
         x0, y = images[idx], labels[idx].clone()
         y[torch.rand(batch_size, generator=g) < 0.1] = enc.null_label
@@ -76,13 +87,14 @@ def finetune_variant(teacher, teacher_name: str, steps: int, batch_size: int, lr
         zt = noise_sched.add_noise(x0, noise, t)
         with torch.no_grad():
             cond = enc(y)
-        loss = torch.nn.functional.mse_loss(unet(zt, t, cond).sample, noise)
+        out = model(zt, t, cond) if control is None else model(zt, t, cond, control(x0))
+        loss = torch.nn.functional.mse_loss(out.sample if hasattr(out, "sample") else out, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
-    return unet.eval(), losses
+    return losses
 
 
 def perflow_delta(args, teacher_name: str):

@@ -8,6 +8,7 @@ Public API (imported lazily, so ``import perflow`` stays cheap, e.g. for ``perfl
 - training: :class:`TrainConfig`, :func:`train`
 - plug-and-play: :func:`extract_delta`, :func:`merge_delta`, :func:`load_delta`,
   :func:`save_delta`, :func:`delta_to_lora`, :func:`load_pipeline`
+- transfer: :func:`transfer_report` (does a delta accelerate this model?), :func:`adapt_delta`
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ _LAZY = {
     "save_delta": "perflow.delta",
     "delta_to_lora": "perflow.delta",
     "load_pipeline": "perflow.delta",
+    "TransferConfig": "perflow.evaluation.transfer",
+    "transfer_report": "perflow.evaluation.transfer",
+    "adapt_delta": "perflow.training.adapt",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -14,7 +14,7 @@ _VARIANT_HELP = "weight variant of a released delta folder holding several (e.g.
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "delta",
-        help="plug-and-play deltas: extract, merge, to-lora, info",
+        help="plug-and-play deltas: extract, merge, to-lora, info, report, adapt",
         description="delta = student - teacher: extract it, merge it into other models of the same base, "
         "export it as a LoRA.",
     )
@@ -64,6 +64,11 @@ def add_parser(subparsers) -> None:
     i.add_argument("delta", help="delta .safetensors or released delta folder")
     i.add_argument("--variant", default=None, help=_VARIANT_HELP)
     i.set_defaults(func=_info)
+
+    from perflow.cli.transfer import add_adapt_parser, add_report_parser
+
+    add_report_parser(sub)
+    add_adapt_parser(sub)
 
 
 def _floats(text: str) -> list[float]:

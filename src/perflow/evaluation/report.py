@@ -21,11 +21,12 @@ COLUMNS = (
     ("sw_ref", "sliced W2 to teacher ref (lower)", "{:.4f}"),
     ("sw_ref_se", "±", "{:.4f}"),
     ("sw_real", "sliced W2 to real (lower)", "{:.4f}"),
+    ("fd_ref", "FD to teacher ref (lower)", "{:.3f}"),
     ("accuracy", "label accuracy", "{:.3f}"),
     ("clip_score", "CLIP score", "{:.2f}"),
     ("spacing", "timestep spacing", "{}"),
 )
-VERDICT_METRICS = ("fd", "paired_mse", "sw", "sw_ref", "sw_real")
+VERDICT_METRICS = ("fd", "paired_mse", "sw", "sw_ref", "sw_real", "fd_ref")
 """Columns (lower is better) the findings compare PeRFlow with the baselines on."""
 
 

@@ -27,7 +27,7 @@ the others in ``spacing_paired_mse``).
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,11 @@ class TeacherEvalConfig:
     teacher: Any = "digits"
     """A teacher folder (diffusers pipeline or class-conditional), a built-in name (``digits``,
     ``faces``, ``photos``) or a :class:`~perflow.training.teachers.Teacher` object."""
-    perflow: str | None = None
-    """PeRFlow student folder (a ``perflow train`` output_dir)."""
+    perflow: Any = None
+    """PeRFlow student folder (a ``perflow train`` output_dir), or a loaded
+    :class:`~perflow.evaluation.students.Student` (e.g. a target plus a delta)."""
+    student_name: str | None = None
+    """Row name of the PeRFlow student (default ``perflow (K=k)``)."""
     reflow: str | None = None
     """Whole-range reflow (K = 1) student folder."""
     labels: list[int] | None = None
@@ -88,6 +91,9 @@ class TeacherEvalConfig:
     flow_steps: int = 32
     device: str | None = None
     """Where the teacher and students run (default: where the teacher was loaded, the CPU)."""
+    control_images: Any = None
+    """ControlNet teachers (:class:`perflow.targets.ControlledUNet`): control images ``(M, C, H, W)``,
+    cycled over the samples like the labels or prompts."""
     extra: dict = field(default_factory=dict)
 
 
@@ -156,7 +162,8 @@ def sampler_config(teacher, folder: Path | None) -> dict:
     from perflow.io import read_scheduler_config
 
     found = read_scheduler_config(folder, required=False) if folder is not None else None
-    return found or {**teacher.schedule_config, "prediction_type": teacher.prediction_type}
+    # a Teacher object: the config it was built from (a bare schedule would leave DDIM's default clip_sample=True)
+    return found or {**getattr(teacher, "scheduler_config", teacher.schedule_config), "prediction_type": teacher.prediction_type}
 
 
 # ----------------------------------------------------------------------------- real reference sets
@@ -221,7 +228,7 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     Returns an :class:`~perflow.evaluation.harness.EvalResult`; ``meta["command"]`` is the
     ``perflow eval`` command line that reproduces it (for a teacher given by folder or name).
     """
-    from .students import load_student
+    from .students import Student, load_student
 
     check_config(config)
     teacher, name, folder = resolve_teacher(config.teacher)
@@ -239,6 +246,11 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     side = res // teacher.vae_scale
     cond = teacher.validation_condition(inputs, res)
     uncond = teacher.uncond(cond) if w != 1.0 else None
+    if config.control_images is not None:
+        from perflow.targets import with_control
+
+        ctrl = config.control_images[torch.arange(config.num_samples) % config.control_images.shape[0]]
+        cond, uncond = with_control(cond, ctrl), None if uncond is None else with_control(uncond, ctrl)
     gen = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(config.num_samples, teacher.latent_channels, side, side, generator=gen)
     noise = noise.to(teacher.device, teacher.dtype)
@@ -248,11 +260,11 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     samplers: list[Sampler] = []
     for skind, path in (("perflow", config.perflow), ("reflow", config.reflow)):
         if path is not None:
-            st = load_student(path, teacher)
+            st = path if isinstance(path, Student) else load_student(path, teacher)
             st.unet.to(teacher.device, teacher.dtype)
             k = st.scheduler_config.get("num_time_windows")
-            samplers.append(Sampler(f"{skind} (K={k})", denoiser(st.unet, cond, uncond, w, config.batch_size),
-                                    st.make_scheduler, skind))
+            label = (config.student_name if skind == "perflow" else None) or f"{skind} (K={k})"
+            samplers.append(Sampler(label, denoiser(st.unet, cond, uncond, w, config.batch_size), st.make_scheduler, skind))
     for b in config.baselines:
         for sp in config.spacings:
             samplers.append(Sampler(_spaced(b, sp), teacher_fn, lambda b=b, sp=sp: baseline_scheduler(b, sched_cfg, sp)))
@@ -345,6 +357,12 @@ def _metrics(config: TeacherEvalConfig, name: str, kind: str, inputs: list, real
     if feature_fn is not None and real is not None:
         with torch.no_grad():
             real_features = feature_fn(real)
+    if feature_fn is not None:  # the same distance to the reference's samples: needs no real images
+        def fd_ref(x: torch.Tensor) -> float:
+            ref = ref_holder.setdefault("features", feature_fn(ref_holder.setdefault("images", x)))
+            return metrics.frechet_distance_features(feature_fn(x), ref)
+
+        extra["fd_ref"] = fd_ref
     if config.clip:
         if kind != "text":
             raise ValueError("--clip scores images against prompts: it needs a text-conditioned teacher")
@@ -402,7 +420,14 @@ def notes(meta: dict, config: TeacherEvalConfig) -> list[str]:
 
 
 def _json_config(config: TeacherEvalConfig, name: str) -> dict:
-    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k != "teacher"}
+    def plain(v: Any) -> Any:  # a loaded student or a tensor is named, not copied
+        if isinstance(v, torch.Tensor):
+            return f"tensor {tuple(v.shape)}"
+        if hasattr(v, "path") and hasattr(v, "unet"):
+            return str(v.path)
+        return list(v) if isinstance(v, tuple) else v
+
+    out = {f.name: plain(getattr(config, f.name)) for f in fields(config) if f.name != "teacher"}
     return {"teacher": name, **out}
 
 

@@ -130,6 +130,9 @@ class Teacher:
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.schedule, self.prediction_type, self.schedule_config = teacher_schedule(scheduler_config)
+        self.scheduler_config = dict(scheduler_config)
+        """The diffusers scheduler config as given (``clip_sample``, ``steps_offset``, ... included): what the
+        teacher's own solvers are built from."""
         self.clip_sample = teacher_clip_sample(scheduler_config, name)
         self.thresholding = bool(scheduler_config.get("thresholding", False))
         self.name = name

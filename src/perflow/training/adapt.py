@@ -1,0 +1,162 @@
+"""Adapting a delta to a target it does not transfer to: a short PeRFlow run on the target itself.
+
+:func:`adapt_delta` is :func:`perflow.training.train` with the target as the teacher and the student
+started from target + delta (``model.student_init``), in chunks of ``check_every`` steps. After each
+chunk the exported student is sampled at 4 steps and its paired MSE to the target's own
+``reference_steps``-step DDIM output is compared with the target's best own solver at 4 evaluations
+(DDIM, DPM-Solver++, UniPC, each at its best timestep spacing), measured once at the start by
+:func:`perflow.evaluation.transfer.transfer_report`. It stops when the student wins, or at
+``budget_steps``. The result is the trainer's ``delta.safetensors``: ``student - target``, a delta for
+that target.
+
+Files in ``output_dir``: ``adapt.json`` (settings, the baseline, every check), ``init/`` (target +
+delta, the student's start) and ``run/`` (the trainer's output folder: checkpoints, ``unet/``,
+``scheduler/``, ``delta.safetensors``). An interrupted adaptation continues with ``resume=True``
+(CLI ``--resume``): the trainer resumes from its newest checkpoint bit for bit, and checks already
+made are kept, so the result equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+STATE_FILE = "adapt.json"
+
+
+@dataclass
+class AdaptResult:
+    """What :func:`adapt_delta` returns."""
+
+    output_dir: Path
+    delta: Path | None
+    """The adapted delta (``run/delta.safetensors``); None when the given delta already beat the solvers."""
+    steps: int
+    """PeRFlow training steps spent."""
+    reached: bool
+    """Whether the 4-step paired MSE beat the target's best 4-evaluation solver."""
+    baseline: dict
+    checks: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def adapt_delta(
+    delta: Any,
+    target: Any,
+    output_dir: str | Path,
+    config: Any = "digits",
+    budget_steps: int = 100,
+    check_every: int = 25,
+    num_samples: int = 128,
+    reference_steps: int = 100,
+    dataset: Any = None,
+    resume: bool = False,
+    eval_kwargs: dict | None = None,
+    callback: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> AdaptResult:
+    """Adapt ``delta`` to ``target`` (a folder, a built-in name or a :class:`~perflow.targets.Target`).
+
+    ``config`` and ``overrides`` are :func:`~perflow.training.train`'s (the recipe of the original run;
+    data through ``data.*`` or ``dataset``); the output folder, the student's start, checkpointing and
+    exports are set here. ``eval_kwargs`` go to :class:`~perflow.evaluation.transfer.TransferConfig`
+    (``labels``, ``prompts``, ``guidance_scale``, ``baselines``, ``spacings``, ``seed``, ``batch_size``, ...).
+    """
+    from perflow.evaluation.teacher_eval import TeacherEvalConfig, evaluate_teacher
+    from perflow.evaluation.transfer import TransferConfig, read_delta, resolve_target, transfer_report
+    from perflow.io import write_text
+    from perflow.targets import ControlledUNet, check_delta_fits
+
+    from .loop import train
+
+    if budget_steps < 1 or check_every < 1:
+        raise ValueError(f"budget_steps and check_every must be >= 1, got {budget_steps} and {check_every}")
+    from perflow.io import check_output_path
+
+    out = check_output_path(output_dir, folder=True)  # an unusable folder: one line, before any work
+    state_path = out / STATE_FILE
+    eval_kwargs = dict(eval_kwargs or {})
+    settings = {"delta": str(delta) if not isinstance(delta, tuple) else "tensors", "config": str(config),
+                "check_every": check_every, "num_samples": num_samples, "reference_steps": reference_steps,
+                "overrides": {k: str(v) for k, v in sorted(overrides.items())},
+                "eval": {k: str(v) for k, v in sorted(eval_kwargs.items())}}
+    state = _read_state(state_path)
+    if state is not None and not resume:
+        raise ValueError(f"{str(out)!r} holds an adaptation ({STATE_FILE}); continue it with --resume "
+                         "(resume=True) or choose another --output-dir")
+    if state is not None and state["settings"] != settings:
+        changed = sorted(k for k in settings if settings[k] != state["settings"].get(k))
+        raise ValueError(f"cannot resume the adaptation in {str(out)!r} with changed settings {changed}: "
+                         "use its settings (adapt.json) or another --output-dir")
+    tgt = resolve_target(TransferConfig(delta=delta, target=target, **{k: v for k, v in eval_kwargs.items()
+                                                                          if k in _TARGET_KEYS}))
+    if isinstance(tgt.teacher.unet, ControlledUNet):
+        raise ValueError("adapting a delta to a ControlNet target is not supported: adapt it to the ControlNet's base "
+                         "UNet (the target without --controlnet), then use the adapted delta with the ControlNet")
+    tensors, meta = read_delta(delta, eval_kwargs.get("delta_extra"))
+    check_delta_fits(tensors, meta, tgt.teacher.unet, tgt.base)
+    started = time.perf_counter()
+    if state is None:
+        out.mkdir(parents=True, exist_ok=True)
+        report_kw = {k: v for k, v in eval_kwargs.items() if k not in _TARGET_KEYS and k != "delta_extra"}
+        first = transfer_report(TransferConfig(delta=(tensors, meta), target=tgt, steps=(4,), num_samples=num_samples,
+                                               reference_steps=reference_steps, **report_kw), progress=progress)
+        best = next(c for c in first.meta["comparisons"] if c["steps"] == 4 and c["metric"] == "paired_mse")
+        state = {"settings": settings, "baseline": {"solver": best["best_solver"], "paired_mse": best["best_solver_value"]},
+                 "checks": [{"step": 0, "paired_mse": best["delta"], "beats": best["delta_wins"]}], "seconds": 0.0}
+        _save_init(tgt, tensors, meta, out / "init")
+        write_text(state_path, json.dumps(state, indent=1))
+    checks = state["checks"]
+    while not checks[-1]["beats"] and checks[-1]["step"] < budget_steps:
+        step = min(checks[-1]["step"] + check_every, budget_steps)
+        run_dir = out / "run"
+        resume_run = "latest" if (run_dir / "checkpoints").is_dir() else None
+        train(config, teacher=tgt.teacher, dataset=dataset, callback=callback, **{
+            **overrides, "max_steps": step, "output_dir": str(run_dir), "resume": resume_run,
+            "student_init": str(out / "init"), "checkpoint_every": check_every, "save_pipeline": False,
+            "save_delta": True, "validation_every": 0, "progress": progress,
+        })
+        row = evaluate_teacher(TeacherEvalConfig(
+            teacher=tgt.teacher, perflow=str(run_dir), steps=(4,), baselines=(), num_samples=num_samples,
+            reference_steps=reference_steps, **{k: v for k, v in eval_kwargs.items() if k in _EVAL_KEYS}),
+            progress=False).rows
+        mse = next(r["paired_mse"] for r in row if r["kind"] == "perflow")
+        checks.append({"step": step, "paired_mse": mse, "beats": mse < state["baseline"]["paired_mse"]})
+        state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - started
+        started = time.perf_counter()
+        write_text(state_path, json.dumps(state, indent=1))
+    steps = checks[-1]["step"]
+    return AdaptResult(output_dir=out, delta=(out / "run" / "delta.safetensors") if steps else None, steps=steps,
+                       reached=checks[-1]["beats"], baseline=state["baseline"], checks=checks,
+                       seconds=state.get("seconds", 0.0))
+
+
+_TARGET_KEYS = ("base", "lora", "lora_scale", "controlnet", "control_images", "conditioning_scale")
+_EVAL_KEYS = ("labels", "prompts", "guidance_scale", "seed", "batch_size", "resolution", "classifier")
+
+
+def _read_state(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    from perflow.io import read_json
+
+    return read_json(path)
+
+
+def _save_init(target, delta: dict, meta: dict, folder: Path) -> None:
+    """``folder``: a diffusers UNet folder of target + delta (the student's start), written atomically."""
+    import copy
+
+    from perflow.delta import merge_delta
+    from perflow.io import atomic_folder
+
+    unet = merge_delta(copy.deepcopy(target.teacher.unet), delta, metadata=meta)
+    with atomic_folder(folder, overwrite=True) as tmp:
+        unet.save_pretrained(tmp, safe_serialization=True)
+
+
+__all__ = ["AdaptResult", "adapt_delta", "STATE_FILE"]

@@ -1,0 +1,136 @@
+"""``perflow delta adapt``: a short PeRFlow run on the target, started from target + delta, that resumes
+exactly after an interruption, and refuses what it cannot do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from perflow.delta import base_model_info, extract_delta
+from perflow.targets import Target
+from perflow.tiny import tiny_class_teacher
+from perflow.training.safety import TrainingInterrupted
+from test_training import _digits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TRAIN = dict(batch_size=8, num_solver_steps=2, learning_rate=1e-3, lr_warmup_steps=0, tracker="none", ema_decay=0.9,
+             log_every=1)
+EVAL = {"spacings": ("trailing",), "baselines": ("ddim", "dpmsolver++"), "batch_size": 20}
+
+
+def _delta():
+    """A delta learned on the tiny teacher (here: a small perturbation), with its metadata."""
+    teacher = tiny_class_teacher()
+    student = tiny_class_teacher().unet
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=g))
+    meta = {"base_model": base_model_info(teacher.unet, name="tiny"), "num_time_windows": 4, "prediction_type": "diff_eps"}
+    return extract_delta(student, teacher.unet), meta
+
+
+def _adapt(out, callback=None, resume=False):
+    from perflow.training.adapt import adapt_delta
+
+    target = Target(teacher=tiny_class_teacher(seed=1), name="tiny fine-tune")  # same architecture, other weights
+    return adapt_delta(_delta(), target, out, config="digits", budget_steps=6, check_every=2, num_samples=20,
+                       reference_steps=8, dataset=_digits(64), resume=resume, eval_kwargs=EVAL, callback=callback,
+                       progress=False, **TRAIN)
+
+
+def test_adapt_resumes_exactly_after_an_interrupt(tmp_path):
+    full = _adapt(tmp_path / "full")
+    assert [c["step"] for c in full.checks] == [0, 2, 4, 6] and full.steps == 6  # ran to the budget
+    assert all(c["beats"] == (c["paired_mse"] < full.baseline["paired_mse"]) for c in full.checks)
+
+    def stop_at_3(step, loss):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted):
+        _adapt(tmp_path / "cut", callback=stop_at_3)
+    saved = json.loads((tmp_path / "cut" / "adapt.json").read_text())
+    assert [c["step"] for c in saved["checks"]] == [0, 2]
+    with pytest.raises(ValueError, match="holds an adaptation"):
+        _adapt(tmp_path / "cut")
+    resumed = _adapt(tmp_path / "cut", resume=True)
+    assert resumed.checks == full.checks and resumed.baseline == full.baseline
+    a, b = load_file(str(full.delta)), load_file(str(resumed.delta))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the adapted delta is student - target: merged into the target it gives the exported student
+    student = load_file(str(tmp_path / "cut" / "run" / "unet" / "diffusion_pytorch_model.safetensors"))
+    target = tiny_class_teacher(seed=1).unet.state_dict()
+    k = "conv_in.weight"
+    torch.testing.assert_close(target[k] + b[k], student[k], rtol=0, atol=1e-6)
+
+
+def test_adapt_starts_from_target_plus_delta(tmp_path):
+    from perflow.training.adapt import adapt_delta
+    from diffusers import UNet2DConditionModel
+
+    delta, meta = _delta()
+    target = Target(teacher=tiny_class_teacher(seed=1), name="t")
+    with pytest.raises(ValueError, match="budget_steps"):
+        adapt_delta((delta, meta), target, tmp_path, budget_steps=0)
+    from perflow.training.adapt import _save_init
+
+    _save_init(target, delta, meta, tmp_path / "init")
+    init = UNet2DConditionModel.from_pretrained(tmp_path / "init").state_dict()
+    base = tiny_class_teacher(seed=1).unet.state_dict()
+    assert all(torch.equal(init[k], base[k] + delta[k]) for k in delta)
+
+
+def _cli_adapt(out, delta, *extra):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    cmd = [sys.executable, "-m", "perflow", "delta", "adapt", "--delta", str(delta), "--target", "digits",
+           "--output-dir", str(out), "--budget-steps", "6", "--check-every", "2", "--num-samples", "20",
+           "--reference-steps", "8", "--batch-size", "20", "--threads", "1", "--set", "batch_size=8",
+           "--set", "num_solver_steps=2", "--set", "learning_rate=1e-3", "--set", "lr_warmup_steps=0",
+           "--set", "tracker=none", "--set", "progress=false", "--set", "ema_decay=0.9", *extra]
+    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_cli_adapt_killed_with_sigkill_resumes_to_the_same_delta(tmp_path):
+    """SIGKILL (no handler runs) once the run's checkpoint-4 exists; `--resume` finishes it; the checks and the
+    adapted delta equal an uninterrupted CLI run's."""
+    import time
+
+    from perflow.delta import save_delta
+    from perflow.training.teachers import load_teacher
+
+    teacher = load_teacher("digits")
+    g = torch.Generator().manual_seed(0)
+    delta = {k: 1e-4 * torch.randn(v.shape, generator=g) for k, v in teacher.unet.state_dict().items()}
+    save_delta(delta, tmp_path / "delta.safetensors", {"base_model": base_model_info(teacher.unet, name="digits"),
+                                                      "num_time_windows": 4, "prediction_type": "diff_eps"})
+    full = _cli_adapt(tmp_path / "full", tmp_path / "delta.safetensors")
+    _, err = full.communicate(timeout=600)
+    assert full.returncode in (0, 1), err
+    cut = _cli_adapt(tmp_path / "cut", tmp_path / "delta.safetensors")
+    ckpt = tmp_path / "cut" / "run" / "checkpoints" / "checkpoint-4"
+    while not ckpt.is_dir():
+        assert cut.poll() is None, cut.stderr.read()
+        time.sleep(0.05)
+    cut.kill()
+    cut.communicate(timeout=60)
+    again = _cli_adapt(tmp_path / "cut", tmp_path / "delta.safetensors", "--resume")
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == full.returncode, err
+    a = json.loads((tmp_path / "full" / "adapt.json").read_text())
+    b = json.loads((tmp_path / "cut" / "adapt.json").read_text())
+    assert a["checks"] == b["checks"] and [c["step"] for c in a["checks"]][-1] == 6
+    da = load_file(str(tmp_path / "full" / "run" / "delta.safetensors"))
+    db = load_file(str(tmp_path / "cut" / "run" / "delta.safetensors"))
+    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
