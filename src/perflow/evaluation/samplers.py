@@ -61,6 +61,7 @@ def flow_baseline_scheduler(name: str, config: dict):
 
     if config.get("use_dynamic_shifting"):
         raise ValueError("the flow-mode baselines take a fixed shift; this teacher's scheduler uses a dynamic shift")
+    config = {k: v for k, v in config.items() if k != "schedule_kind"}  # perflow's key, not diffusers'
     if name == "ddim":
         return FlowMatchEulerDiscreteScheduler.from_config(config)
     flow = dict(num_train_timesteps=config.get("num_train_timesteps", 1000), use_flow_sigmas=True,
