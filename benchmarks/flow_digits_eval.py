@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         "Baselines: the teacher with diffusers' FlowMatchEulerDiscreteScheduler (row 'teacher ddim': Euler is DDIM on the "
         "linear path), DPMSolverMultistepScheduler (dpmsolver++, order 2) and UniPCMultistepScheduler with "
         "use_flow_sigmas=True, prediction_type='flow_prediction', flow_shift=2 (the teacher's shift), all ending at sigma 0; "
-        "the reference is the teacher's 100-step Euler output. fd: Fréchet distance to the 360 held-out digits in the "
+        "the reference is the teacher's 100-step Euler output. fd: Fréchet distance to the 359 held-out digits in the "
         "shipped classifier's features; accuracy: the classifier's agreement with the requested labels.",
         f"Wall-clock (s, shared 2-core CPU): {timings}.",
     ]
