@@ -14,9 +14,16 @@ Stages (each with a progress bar), all offline:
    students trained with the same objective (:func:`perflow.objective.reflow_example`), and a
    picture of the teacher's curved trajectories beside PeRFlow's piecewise-straight ones.
 
+With ``flow=True`` (``perflow demo --flow``) a last stage does the same for the built-in
+flow-matching teacher ``flow_digits`` (a class-conditional ``SD3Transformer2DModel``): PeRFlow
+(``K = 4``, velocity, the ``flow_digits`` recipe) against the teacher with
+``FlowMatchEulerDiscreteScheduler`` and DPM-Solver++ / UniPC in their flow modes, the teacher's
+100-step Euler output being the reference (:func:`perflow.evaluation.teacher_eval.evaluate_teacher`).
+
 Outputs go to ``output_dir``: ``digits_results.{json,md}``, ``toy2d_results.{json,md}``,
 ``digits_{N}steps.png``, ``digits_perflow_vs_ddim.png``, ``toy2d_trajectories.png``, and
-the trained students (``perflow_student/``, ``reflow_student/``).
+the trained students (``perflow_student/``, ``reflow_student/``); with ``flow``, also
+``flow_digits_results.{json,md}``, ``flow_digits_perflow_vs_euler.png`` and ``flow_perflow_student/``.
 """
 
 from __future__ import annotations
@@ -54,23 +61,28 @@ class DemoConfig:
     """Steps of the fine trajectories on which flow straightness is measured."""
     seed: int = 0
     progress: bool = True
+    flow: bool = False
+    """Also run the flow-matching stage on the built-in ``flow_digits`` teacher."""
+    flow_max_steps: int = 150
+    """PeRFlow training steps on the flow-matching teacher (batch ``batch_size``)."""
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
         """A reduced run (tests, smoke checks): tiny budgets, same code path."""
         base = cls(max_steps=2, batch_size=8, num_solver_steps=2, num_samples=30, reference_steps=8,
-                   toy_steps=10, toy_samples=200, flow_steps=8)
+                   toy_steps=10, toy_samples=200, flow_steps=8, flow_max_steps=2)
         return replace(base, **kw)
 
 
-def _train_student(cfg: DemoConfig, num_windows: int, out: Path):
+def _train_student(cfg: DemoConfig, num_windows: int, out: Path, recipe: str = "digits"):
     from perflow.training import train
 
+    flow = recipe == "flow_digits"
     return train(
-        "digits",
-        teacher=cfg.teacher,
+        recipe,
+        teacher="flow_digits" if flow else cfg.teacher,
         output_dir=str(out),
-        max_steps=cfg.max_steps,
+        max_steps=cfg.flow_max_steps if flow else cfg.max_steps,
         batch_size=cfg.batch_size,
         num_solver_steps=cfg.num_solver_steps,
         num_time_windows=num_windows,
@@ -86,7 +98,8 @@ def _train_student(cfg: DemoConfig, num_windows: int, out: Path):
 
 
 def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
-    """Run every stage; returns ``{"digits": EvalResult, "toy2d": EvalResult, "files": [...], "timings": {...}}``."""
+    """Run every stage; returns ``{"digits": EvalResult, "toy2d": EvalResult, "files": [...], "timings": {...}}``
+    (and ``"flow_digits": EvalResult`` with ``cfg.flow``)."""
     from perflow.builtin.gaussian_mixture import default_mixture
     from perflow.evaluation.digits import DigitsEvalConfig, evaluate_digits
     from perflow.evaluation.plots import save_sample_grid, save_trajectory_plot
@@ -163,6 +176,11 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     files.append(save_trajectory_plot(panels, out / "toy2d_trajectories.png", density=density_grid(gmm),
                                       title="noise (t=1) -> data (t=0); dots: states at t = 1, 0.75, 0.5, 0.25 (and the end)"))
     timings["toy2d_s"] = time.perf_counter() - t1
+    flow = None
+    if cfg.flow:
+        t1 = time.perf_counter()
+        flow = _flow_stage(cfg, out, cmd, files, say)
+        timings["flow_digits_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - t0
 
     say("")
@@ -173,6 +191,8 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     for line in verdicts(toy):
         say(f"- {line}")
     say("")
+    if flow is not None:
+        say(markdown_report(flow, FLOW_TITLE))
     say("stage times (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in timings.items()))
     say("files:")
     for f in files:
@@ -180,7 +200,42 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     digits.meta["timings"] = timings
     digits.meta["demo_config"] = asdict(cfg)
     write_results(digits, out / "digits_results.json")
-    return {"digits": digits, "toy2d": toy, "files": files, "timings": timings}
+    return {"digits": digits, "toy2d": toy, "files": files, "timings": timings,
+            **({"flow_digits": flow} if flow is not None else {})}
+
+
+FLOW_TITLE = "PeRFlow demo: flow-matching digits teacher (SD3 transformer)"
+
+
+def _flow_stage(cfg: DemoConfig, out: Path, cmd: str, files: list[Path], say):
+    """PeRFlow (K=4, velocity) on the built-in ``flow_digits`` teacher, evaluated against its flow-mode solvers."""
+    from perflow.evaluation.plots import save_sample_grid
+    from perflow.evaluation.report import write_results
+    from perflow.evaluation.teacher_eval import TeacherEvalConfig, evaluate_teacher
+
+    say(f"[flow] PeRFlow (K=4, velocity) on the flow-matching digits teacher: {cfg.flow_max_steps} steps, "
+        f"batch {cfg.batch_size}; then Euler / DPM-Solver++ / UniPC (flow modes) at {list(STEPS)} evaluations")
+    student = out / "flow_perflow_student"
+    _train_student(cfg, 4, student, recipe="flow_digits")
+    ev = TeacherEvalConfig(teacher="flow_digits", perflow=str(student), steps=STEPS, spacings=("trailing",),
+                           num_samples=max(cfg.num_samples, 20), reference_steps=cfg.reference_steps,
+                           guidance_scale=cfg.guidance_scale, seed=cfg.seed, flow_steps=cfg.flow_steps,
+                           batch_size=max(cfg.num_samples, 20))
+    result = evaluate_teacher(ev, progress=cfg.progress)
+    result.meta["command"] = cmd
+    result.meta["notes"] = result.meta.get("notes", []) + [
+        f"Demo budget: the PeRFlow student trained {cfg.flow_max_steps} steps at batch {cfg.batch_size}, n="
+        f"{cfg.num_solver_steps} teacher Euler steps per window. Row 'teacher ddim' is FlowMatchEulerDiscreteScheduler "
+        "(Euler is DDIM on the linear path); the reference is its 100-step output."
+    ]
+    ref = f"teacher ddim@{cfg.reference_steps}"
+    pf = [k for k in result.previews if k.startswith("perflow")]
+    eu = [f"teacher ddim@{n}" for n in STEPS]
+    files.append(save_sample_grid(result.previews, [ref] + pf + eu, out / "flow_digits_perflow_vs_euler.png",
+                                  title="flow-matching teacher: PeRFlow vs Euler at 1, 2, 4, 8 steps"))
+    write_results(result, out / "flow_digits_results.json", out / "flow_digits_results.md", FLOW_TITLE)
+    files += [out / "flow_digits_results.json", out / "flow_digits_results.md"]
+    return result
 
 
 def _window_marks(times: torch.Tensor, reference_steps: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The built-in teachers: what each one is, its architecture, noise schedule, data and budget.
 
-Three small pixel-space teachers trained by :mod:`perflow.builtin.train_teacher`, deliberately
+Four small pixel-space teachers trained by :mod:`perflow.builtin.train_teacher`, deliberately
 different so that acceleration is checked on teachers it was not tuned for:
 
 | name | data | model | schedule, prediction | saved as |
@@ -8,6 +8,11 @@ different so that acceleration is checked on teachers it was not tuned for:
 | ``digits`` | scikit-learn digits 8x8, grey, 10 classes | ``UNet2DConditionModel`` + label | SD ``scaled_linear``, ``epsilon`` | ``unet/ scheduler/ label_encoder/`` |
 | ``faces`` | LFW faces 16x16, grey, unconditional, flips | ``UNet2DModel`` | DDPM ``linear`` 1e-4..0.02, ``epsilon``, clipped | a ``DDPMPipeline`` |
 | ``photos`` | 64x64 crops of 9 photos at 16x16, RGB, 9 classes | ``UNet2DConditionModel`` + label | SD ``scaled_linear``, ``v_prediction`` (SD 2.x) | ``unet/ scheduler/ label_encoder/`` |
+| ``flow_digits`` | scikit-learn digits 8x8, grey, 10 classes | ``SD3Transformer2DModel`` (MMDiT) + label | flow matching, ``shift`` 2 | ``transformer/ scheduler/ label_encoder/`` |
+
+``flow_digits`` is the flow-matching teacher (rectified-flow loss, logit-normal time, SD3's
+conditioning: the label embedding is both its one-token ``encoder_hidden_states`` and its
+``pooled_projections``).
 
 Each is a :class:`SuiteTeacher`: ``build_unet()`` (seeded by the caller), ``scheduler()``, and
 ``batches()``, which loads the training data once and returns ``draw(generator, B) -> (x0, labels)``
@@ -40,6 +45,8 @@ SCHEDULE = dict(
     steps_offset=1,
     prediction_type="epsilon",
 )
+# The flow-matching teacher's FlowMatchEulerDiscreteScheduler config (SD3's, with a smaller shift for 8x8 pixels).
+FLOW_SCHEDULE = dict(num_train_timesteps=1000, shift=2.0)
 # Ho et al.'s DDPM schedule, diffusers' DDPMScheduler defaults (clip_sample=True).
 DDPM_SCHEDULE = dict(
     num_train_timesteps=1000,
@@ -56,11 +63,12 @@ class SuiteTeacher:
     """One built-in teacher: how to build, feed and save it, and its default training budget."""
 
     name: str
-    layout: str  # "class": unet/, scheduler/, label_encoder/;  "ddpm": a DDPMPipeline folder
+    layout: str  # "class": unet/, scheduler/, label_encoder/;  "ddpm": a DDPMPipeline folder;
+    # "flow": transformer/, scheduler/, label_encoder/ (a flow-matching transformer)
     scheduler_class: str
     schedule: dict
     num_classes: int  # 0: unconditional
-    build_unet: Callable[[], torch.nn.Module]
+    build_unet: Callable[[], torch.nn.Module]  # the denoiser (a transformer for the "flow" layout)
     batches: Callable[[], Batches]
     max_steps: int
     batch_size: int
@@ -72,6 +80,11 @@ class SuiteTeacher:
         import diffusers
 
         return getattr(diffusers, self.scheduler_class)(**self.schedule)
+
+    @property
+    def denoiser_name(self) -> str:
+        """The denoiser's sub-folder: ``transformer`` for a flow-matching teacher, else ``unet``."""
+        return "transformer" if self.layout == "flow" else "unet"
 
     @property
     def path(self) -> Path:
@@ -98,6 +111,19 @@ def build_teacher_unet(image_size: int = 8, cross_attention_dim: int = 32, chann
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=16,
+    )
+
+
+def build_flow_transformer(image_size: int = 8, embed_dim: int = 64):
+    """The flow-matching architecture: an ``SD3Transformer2DModel`` (MMDiT), 2x2 patches, 6 joint blocks of
+    width 64 (4 heads of 16), 0.9M parameters; the label embedding (``embed_dim``) is its one text token and
+    its pooled projection."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=image_size, patch_size=2, in_channels=1, out_channels=1, num_layers=6,
+        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=embed_dim, caption_projection_dim=64,
+        pooled_projection_dim=embed_dim, pos_embed_max_size=image_size // 2,
     )
 
 
@@ -176,11 +202,16 @@ SUITE: dict[str, SuiteTeacher] = {
         schedule={**SCHEDULE, "prediction_type": "v_prediction"}, num_classes=9,
         build_unet=lambda: build_teacher_unet(16, channels=3), batches=_photos_batches, max_steps=2400, batch_size=64,
     ),
+    "flow_digits": SuiteTeacher(
+        name="flow_digits", layout="flow", scheduler_class="FlowMatchEulerDiscreteScheduler", schedule=FLOW_SCHEDULE,
+        num_classes=10, build_unet=lambda: build_flow_transformer(8), batches=_digits_batches, max_steps=4000,
+        batch_size=128, learning_rate=1e-3,
+    ),
 }
 
 
 def get_suite_teacher(name: str) -> SuiteTeacher:
-    """The :class:`SuiteTeacher` called ``name`` (``digits``, ``faces`` or ``photos``)."""
+    """The :class:`SuiteTeacher` called ``name`` (``digits``, ``faces``, ``photos`` or ``flow_digits``)."""
     if name not in SUITE:
         raise ValueError(f"unknown built-in teacher {name!r}; expected one of {sorted(SUITE)}")
     return SUITE[name]
@@ -188,8 +219,9 @@ def get_suite_teacher(name: str) -> SuiteTeacher:
 
 def suite_teacher_path(name: str) -> Path:
     """Folder of a shipped suite teacher; ``FileNotFoundError`` naming the command that recreates it."""
-    path = get_suite_teacher(name).path
-    if not (path / "unet").is_dir():
+    spec = get_suite_teacher(name)
+    path = spec.path
+    if not (path / spec.denoiser_name).is_dir():
         raise FileNotFoundError(
             f"the shipped {name} teacher is missing at {path}; recreate it with "
             f"`python -m perflow.builtin.train_teacher --teacher {name} --output-dir {path}`"

@@ -6,15 +6,23 @@ its own data: ``|| f_theta(sqrt(abar_i) x0 + sqrt(1 - abar_i) eps, i, c) - targe
 ``v = sqrt(abar_i) eps - sqrt(1 - abar_i) x0`` for a ``v_prediction`` one (the scheduler's
 ``get_velocity``). A class-conditional teacher is conditioned through ``encoder_hidden_states``
 on a learned label embedding (:class:`perflow.models.LabelEncoder`); the null label replaces
-10 % of the labels so it supports classifier-free guidance. AdamW with warm-up and cosine decay,
+10 % of the labels so it supports classifier-free guidance.
+
+The flow-matching teacher ``flow_digits`` (an ``SD3Transformer2DModel``) is trained with the
+rectified-flow loss ``|| v_theta((1 - sigma) x0 + sigma eps, sigma T, c) - (eps - x0) ||^2``, its
+time logit-normal and shifted as SD3 trains: ``u = sigmoid(n)``, ``n ~ N(0, 1)``,
+``sigma = shift u / (1 + (shift - 1) u)`` (the shift of its ``FlowMatchEulerDiscreteScheduler``);
+the label embedding is fed as SD3's text states and pooled projection
+(:func:`perflow.training.flow_teachers.label_condition`). AdamW with warm-up and cosine decay,
 gradient clipping at 1, weights averaged by EMA; seeded. Reproduce the shipped weights with::
 
     python -m perflow.builtin.train_teacher --teacher digits --output-dir src/perflow/builtin/weights/digits_teacher
     python -m perflow.builtin.train_teacher --teacher faces --threads 1 --output-dir src/perflow/builtin/weights/faces_teacher
     python -m perflow.builtin.train_teacher --teacher photos --threads 1 --output-dir src/perflow/builtin/weights/photos_teacher
+    python -m perflow.builtin.train_teacher --teacher flow_digits --threads 1 --output-dir src/perflow/builtin/weights/flow_digits_teacher
 
-A class-conditional folder holds ``unet/``, ``scheduler/`` and ``label_encoder/`` (the format
-:mod:`perflow.training` loads); the unconditional ``faces`` folder is a diffusers
+A class-conditional folder holds ``unet/`` (``transformer/`` for ``flow_digits``), ``scheduler/``
+and ``label_encoder/`` (the format :mod:`perflow.training` loads); the unconditional ``faces`` folder is a diffusers
 ``DDPMPipeline`` (``model_index.json``, ``unet/``, ``scheduler/``).
 """
 
@@ -40,8 +48,8 @@ def teacher_scheduler():
     return get_suite_teacher("digits").scheduler()
 
 
-def save_teacher(output_dir: str | Path, unet, label_encoder, scheduler) -> None:
-    """Save ``unet/``, ``scheduler/`` and ``label_encoder/`` (safetensors) atomically; with
+def save_teacher(output_dir: str | Path, unet, label_encoder, scheduler, denoiser_name: str = "unet") -> None:
+    """Save ``unet/`` (or ``denoiser_name/``), ``scheduler/`` and ``label_encoder/`` (safetensors) atomically; with
     ``label_encoder=None``, a diffusers ``DDPMPipeline`` folder (``model_index.json``, ``unet/``, ``scheduler/``)."""
 
     def write(tmp: Path) -> None:
@@ -50,13 +58,19 @@ def save_teacher(output_dir: str | Path, unet, label_encoder, scheduler) -> None
 
             DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
             return
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        unet.save_pretrained(tmp / denoiser_name, safe_serialization=True)
         label_encoder.save_pretrained(tmp / "label_encoder", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
 
     with atomic_folder(output_dir, overwrite=True) as tmp:
         write(tmp)
         match_umask(tmp)  # mkdtemp/safetensors create private files; ship them readable
+
+
+def label_dim(denoiser) -> int:
+    """The label embedding's width: the UNet's ``cross_attention_dim`` or the transformer's ``joint_attention_dim``."""
+    cfg = denoiser.config
+    return cfg.joint_attention_dim if "joint_attention_dim" in cfg else cfg.cross_attention_dim
 
 
 def _lr_lambda(max_steps: int):
@@ -73,6 +87,31 @@ def teacher_target(scheduler, x0: torch.Tensor, eps: torch.Tensor, i: torch.Tens
     if kind == "v_prediction":
         return scheduler.get_velocity(x0, eps, i)
     raise ValueError(f"train_teacher supports epsilon and v_prediction teachers, not {kind!r}")
+
+
+def vp_loss(unet, scheduler, x0: torch.Tensor, cond: dict, gen: torch.Generator) -> torch.Tensor:
+    """The DDPM loss at ``i ~ U{0..T-1}`` (target: :func:`teacher_target`); ``cond``: the UNet's label states."""
+    abar = scheduler.alphas_cumprod.float()  # (T,)
+    i = torch.randint(0, abar.numel(), (x0.shape[0],), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    a = abar[i].view(-1, 1, 1, 1)
+    z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    pred = unet(z, i, **cond).sample
+    return torch.nn.functional.mse_loss(pred, teacher_target(scheduler, x0, eps, i))
+
+
+def flow_loss(transformer, scheduler, x0: torch.Tensor, cond: dict, gen: torch.Generator) -> torch.Tensor:
+    """The rectified-flow loss at a logit-normal, shifted ``sigma`` (target ``eps - x0``); ``cond``: the label states."""
+    from perflow.schedule import shift_sigma
+    from perflow.training.flow_teachers import label_condition
+
+    sigma = shift_sigma(torch.sigmoid(torch.randn(x0.shape[0], generator=gen)), scheduler.config.shift)
+    eps = torch.randn(x0.shape, generator=gen)
+    s = sigma.view(-1, 1, 1, 1)
+    z = (1 - s) * x0 + s * eps
+    pred = label_condition(cond["encoder_hidden_states"]).forward(
+        transformer, z, sigma * scheduler.config.num_train_timesteps)
+    return torch.nn.functional.mse_loss(pred, eps - x0)
 
 
 def train_teacher(
@@ -109,9 +148,9 @@ def train_teacher(
     unet = spec.build_unet()
     label_encoder = None
     if spec.num_classes:
-        label_encoder = LabelEncoder(num_classes=spec.num_classes, embed_dim=unet.config.cross_attention_dim)
+        label_encoder = LabelEncoder(num_classes=spec.num_classes, embed_dim=label_dim(unet))
     scheduler = spec.scheduler()
-    abar = scheduler.alphas_cumprod.float()  # (T,)
+    loss_fn = flow_loss if spec.layout == "flow" else vp_loss
     modules = [unet] + ([label_encoder] if label_encoder is not None else [])
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=learning_rate or spec.learning_rate, weight_decay=0.0)
@@ -121,10 +160,10 @@ def train_teacher(
     def save() -> None:
         copies = [spec.build_unet()]
         if label_encoder is not None:
-            copies.append(LabelEncoder(spec.num_classes, unet.config.cross_attention_dim))
+            copies.append(LabelEncoder(spec.num_classes, label_dim(unet)))
         for ema, copy in zip(emas, copies):
             ema.copy_to(copy.parameters())
-        save_teacher(output_dir, copies[0], copies[1] if len(copies) > 1 else None, scheduler)
+        save_teacher(output_dir, copies[0], copies[1] if len(copies) > 1 else None, scheduler, spec.denoiser_name)
 
     start = time.time()
     bar = tqdm(range(max_steps), desc=f"{spec.name} teacher", unit="step", disable=not progress)
@@ -135,12 +174,7 @@ def train_teacher(
             y = y.clone()
             y[torch.rand(batch_size, generator=gen) < NULL_DROPOUT] = label_encoder.null_label
             kwargs["encoder_hidden_states"] = label_encoder(y)
-        i = torch.randint(0, abar.numel(), (batch_size,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        a = abar[i].view(-1, 1, 1, 1)
-        z = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = unet(z, i, **kwargs).sample
-        loss = torch.nn.functional.mse_loss(pred, teacher_target(scheduler, x0, eps, i))
+        loss = loss_fn(unet, scheduler, x0, kwargs, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -175,11 +209,11 @@ def train_digits_teacher(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m perflow.builtin.train_teacher", description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default="digits", help="digits (default), faces or photos")
+    p.add_argument("--teacher", default="digits", help="digits (default), faces, photos or flow_digits")
     p.add_argument("--output-dir", default=None, help="default: src/perflow/builtin/weights/<teacher>_teacher")
-    p.add_argument("--max-steps", type=int, default=None, help="default: the teacher's (digits 3000)")
+    p.add_argument("--max-steps", type=int, default=None, help="default: the teacher's (digits 3000, flow_digits 4000)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the teacher's (digits 128)")
-    p.add_argument("--learning-rate", type=float, default=None, help="default: 2e-3")
+    p.add_argument("--learning-rate", type=float, default=None, help="default: the teacher's (2e-3; flow_digits 1e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)

@@ -29,6 +29,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance, the same for every sampler (default 1.0)")
     p.add_argument("--no-reflow-baseline", action="store_true", help="skip the K=1 reflow baseline (saves a third of the time)")
     p.add_argument("--teacher", default="digits", help="a class-conditional pixel-space teacher folder (default: the built-in digits teacher)")
+    p.add_argument("--flow", action="store_true",
+                   help="also run PeRFlow on the built-in flow-matching teacher (flow_digits, an SD3 transformer) against "
+                        "its Euler / DPM-Solver++ / UniPC flow-mode solvers (about 4 more minutes)")
+    p.add_argument("--flow-max-steps", type=int, default=None, help="training steps on the flow-matching teacher (default 150; --quick: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the evaluation noise (default 0)")
     add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -43,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     base = DemoConfig.quick() if args.quick else DemoConfig()
     sizes = {
         "max_steps": args.max_steps, "batch_size": args.batch_size, "num_samples": args.num_samples,
-        "toy_steps": args.toy_steps,
+        "toy_steps": args.toy_steps, "flow_max_steps": args.flow_max_steps,
     }
     for key, value in sizes.items():
         if value is not None:
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     base.reflow_baseline = not args.no_reflow_baseline
     base.teacher = args.teacher
     base.seed = args.seed
+    base.flow = args.flow
     base.progress = not args.no_progress
     run_demo(base, command=command_line(getattr(args, "argv", None), "perflow"))
     return 0

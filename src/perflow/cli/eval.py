@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--perflow", default=None, help="PeRFlow student folder (a `perflow train` output_dir)")
     p.add_argument("--reflow", default=None, help="whole-range reflow (K=1) student folder, same format")
     p.add_argument("--teacher", default="digits",
-                   help="teacher folder or built-in name (digits; --task teacher also faces, photos)")
+                   help="teacher folder or built-in name (digits; --task teacher also faces, photos, flow_digits)")
     p.add_argument("--classifier", default=None, help="digit classifier folder (default: the shipped one)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="model evaluations to compare")
     p.add_argument("--baselines", nargs="*", default=["ddim", "dpmsolver++", "unipc"],

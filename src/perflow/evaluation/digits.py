@@ -64,7 +64,8 @@ def evaluate_digits(config: DigitsEvalConfig, progress: bool = True) -> EvalResu
         raise ValueError(f"num_samples={config.num_samples} is too few for a Fréchet distance; use at least 20")
     teacher = load_teacher(config.teacher)
     if teacher.kind != "class" or teacher.vae is not None:
-        raise ValueError(f"evaluate_digits needs a pixel-space class-conditional teacher, got {teacher.kind!r}")
+        hint = "; evaluate a flow-matching teacher with --task teacher" if teacher.kind == "class_flow" else ""
+        raise ValueError(f"evaluate_digits needs a pixel-space class-conditional UNet teacher, got {teacher.kind!r}{hint}")
     classifier = load_digit_classifier(config.classifier)
     unet, label_encoder = teacher.unet, teacher.label_encoder
     size = unet.config.sample_size

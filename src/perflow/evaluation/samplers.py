@@ -4,7 +4,12 @@ The baselines are the teacher sampled with diffusers' own few-step solvers (DDIM
 DPM-Solver++ (2M), UniPC), by default with ``timestep_spacing="trailing"`` so that even one step
 starts from the last training timestep (``t = 1``, as PeRFlow does) rather than from
 ``leading`` spacing's timestep 1 (any of :data:`TIMESTEP_SPACINGS` can be asked for), and all
-end at the teacher's last noise level ``abar[0]``. PeRFlow and whole-range reflow students are sampled
+end at the teacher's last noise level ``abar[0]``. For a flow-matching teacher (a
+``FlowMatchEulerDiscreteScheduler`` config) the baselines are the same solvers in their flow
+forms, all ending at ``sigma = 0``: ``ddim`` is ``FlowMatchEulerDiscreteScheduler`` (Euler on the
+linear path is DDIM), ``dpmsolver++`` and ``unipc`` run with ``use_flow_sigmas=True``,
+``prediction_type="flow_prediction"`` and ``flow_shift`` = the teacher's shift (their own flow
+grid; ``timestep_spacing`` does not apply). PeRFlow and whole-range reflow students are sampled
 with :class:`perflow.PeRFlowScheduler`. Every sampler gets the same initial noise and
 condition, and ``N`` steps cost ``N`` model evaluations (times 2 under classifier-free
 guidance, for every sampler alike).
@@ -31,6 +36,10 @@ def baseline_scheduler(name: str, teacher_scheduler_config: dict, timestep_spaci
     if timestep_spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
     config = {k: v for k, v in dict(teacher_scheduler_config).items() if not k.startswith("_")}
+    from perflow.schedule import scheduler_kind
+
+    if scheduler_kind(config) == "flow_matching":
+        return flow_baseline_scheduler(name, config)
     config["timestep_spacing"] = timestep_spacing
     if name == "ddim":
         return DDIMScheduler.from_config(config)
@@ -42,6 +51,25 @@ def baseline_scheduler(name: str, teacher_scheduler_config: dict, timestep_spaci
         )
     if name == "unipc":
         return UniPCMultistepScheduler.from_config(config, final_sigmas_type="sigma_min")
+    raise ValueError(f"unknown baseline sampler {name!r}; expected one of {BASELINE_SAMPLERS}")
+
+
+def flow_baseline_scheduler(name: str, config: dict):
+    """A baseline for a flow-matching teacher's ``FlowMatchEulerDiscreteScheduler`` ``config``: ``ddim`` (its own
+    Euler scheduler), ``dpmsolver++`` (2nd-order multistep) or ``unipc`` in their flow modes, ending at ``sigma = 0``."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if config.get("use_dynamic_shifting"):
+        raise ValueError("the flow-mode baselines take a fixed shift; this teacher's scheduler uses a dynamic shift")
+    config = {k: v for k, v in config.items() if k != "schedule_kind"}  # perflow's key, not diffusers'
+    if name == "ddim":
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+    flow = dict(num_train_timesteps=config.get("num_train_timesteps", 1000), use_flow_sigmas=True,
+                prediction_type="flow_prediction", flow_shift=float(config.get("shift", 1.0)), final_sigmas_type="zero")
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **flow)
+    if name == "unipc":
+        return UniPCMultistepScheduler(**flow)
     raise ValueError(f"unknown baseline sampler {name!r}; expected one of {BASELINE_SAMPLERS}")
 
 
@@ -63,7 +91,8 @@ def _state_time(scheduler, timestep: torch.Tensor) -> float:
     T = scheduler.config.num_train_timesteps
     from perflow.scheduler import PeRFlowScheduler
 
-    if isinstance(scheduler, PeRFlowScheduler):
+    flow = type(scheduler).__name__.startswith("FlowMatch") or getattr(scheduler.config, "use_flow_sigmas", False)
+    if isinstance(scheduler, PeRFlowScheduler) or flow:  # timesteps t T (sigma T for flow matching)
         return float(timestep) / T
     return (float(timestep) + 1) / T
 
@@ -82,12 +111,13 @@ def sample(
     from tqdm.auto import tqdm
 
     scheduler.set_timesteps(num_steps)
-    z = noise * scheduler.init_noise_sigma
+    z = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at noise itself
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     states, times = [z], []
     batch = z.shape[0]
     for timestep in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
         times.append(_state_time(scheduler, timestep))
-        out = model_fn(scheduler.scale_model_input(z, timestep), timestep.expand(batch))
+        out = model_fn(scale(z, timestep), timestep.expand(batch))
         z = scheduler.step(out, timestep, z).prev_sample
         if return_trajectory:
             states.append(z)

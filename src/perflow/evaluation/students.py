@@ -1,7 +1,8 @@
 """Loading trained PeRFlow students (``perflow train`` outputs) for sampling.
 
 A student folder holds ``unet/`` (a diffusers ``UNet2DConditionModel``, or ``UNet2DModel`` for an
-unconditional teacher) and ``scheduler/``
+unconditional teacher; ``transformer/``, an ``SD3Transformer2DModel``, for the class-conditional
+flow-matching teacher) and ``scheduler/``
 (a :class:`perflow.PeRFlowScheduler` config giving ``K``, the boundaries and the student's
 parameterization); a class-conditional student may carry its own ``label_encoder/``,
 otherwise the teacher's is used (PeRFlow trains the UNet only).
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 _NESTED = ("", "student", "final", "pipeline")
-UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
+UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel", "SD3Transformer2DModel")
 """The diffusers denoiser classes a student's ``unet/config.json`` may name."""
 _FIX = "evaluate it against the teacher it was trained from (--teacher)"
 
@@ -37,12 +38,18 @@ class Student:
         return PeRFlowScheduler.from_config(self.scheduler_config)
 
 
+def denoiser_dir(folder: Path) -> Path:
+    """A student's denoiser folder: ``unet/``, or ``transformer/`` when there is no ``unet/``."""
+    return folder / "unet" if (folder / "unet").is_dir() or not (folder / "transformer").is_dir() else folder / "transformer"
+
+
 def find_student_dir(path: str | Path) -> Path:
-    """The folder under ``path`` (itself or ``student/``, ``final/``, ``pipeline/``) with ``unet/`` and ``scheduler/``."""
+    """The folder under ``path`` (itself or ``student/``, ``final/``, ``pipeline/``) with ``unet/`` (or
+    ``transformer/``) and ``scheduler/``."""
     root = Path(path)
     for sub in _NESTED:
         cand = root / sub if sub else root
-        if (cand / "unet").is_dir() and (cand / "scheduler" / "scheduler_config.json").is_file():
+        if denoiser_dir(cand).is_dir() and (cand / "scheduler" / "scheduler_config.json").is_file():
             return cand
     raise FileNotFoundError(
         f"no PeRFlow student at {root}: expected unet/ and scheduler/scheduler_config.json there "
@@ -70,18 +77,19 @@ def load_student(path: str | Path, teacher=None) -> Student:
             "PeRFlowScheduler: is this a teacher folder rather than a PeRFlow student?"
         )
     check_weight_files(folder)
-    cls_name = read_json(folder / "unet" / "config.json").get("_class_name", "UNet2DConditionModel")
+    den = denoiser_dir(folder)
+    cls_name = read_json(den / "config.json").get("_class_name", "UNet2DConditionModel")
     if cls_name not in UNET_CLASSES:
-        raise ValueError(f"{folder / 'unet' / 'config.json'} names {cls_name!r}; a student UNet is one of {UNET_CLASSES}")
+        raise ValueError(f"{den / 'config.json'} names {cls_name!r}; a student denoiser is one of {UNET_CLASSES}")
     if teacher is not None and cls_name != type(teacher.unet).__name__:
         raise ValueError(
-            f"the student {str(folder / 'unet')!r} is a {cls_name}, the teacher's denoiser a "
+            f"the student {str(den)!r} is a {cls_name}, the teacher's denoiser a "
             f"{type(teacher.unet).__name__}; {_FIX}"
         )
-    unet = getattr(diffusers, cls_name).from_pretrained(folder / "unet", use_safetensors=True)
+    unet = getattr(diffusers, cls_name).from_pretrained(den, use_safetensors=True)
     unet = unet.eval().requires_grad_(False)
     if teacher is not None:
-        check_same_architecture(unet, teacher.unet, folder / "unet")
+        check_same_architecture(unet, teacher.unet, den)
     label_encoder = None
     if (folder / "label_encoder").is_dir():
         from perflow.models import LabelEncoder

@@ -38,6 +38,8 @@ from .images import chunked_denoiser as denoiser
 from .harness import DEFAULT_STEPS, EvalResult, Metrics, Sampler, compare_samplers
 from .samplers import BASELINE_SAMPLERS, TIMESTEP_SPACINGS, baseline_scheduler
 
+DIGIT_TEACHERS = ("digits", "flow_digits")
+"""Built-in teachers of the digits: the shipped digit classifier gives their ``fd`` and ``accuracy``."""
 SPACING_CRITERIA = ("paired_mse", "sw_ref")
 """Columns that may pick a baseline's best ``timestep_spacing``."""
 MIN_SAMPLES = 20
@@ -170,8 +172,8 @@ def sampler_config(teacher, folder: Path | None) -> dict:
 
 
 def builtin_real_images(name: str, resolution: int) -> torch.Tensor | None:
-    """The held-out images of a built-in teacher's data (``digits``, ``faces``, ``photos``), else ``None``."""
-    if name == "digits":
+    """The held-out images of a built-in teacher's data (``digits``, ``flow_digits``, ``faces``, ``photos``), else ``None``."""
+    if name in DIGIT_TEACHERS:
         from perflow.builtin.digits import digits_tensors
 
         return digits_tensors("test", resolution)[0]
@@ -330,7 +332,7 @@ def _metrics(config: TeacherEvalConfig, name: str, kind: str, inputs: list, real
         raise ValueError(f"--classifier checks labels: it needs a class-conditional teacher, {name!r} is {_KIND_WORDS[kind]}")
     if config.inception and real is None:
         raise ValueError("--inception computes FID against real images: give --real-images DIR")
-    use_classifier = kind == "class" and (config.classifier is not None or name == "digits")
+    use_classifier = kind == "class" and (config.classifier is not None or name in DIGIT_TEACHERS)
     if use_classifier:
         from perflow.builtin.classifier import load_digit_classifier
 

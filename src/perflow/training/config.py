@@ -24,7 +24,7 @@ class ModelConfig:
     teacher: str = "digits"
     """Teacher: a diffusers SD1.5/2.1/SDXL or DDPMPipeline folder (model_index.json), a bare UNet2DModel
     folder (config.json + scheduler_config.json), a class-conditional folder (unet/, scheduler/,
-    label_encoder/) or a built-in name (``digits``, ``faces``, ``photos``); see docs/training.md."""
+    label_encoder/) or a built-in name (``digits``, ``faces``, ``photos``, ``flow_digits``); see docs/training.md."""
     teacher_dtype: str = "auto"
     """Teacher dtype: ``auto`` (the mixed-precision dtype, else float32), float32, float16, bfloat16."""
     gradient_checkpointing: bool = False

@@ -9,6 +9,10 @@ The teacher's noise schedule is a :class:`perflow.schedule.FlowMatchSchedule` re
 - **SD3** (:class:`SD3Teacher`): two CLIP encoders and T5; ``encoder_hidden_states`` ``(B, L, D)``
   (CLIP states padded to T5's width, then T5's) and ``pooled_projections`` ``(B, P)``; timestep
   ``sigma T``. CFG-sync and CFG-fixed as for SD, the empty prompt as the unconditional input.
+- **Class labels** (:class:`LabelFlowTeacher`): a class-conditional ``SD3Transformer2DModel`` folder
+  (``transformer/``, ``scheduler/``, ``label_encoder/``, pixel space), as the built-in ``flow_digits``
+  teacher; the label embedding ``(B, 1, D)`` is both the text states and, as ``(B, D)``, the pooled
+  projections (:func:`label_condition`); the null label is the unconditional input.
 - **Flux** (:class:`FluxTeacher`): CLIP pooled output and T5; latents ``(B, C, H, W)`` are packed
   into ``(B, H/2 W/2, 4C)`` tokens with image ids, text ids are zeros, timestep ``sigma`` (the
   pipeline's ``t / 1000``). A guidance-distilled Flux (``guidance_embeds``) takes its guidance as
@@ -31,7 +35,7 @@ import torch
 
 from ..denoisers import Condition
 from ..schedule import FLOW_MATCH_KEYS, FlowMatchSchedule, scheduler_kind
-from .teachers import Teacher
+from .teachers import ClassConditionalTeacher, Teacher
 
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 """The flow-matching pipeline classes a teacher folder may hold."""
@@ -48,6 +52,19 @@ class SD3Condition(Condition):
         t = timestep.to(z.dtype).expand(z.shape[0])
         return model(hidden_states=z, timestep=t, encoder_hidden_states=self.encoder_hidden_states,
                      pooled_projections=self.pooled_projections, return_dict=False)[0]
+
+
+def label_condition(embeddings: torch.Tensor) -> SD3Condition:
+    """The SD3 condition of label embeddings ``(B, 1, D)``: text states ``(B, 1, D)``, pooled projections ``(B, D)``."""
+    return SD3Condition(embeddings, pooled_projections=embeddings[:, 0])
+
+
+def check_velocity(cfg: Any, name: str) -> None:
+    """Refuse a student parameterization other than ``velocity`` for a flow-matching teacher (one line, with the fix)."""
+    p = cfg.perflow
+    if p.prediction_type != "velocity":
+        raise ValueError(f"perflow.prediction_type {p.prediction_type!r} does not apply to the flow-matching teacher "
+                         f"{name}; use --prediction_type velocity or auto (the student then starts at the teacher)")
 
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
@@ -151,10 +168,7 @@ class FlowTeacher(Teacher):
         self._null = None
 
     def check_training(self, cfg: Any) -> None:
-        p = cfg.perflow
-        if p.prediction_type != "velocity":
-            raise ValueError(f"perflow.prediction_type {p.prediction_type!r} does not apply to the flow-matching teacher "
-                             f"{self.name}; use --prediction_type velocity or auto (the student then starts at the teacher)")
+        check_velocity(cfg, self.name)
         if cfg.data.resolution % (2 * self.vae_scale):
             raise ValueError(f"data.resolution {cfg.data.resolution} must be a multiple of {2 * self.vae_scale} for "
                              f"{self.name} (the VAE's factor x the transformer's 2x2 patches)")
@@ -238,6 +252,41 @@ class FluxTeacher(FlowTeacher):
         return FluxCondition(embeds.to(self.dtype), pooled_projections=pooled.to(self.dtype), guidance=g)
 
 
+class LabelFlowTeacher(ClassConditionalTeacher):
+    """A class-conditional flow-matching ``SD3Transformer2DModel`` in pixel space (the built-in ``flow_digits``):
+    ``transformer/``, ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``) and ``label_encoder/``."""
+
+    kind = "class_flow"
+    denoiser_name = "transformer"
+    default_parameterization = "velocity"
+
+    def __init__(self, transformer, scheduler_config: dict, label_encoder, name: str = "teacher"):
+        self.unet = transformer.eval().requires_grad_(False)  # the denoiser (``unet`` is the loop's name for it)
+        self.vae = None
+        self.schedule_config = flow_schedule_config(dict(scheduler_config), name)
+        self.schedule = FlowMatchSchedule.from_config(self.schedule_config)
+        self.prediction_type = "flow_prediction"
+        self.clip_sample, self.thresholding = None, False
+        self.name = name
+        self._null: Condition | None = None
+        self.label_encoder = label_encoder.eval().requires_grad_(False)
+        self.num_labels = self.null_label + 1
+
+    @torch.no_grad()
+    def encode_labels(self, labels: torch.Tensor) -> SD3Condition:
+        emb = self.label_encoder(labels.to(self.device, torch.long))  # (B, 1, D)
+        return label_condition(emb.to(self.dtype))
+
+    def schedule_for(self, latents: torch.Tensor) -> FlowMatchSchedule:
+        """The schedule at the image's token count ``(H / p) (W / p)`` (``p``: the patch size)."""
+        p = self.unet.config.patch_size
+        return self.schedule.at_resolution((latents.shape[-2] // p) * (latents.shape[-1] // p))
+
+    def check_training(self, cfg: Any) -> None:
+        check_velocity(cfg, self.name)
+        super().check_training(cfg)
+
+
 def flow_teacher_from_pipeline(pipe: Any, name: str = "teacher") -> FlowTeacher:
     """The teacher of an in-memory ``StableDiffusion3Pipeline`` or ``FluxPipeline``; another transformer pipeline is refused."""
     cls_name = type(pipe).__name__
@@ -254,6 +303,9 @@ __all__ = [
     "FluxCondition",
     "FluxTeacher",
     "FlowTeacher",
+    "LabelFlowTeacher",
+    "check_velocity",
+    "label_condition",
     "SD3Condition",
     "SD3Teacher",
     "flow_teacher_from_pipeline",

@@ -11,6 +11,9 @@ Four kinds, each loadable from a folder or built from in-memory objects:
   ``label_encoder/`` (:class:`perflow.models.LabelEncoder`; label ``num_classes`` is the null
   label), optionally ``vae/``; without a VAE it works in pixel space. ``"digits"`` names the
   built-in digits teacher.
+- ``class_flow``: the same folder with ``transformer/`` (a class-conditional ``SD3Transformer2DModel``
+  and a ``FlowMatchEulerDiscreteScheduler``) in place of ``unet/``; ``"flow_digits"`` names the
+  built-in flow-matching teacher (:class:`perflow.training.flow_teachers.LabelFlowTeacher`).
 - ``sd3`` and ``flux``: a ``StableDiffusion3Pipeline`` or ``FluxPipeline`` folder, a flow-matching
   transformer teacher (:mod:`perflow.training.flow_teachers`).
 - ``unet2d``: a pixel-space diffusers ``UNet2DModel``: a ``DDPMPipeline``/``DDIMPipeline`` folder
@@ -43,7 +46,7 @@ from ..denoisers import Condition
 from ..schedule import DiscreteVPSchedule
 
 BUILTIN_TEACHERS = {"digits": ("builtin", "weights", "digits_teacher")}
-SUITE_TEACHER_NAMES = ("faces", "photos")
+SUITE_TEACHER_NAMES = ("faces", "photos", "flow_digits")
 """Built-in suite teachers :func:`load_teacher` also finds by name (:func:`perflow.builtin.suite.suite_teacher_path`)."""
 
 
@@ -653,7 +656,8 @@ def load_teacher(
     spec: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False, null_label: int | None = None
 ) -> Teacher:
     """Load a teacher from a folder (SD/SDXL pipeline, ``DDPMPipeline``, bare ``UNet2DModel``,
-    class-conditional) or a built-in name (``digits``, ``faces``, ``photos``).
+    class-conditional, UNet or flow-matching transformer) or a built-in name (``digits``, ``faces``, ``photos``,
+    ``flow_digits``).
 
     Weights are read from safetensors only; ``allow_pickle=True`` (config ``model.allow_pickle``)
     lets diffusers read pickled ``.bin`` weights with its restricted loader. ``null_label``
@@ -700,16 +704,26 @@ def load_teacher(
         return UNet2DTeacher(unet, config, null_label, name=name)
     if null_label is not None:
         raise ValueError(f"model.null_label applies to UNet2DModel teachers with a class embedding; {path} is not one")
-    missing = [d for d in ("unet", "scheduler", "label_encoder") if not (path / d).is_dir()]
+    denoiser = "transformer" if (path / "transformer").is_dir() and not (path / "unet").is_dir() else "unet"
+    missing = [d for d in (denoiser, "scheduler", "label_encoder") if not (path / d).is_dir()]
     if missing:
         raise FileNotFoundError(
             f"{path} has no model_index.json and lacks {missing}: a class-conditional teacher folder needs "
-            "unet/, scheduler/ and label_encoder/ (see perflow.models); a UNet2DModel folder needs config.json "
-            "naming UNet2DModel"
+            "unet/ (or transformer/), scheduler/ and label_encoder/ (see perflow.models); a UNet2DModel folder "
+            "needs config.json naming UNet2DModel"
         )
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ..models import LabelEncoder
+
+    if denoiser == "transformer":
+        from diffusers import SD3Transformer2DModel
+
+        from .flow_teachers import LabelFlowTeacher
+
+        transformer = _from_pretrained(SD3Transformer2DModel, path / "transformer", allow_pickle, **kw)
+        label_encoder = _from_pretrained(LabelEncoder, path / "label_encoder", allow_pickle, **kw)
+        return LabelFlowTeacher(transformer, read_scheduler_config(path, required=True), label_encoder, name=name)
 
     unet = _from_pretrained(UNet2DConditionModel, path / "unet", allow_pickle, **kw)
     label_encoder = _from_pretrained(LabelEncoder, path / "label_encoder", allow_pickle, **kw)
