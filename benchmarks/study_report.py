@@ -32,6 +32,7 @@ def load_rows(paths: list[str]) -> list[dict]:
         for line in Path(p).read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
+                row["cpu_measured"] = "cpu_s" in row
                 row.setdefault("cpu_s", row["train_s"])
                 rows.append(row)
     return rows
@@ -86,9 +87,10 @@ def table(groups: dict[tuple[str, str], list[dict]], command: str) -> str:
         w4n, w4 = best_solver(last, 4, "swd")
         s8, m8 = best_solver(last, 8, "mse")
         first = b["first"]
-        beat = f"{first['step']} ({first['cpu_s']:.0f} s)" if first else "no"
+        unit = "s" if last["cpu_measured"] else "s wall"
+        beat = f"{first['step']} ({first['cpu_s']:.0f} {unit})" if first else "no"
         lines.append(
-            f"| {teacher} | {tag} | {last['step']} | {last['cpu_s']:.0f} | {last['mse@4']:.5f} | {m4:.5f} ({s4}) | "
+            f"| {teacher} | {tag} | {last['step']} | {last['cpu_s']:.0f}{'' if last['cpu_measured'] else ' (wall)'} | {last['mse@4']:.5f} | {m4:.5f} ({s4}) | "
             f"{last['swd@4']:.4f} | {w4:.4f} ({w4n}) | {beat} | {last['mse@8']:.5f} | {m8:.5f} ({s8}) | {b['ratio8']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -108,6 +110,8 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: Path) -> None:
                 continue
             for j, (steps, xkey) in enumerate([(4, "step"), (8, "step"), (4, "cpu_s"), (8, "cpu_s")]):
                 ax = axes[i][j]
+                if xkey == "cpu_s" and not all(r["cpu_measured"] for r in c):
+                    continue  # wall-clock on a shared machine is not comparable with CPU time
                 ax.plot([r[xkey] for r in c], [r[f"mse@{steps}"] for r in c], marker=".", label=tag)
         last = next(c for (t, _), c in groups.items() if t == teacher)[-1]
         for j, (steps, xkey) in enumerate([(4, "step"), (8, "step"), (4, "cpu_s"), (8, "cpu_s")]):

@@ -121,8 +121,9 @@ class OptimConfig:
     """Samples per process per micro-step (global batch = batch_size x processes x accumulation)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
-    learning_rate: float = 1e-4
-    """AdamW learning rate (after warm-up)."""
+    learning_rate: float = 3e-5
+    """AdamW learning rate (after warm-up). 3e-5: at 1e-4 and above the photos teacher's student drifts away from
+    the teacher after a few hundred steps (docs/study.md)."""
     lr_scheduler: str = "constant"
     """A diffusers scheduler name: constant, linear, cosine, ... (all with warm-up)."""
     lr_warmup_steps: int = 0

@@ -1,0 +1,43 @@
+"""How close can a PeRFlow student of a suite teacher get? The teacher's own DDIM at n x K steps.
+
+A student trained with n teacher DDIM steps per window over K windows learns the composed window
+solves, the teacher's DDIM at n K steps; its paired MSE to the 100-step reference cannot be expected
+below that solver's. Prints, for each step count, the paired MSE of the teacher's DDIM (``trailing``
+spacing, the window solve's grid for equal windows) to the study's reference on the same 256 noises
+(``benchmarks/recipe_study.py``'s evaluation set). Example (docs/study.md)::
+
+    python benchmarks/target_floor.py --teacher faces --steps 16 32 64
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from recipe_study import denoiser, load_suite, reference
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", choices=("digits", "faces", "photos"), required=True)
+    ap.add_argument("--steps", type=int, nargs="+", default=[32], help="DDIM steps (n x K)")
+    ap.add_argument("--num-eval", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from perflow.evaluation import metrics
+    from perflow.evaluation.samplers import baseline_scheduler, sample
+
+    unet, le, config, _, _ = load_suite(args.teacher)
+    data = reference(args.teacher, unet, le, config, args.num_eval, Path(f"/tmp/study_{args.teacher}_{args.num_eval}.pt"))
+    fn = denoiser(unet, le, data["labels"])
+    for n in args.steps:
+        with torch.no_grad():
+            out = sample(fn, baseline_scheduler("ddim", {**config, "timestep_spacing": "trailing"}), data["noise"].clone(), n).samples
+        print(f"{args.teacher}: DDIM {n} steps (trailing), paired MSE to the 100-step reference {metrics.paired_mse(out, data['ref']):.6f}")
+
+
+if __name__ == "__main__":
+    main()
