@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from .windows import window_bounds
+
 TimeSampler = Callable[[int, torch.Generator | None, torch.device], torch.Tensor]
 """``sampler(batch_size, generator, device) -> t (B,)`` float64 in ``[0, 1]``."""
 
@@ -83,8 +85,7 @@ def with_window_starts(sampler: TimeSampler, boundaries: torch.Tensor, prob: flo
     def sample(batch_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         t = sampler(batch_size, generator, torch.device("cpu"))
         at_start = torch.rand(batch_size, generator=generator, dtype=torch.float64) < prob
-        j = torch.searchsorted(-b, -t, right=True).clamp(1, b.numel() - 1) - 1  # window of t
-        return torch.where(at_start, b[j], t).to(device)
+        return torch.where(at_start, window_bounds(t, b)[0], t).to(device)
 
     return sample
 
