@@ -45,6 +45,7 @@ DEFAULTS = dict(
     seed=0,
     clip_sample="auto",  # auto: the teacher's scheduler config (clip_sample, clip_sample_range); off
     start_from_noise="false",  # true: the first window starts from pure noise (the sampler's start)
+    window_weights="auto",  # auto (the teacher's error gains, the trainer's default) | none | inv_abar (1 / abar(t_e)) | comma list
 )
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -165,6 +166,33 @@ def run(args, s: dict) -> None:
     clip = None
     if s["clip_sample"] == "auto" and config.get("clip_sample", False):
         clip = float(config.get("clip_sample_range", 1.0))
+    ww = str(s["window_weights"])
+    if ww == "none":
+        window_w = None
+    elif ww == "auto":  # as the trainer does (perflow.training.loop.window_weights_of): first batch's conditions
+        from perflow.objective import window_error_gains, window_weights_from_gains
+
+        from perflow.training.loop import CALIBRATION_BATCHES
+
+        cal = torch.Generator().manual_seed(int(s["seed"]) * 1_000_003 + 104729)
+        cal_cpu = time.process_time()
+        per_batch = []
+        for _ in range(CALIBRATION_BATCHES):
+            x_cal, l_cal = draw(cal, int(s["batch_size"]))
+            per_batch.append(window_error_gains(denoiser(unet, le, l_cal), torch.randn(x_cal.shape, generator=cal),
+                                                boundaries, schedule, int(s["num_solver_steps"]), teacher_type, clip))
+        gains = torch.stack(per_batch).median(0).values
+        print("window error gains", [[round(float(v), 2) for v in g] for g in per_batch], "median",
+              [round(float(v), 3) for v in gains], f"({time.process_time() - cal_cpu:.1f} CPU s)", flush=True)
+        window_w = window_weights_from_gains(gains)
+    elif ww == "inv_abar":
+        a_e = schedule.alpha_sigma(boundaries[1:].double(), torch.zeros(K, dtype=torch.float64))[0].double().square()
+        window_w = (1.0 / a_e) / (1.0 / a_e).mean()
+    else:
+        window_w = torch.tensor([float(v) for v in ww.split(",")], dtype=torch.float64)
+        window_w = window_w / window_w.mean()
+    if window_w is not None:
+        print("window weights", [round(float(v), 3) for v in window_w], flush=True)
     time_sampler = make_time_sampler(s["time_sampling"], boundaries, window_start_prob=float(s["window_start_prob"]))
     student = copy.deepcopy(unet).train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -200,7 +228,12 @@ def run(args, s: dict) -> None:
         ex = reflow_example(teach, x0, boundaries, schedule, int(s["num_solver_steps"]), s["prediction_type"],
                             teacher_type, generator=gen, time_sampler=time_sampler, model_output_type=mot,
                             clip_sample=clip, start_from_noise=str(s["start_from_noise"]).lower() == "true")
-        loss = batch_loss(denoiser(student, le, labels), ex, "mse", weighting=s["loss_weighting"])
+        sw = None
+        if window_w is not None:
+            from perflow.windows import window_index
+
+            sw = window_w[window_index(ex.t, boundaries)].float()
+        loss = batch_loss(denoiser(student, le, labels), ex, "mse", weighting=s["loss_weighting"], sample_weight=sw)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), float(s["max_grad_norm"]))
@@ -215,6 +248,8 @@ def run(args, s: dict) -> None:
             raise SystemExit(f"non-finite loss at step {step}")
         if step % args.eval_every == 0 or step == args.steps:
             evaluate(step)
+    if args.save:
+        torch.save(ema.state_dict(), args.save)
 
 
 def main() -> None:
@@ -228,6 +263,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="settings KEY=VALUE over " + ", ".join(DEFAULTS))
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--save", default=None, help="write the EMA student's state dict here (torch.save) at the end")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     s = dict(DEFAULTS)

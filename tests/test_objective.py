@@ -103,3 +103,62 @@ def test_window_start_prob_moves_that_fraction_of_times_to_their_window_starts()
     assert abs(moved - 0.5) < 5 * (0.25 / 4096) ** 0.5
     with pytest.raises(ValueError, match="window_start_prob"):
         with_window_starts(uniform_times, b, 1.5)
+
+
+# ---------------------------------------------------------------------------- per-window weights
+
+
+def _ddim_factor(abar_a: torch.Tensor, abar_b: torch.Tensor, s: float) -> torch.Tensor:
+    """One DDIM step of the exact N(0, s^2 I) teacher is the linear map ``z -> f z`` with
+    ``f = (sqrt(abar_b abar_a) s^2 + sqrt((1 - abar_b)(1 - abar_a))) / (abar_a s^2 + 1 - abar_a)``
+    (``x0_hat = sqrt(abar_a) s^2 z / v``, ``eps_hat = sqrt(1 - abar_a) z / v``, ``v = abar_a s^2 + 1 - abar_a``)."""
+    return ((abar_b * abar_a).sqrt() * s**2 + ((1 - abar_b) * (1 - abar_a)).sqrt()) / (abar_a * s**2 + 1 - abar_a)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("s", [0.5, 2.0])
+def test_window_error_gains_of_a_linear_teacher_are_the_later_windows_squared_gain(n, s):
+    """For zero-mean Gaussian data every window solve is linear, ``z_{k+1} = A_k z_k`` (``A_k`` the product
+    of its ``n`` DDIM factors), so an error at the end of window k reaches the end multiplied by
+    ``prod_{j>k} A_j``: ``gain_k = prod_{j>k} A_j^2`` exactly, whatever the error."""
+    from gaussian_helpers import gaussian_denoiser
+    from perflow.objective import window_error_gains
+
+    ac = alphas_cumprod_from_config(SD).to(torch.float64)
+    schedule = DiscreteVPSchedule(ac)
+    b = torch.tensor([1.0, 0.8, 0.45, 0.2, 0.0], dtype=torch.float64)
+    noise = torch.randn(16, 2, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gains = window_error_gains(gaussian_denoiser(0.0, s, ac), noise, b, schedule, n)
+    A = []
+    for k in range(4):
+        times = [schedule.solver_time(b[k], b[k + 1], j, n) for j in range(n + 1)]
+        abar = [schedule.abar(t.reshape(1)).double()[0] for t in times]
+        A.append(torch.stack([_ddim_factor(abar[j], abar[j + 1], s) for j in range(n)]).prod())
+    expected = torch.stack([torch.stack(A[k + 1:]).prod().square() if k < 3 else torch.tensor(1.0, dtype=torch.float64)
+                            for k in range(4)])
+    if n == 1:  # one DDIM step per window is the exact chain: no error to carry, every gain 1
+        expected = torch.ones(4, dtype=torch.float64)
+    torch.testing.assert_close(gains, expected, rtol=1e-9, atol=0)
+
+
+def test_window_weights_from_gains_have_mean_one_and_keep_every_window():
+    from perflow.objective import window_weights_from_gains
+
+    w = window_weights_from_gains(torch.tensor([8.0, 2.0, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(w, torch.tensor([8.0, 2.0, 1.0, 1.0], dtype=torch.float64) / 3.0)
+    w = window_weights_from_gains(torch.tensor([1000.0, 1e-3, 1.0], dtype=torch.float64), max_ratio=100.0)
+    torch.testing.assert_close(w * (1020.0 / 3.0), torch.tensor([1000.0, 10.0, 10.0], dtype=torch.float64))
+    assert float(w.mean()) == pytest.approx(1.0)
+
+
+def test_batch_loss_sample_weight_multiplies_each_example():
+    from perflow.objective import batch_loss
+
+    ac, b, t, window = random_windows("ddim_eps", 0, n=8)
+    z = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    ex = ReflowExample(z_t=z, timestep=(t * 1000).float(), target=torch.zeros_like(z), t=t, t_s=window.t_s, t_e=window.t_e,
+                       z_s=z, z_e=z, window=window)
+    w = torch.arange(1.0, 9.0)
+    got = batch_loss(lambda zz, ts: zz, ex, weighting="window_end", sample_weight=w)
+    expected = (z.square().flatten(1).mean(1) * window_end_weight(t, window) * w).mean()
+    torch.testing.assert_close(got, expected)

@@ -59,7 +59,7 @@ def test_training_lowers_the_objective(tmp_path, weighting):
     # the paper's setting (diff_eps, t uniform) with either weighting, and the default recipe
     defaults = TrainConfig().training
     paper = dict(learning_rate=defaults.learning_rate, ema_decay=defaults.ema_decay) if weighting == "default recipe" else dict(
-        loss_weighting=weighting, prediction_type="diff_eps", window_start_prob=0.0)
+        loss_weighting=weighting, prediction_type="diff_eps", window_start_prob=0.0, window_weights="none")
     cfg = load_config("digits", _fast(tmp_path, max_steps=120, batch_size=16, **paper))
     from perflow.training.data import collate
 
@@ -414,3 +414,38 @@ def test_prediction_type_auto_is_the_teachers_default_and_checkpoints_keep_auto(
     assert sched["prediction_type"] == "ddim_eps"
     resumed = load_config("digits", _fast(tmp_path / "run", max_steps=3, batch_size=4, checkpoint_every=1, resume="latest"))
     assert train(resumed, teacher=teacher, dataset=_digits(16)).global_step == 3
+
+
+def test_window_weights_auto_none_and_explicit(tmp_path):
+    """``training.window_weights``: ``auto`` measures the teacher's per-window error gains once (the same
+    weights on every call, so a resumed run matches), ``none`` is no weighting, an explicit list is used as
+    given, and each multiplies the loss of its window's samples."""
+    from perflow.training.data import collate
+    from perflow.training.loop import window_weights_of
+
+    teacher = tiny_class_teacher(seed=0)
+    data = _digits(64)
+    cfg = with_parameterization(load_config("digits", _fast(tmp_path)), teacher)
+    b = boundaries_of(cfg)
+    auto = window_weights_of(cfg, teacher, data, b, torch.device("cpu"))
+    assert auto.shape == (4,) and float(auto.mean()) == pytest.approx(1.0) and bool((auto > 0).all())
+    torch.testing.assert_close(window_weights_of(cfg, teacher, data, b, torch.device("cpu")), auto, rtol=0, atol=0)
+    cfg.training.window_weights = "none"
+    assert window_weights_of(cfg, teacher, data, b, torch.device("cpu")) is None
+    cfg.training.window_weights = "1,2,3,4"
+    torch.testing.assert_close(window_weights_of(cfg, teacher, data, b, torch.device("cpu")),
+                               torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    batch = collate([data[i] for i in range(16)])
+    schedule = DiscreteVPSchedule(teacher.alphas_cumprod)
+    sampler = make_time_sampler(cfg.perflow.time_sampling, b, window_start_prob=cfg.perflow.window_start_prob)
+
+    def loss(weights):
+        return training_loss(batch, cfg, teacher, teacher.unet, b, schedule, sampler, torch.Generator().manual_seed(5),
+                             torch.device("cpu"), weights).item()
+
+    plain = loss(None)
+    assert loss(torch.ones(4, dtype=torch.float64)) == pytest.approx(plain, rel=1e-6)
+    assert loss(torch.full((4,), 3.0, dtype=torch.float64)) == pytest.approx(3 * plain, rel=1e-6)
+    for bad in ("1,2", "1,2,0,4", "often"):
+        with pytest.raises(ValueError, match="training.window_weights must be 'auto', 'none' or 4 positive numbers"):
+            load_config("digits", {"window_weights": bad})

@@ -38,6 +38,8 @@ from .windows import Window, window_of
 
 LOSSES = ("mse", "huber")
 LOSS_WEIGHTINGS = ("none", "window_end")
+WINDOW_WEIGHTS = ("none", "auto")
+"""Per-window loss weights: ``none`` (all 1), ``auto`` (:func:`window_error_gains` of the teacher, mean 1)."""
 
 
 @dataclass
@@ -149,6 +151,61 @@ def window_end_weight(t: torch.Tensor, window: Window) -> torch.Tensor:
     return (window.eta * (window.t_e - t) / window_end_denominator(t, window)).square().float()
 
 
+@torch.no_grad()
+def window_error_gains(
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    boundaries: torch.Tensor,
+    schedule: NoiseSchedule | torch.Tensor,
+    num_solver_steps: int,
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+) -> torch.Tensor:
+    """How much the teacher's flow amplifies an error made at the end of each window, ``(K,)`` float64.
+
+    The chain of exact window solves from ``z_0 = noise`` (at ``t = 1``),
+    ``z_{k+1} = Phi_n(z_k, t_k, t_{k+1})`` (:func:`perflow.solver.solve_window`, ``n`` steps), and for
+    each window ``k`` one DDIM step ``y_k = Phi_1(z_k, t_k, t_{k+1})`` (the untrained ``ddim_eps``
+    student's step) carried to the end by the exact solves of the later windows,
+    ``Y_k = Phi_n(..Phi_n(y_k)..)``:
+
+        gain_k = sum ||Y_k - z_K||^2 / sum ||y_k - z_{k+1}||^2   (sums over the batch)
+
+    The last window's gain is 1; above 1 the later windows amplify an error at ``t_{k+1}``, below 1
+    they contract it. A window whose one-step error vanishes (relative ``1e-12``) gets gain 1.
+    Costs ``n K (K + 1) / 2 + K`` teacher evaluations of the batch.
+    """
+    b = torch.as_tensor(boundaries, dtype=torch.float64).to(noise.device)
+    K = b.numel() - 1
+    batch = noise.shape[0]
+
+    def solve(z: torch.Tensor, k: int, steps: int) -> torch.Tensor:
+        t_s, t_e = b[k].expand(batch), b[k + 1].expand(batch)
+        return solve_window(denoiser, z, t_s, t_e, steps, schedule, prediction_type, clip_sample)
+
+    chain = [noise]
+    for k in range(K):
+        chain.append(solve(chain[-1], k, num_solver_steps))
+    scale = chain[-1].double().square().sum().clamp_min(1e-30)
+    gains = torch.ones(K, dtype=torch.float64)
+    for k in range(K - 1):
+        y = solve(chain[k], k, 1)
+        local = (y.double() - chain[k + 1].double()).square().sum()
+        if local <= 1e-12 * scale:
+            continue
+        for j in range(k + 1, K):
+            y = solve(y, j, num_solver_steps)
+        gains[k] = (y.double() - chain[-1].double()).square().sum() / local
+    return gains
+
+
+def window_weights_from_gains(gains: torch.Tensor, max_ratio: float = 100.0) -> torch.Tensor:
+    """Per-window loss weights ``w_k = g_k / mean(g)`` from :func:`window_error_gains`, each first
+    clamped to ``[max(g) / max_ratio, max(g)]`` so that no window is dropped from training."""
+    g = gains.double().clamp_min(float(gains.max()) / max_ratio)
+    return g / g.mean()
+
+
 def reflow_loss(
     pred: torch.Tensor, target: torch.Tensor, kind: str, huber_c: float, weight: torch.Tensor | None
 ) -> torch.Tensor:
@@ -169,13 +226,15 @@ def batch_loss(
     loss: str = "mse",
     huber_c: float = 0.001,
     weighting: str = "none",
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: ``reflow_loss(out(student(z_t, t T)), target)`` (``out`` the
     raw output in the parameterization's terms, :meth:`ReflowExample.student_output`), weighted by
     :func:`window_end_weight` when ``weighting == "window_end"``.
 
     ``student(z_t, timestep)`` is the student as a denoiser callable (bind its condition in a
-    closure); ``example`` comes from :func:`reflow_example`.
+    closure); ``example`` comes from :func:`reflow_example`. ``sample_weight`` (``(B,)``, optional)
+    multiplies each example's weight (e.g. a per-window weight looked up from ``example.t_s``).
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
@@ -185,6 +244,9 @@ def batch_loss(
         if example.window is None:
             raise ValueError("the window_end weighting needs example.window; build the example with reflow_example")
         weight = window_end_weight(example.t, example.window)
+    if sample_weight is not None:
+        sample_weight = sample_weight.to(device=example.target.device, dtype=torch.float32)
+        weight = sample_weight if weight is None else weight * sample_weight
     return reflow_loss(pred, example.target, loss, huber_c, weight)
 
 
@@ -195,5 +257,8 @@ __all__ = [
     "batch_loss",
     "reflow_example",
     "reflow_loss",
+    "WINDOW_WEIGHTS",
     "window_end_weight",
+    "window_error_gains",
+    "window_weights_from_gains",
 ]

@@ -65,6 +65,10 @@ def adapt_delta(
     data through ``data.*`` or ``dataset``); the output folder, the student's start, checkpointing and
     exports are set here. ``eval_kwargs`` go to :class:`~perflow.evaluation.transfer.TransferConfig`
     (``labels``, ``prompts``, ``guidance_scale``, ``baselines``, ``spacings``, ``seed``, ``batch_size``, ...).
+
+    ``window_weights`` defaults to ``none`` here (pass it in ``overrides`` to change that): the recipe's
+    ``auto`` measures the weights at the start of every ``train`` call, i.e. at every check, and on the
+    digits teacher that measurement alone costs about as much CPU as 10 adaptation steps.
     """
     from perflow.evaluation.teacher_eval import TeacherEvalConfig, evaluate_teacher
     from perflow.evaluation.transfer import TransferConfig, read_delta, resolve_target, transfer_report
@@ -80,6 +84,7 @@ def adapt_delta(
     out = check_output_path(output_dir, folder=True)  # an unusable folder: one line, before any work
     state_path = out / STATE_FILE
     eval_kwargs = dict(eval_kwargs or {})
+    overrides = {"window_weights": "none", **overrides}
     settings = {"delta": str(delta) if not isinstance(delta, tuple) else "tensors", "config": str(config),
                 "check_every": check_every, "num_samples": num_samples, "reference_steps": reference_steps,
                 "overrides": {k: str(v) for k, v in sorted(overrides.items())},

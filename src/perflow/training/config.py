@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,11 @@ class OptimConfig:
     """c of the pseudo-Huber loss."""
     loss_weighting: str = "window_end"
     """``none``, or ``window_end``: weight each sample so the loss measures the error of its predicted window end."""
+    window_weights: str = "auto"
+    """Per-window loss weights on top of ``loss_weighting``: ``auto`` measures, once at the start, how much the
+    teacher's own flow amplifies an error made at each window's end on the way to the final sample
+    (:func:`perflow.objective.window_error_gains`, on the first batch's conditions) and weights each window by it
+    (mean 1); ``none`` weights all windows alike; or ``K`` comma-separated positive numbers."""
     mixed_precision: str = "no"
     """``no``, ``fp16`` or ``bf16``; the student's master weights stay float32."""
     ema_decay: float = 0.99
@@ -252,6 +258,7 @@ class TrainConfig:
             b = resolve_boundaries(window_boundaries=p.window_boundaries)
             if b.numel() - 1 != p.num_time_windows:
                 p.num_time_windows = b.numel() - 1
+        parse_window_weights(t.window_weights, p.num_time_windows)
         if not 0.0 <= p.window_start_prob <= 1.0:
             raise ValueError(f"perflow.window_start_prob must be in [0, 1], got {p.window_start_prob}")
         if not 0.0 <= d.caption_dropout < 1.0:
@@ -291,6 +298,26 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
             if key not in RESUME_MAY_CHANGE and old != value:
                 out.append(f"{key} {old!r} -> {value!r}")
     return out
+
+
+def parse_window_weights(value: Any, num_windows: int) -> str | list[float]:
+    """``training.window_weights`` as ``"auto"``, ``"none"`` or a list of ``num_windows`` positive floats
+    (from a list or a comma-separated string); a one-line ``ValueError`` naming the fix otherwise."""
+    from ..objective import WINDOW_WEIGHTS
+
+    if isinstance(value, str) and value.strip() in WINDOW_WEIGHTS:
+        return value.strip()
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        weights = [float(v) for v in items]
+    except (TypeError, ValueError):
+        weights = None
+    if weights is None or len(weights) != num_windows or not all(w > 0 and math.isfinite(w) for w in weights):
+        raise ValueError(
+            f"training.window_weights must be 'auto', 'none' or {num_windows} positive numbers separated by commas "
+            f"(one per window), got {value!r}"
+        )
+    return weights
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:

@@ -214,6 +214,9 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     boundaries = boundaries_of(cfg, schedule)
     time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a, p.logit_normal_mean, p.logit_normal_std,
                                      p.window_start_prob)
+    window_weights = window_weights_of(cfg, teacher_obj, ds, boundaries, device)
+    if window_weights is not None and accelerator.is_main_process:
+        print(f"window loss weights ({tr.window_weights}): {[round(float(w), 3) for w in window_weights]}")
 
     opt = torch.optim.AdamW(
         student.parameters(), lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2),
@@ -284,7 +287,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
             micro_step += 1
             notes.add_batch(batch, log)
             with accelerator.accumulate(student):
-                loss = training_loss(batch, cfg, teacher_obj, student, boundaries, schedule, time_sampler, generator, device)
+                loss = training_loss(batch, cfg, teacher_obj, student, boundaries, schedule, time_sampler, generator, device,
+                                     window_weights)
                 accelerator.backward(loss)
                 acc_loss += loss.detach() / tr.gradient_accumulation_steps
                 finite = True
@@ -448,6 +452,71 @@ def load_student_init(student: torch.nn.Module, path: str) -> None:
     student.load_state_dict({k: v.to(own[k].dtype) for k, v in init.items()})
 
 
+def _teacher_batch(batch: dict, cfg: TrainConfig, teacher: Teacher, generator: torch.Generator, device: torch.device,
+                   dropout: bool = True):
+    """``(x0, teacher denoiser, condition)`` of one micro-batch: the encoded images, the guided teacher
+    (:func:`perflow.denoisers.guided_teacher_denoiser`) and the condition the student sees, with caption
+    dropout when ``dropout`` (caption-free data and captionless samples are always unconditional)."""
+    p, dc = cfg.perflow, cfg.data
+    pixels = batch["pixel_values"].to(device, non_blocking=True)
+    x0 = teacher.encode_images(pixels, generator)  # (B, C, h, w) fp32
+    b = x0.shape[0]
+    cond = teacher.condition(batch)
+    if dc.caption_free:
+        dropped = torch.ones(b, dtype=torch.bool)
+    elif dropout and dc.caption_dropout > 0:
+        dropped = torch.rand(b, generator=generator) < dc.caption_dropout
+    else:
+        dropped = torch.zeros(b, dtype=torch.bool)
+    missing = batch.get("caption_missing")
+    if missing is not None:  # a sample without a caption is an unconditional one, like a dropped caption
+        dropped = dropped | missing
+    cond_s = teacher.drop(cond, dropped) if bool(dropped.any()) else cond
+    uncond = teacher.uncond(cond_s) if teacher.has_null else None  # without one, check_training refused what uses it
+    return x0, guided_teacher_denoiser(teacher.unet, cond_s, uncond, dropped, p.cfg_mode, p.guidance_scale), cond_s
+
+
+CALIBRATION_BATCHES = 5
+"""Batches :func:`window_weights_of` measures the teacher's window error gains on (their median is used)."""
+
+
+def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: torch.Tensor,
+                      device: torch.device) -> torch.Tensor | None:
+    """The per-window loss weights ``(K,)`` of ``training.window_weights`` (``None`` for ``none``).
+
+    ``auto``: :func:`perflow.objective.window_error_gains` of the teacher on each of the first
+    :data:`CALIBRATION_BATCHES` batches of the data in seed order (their conditions; each chain starts from
+    noise drawn from ``training.seed``), the per-window median over the batches (a gain is a ratio of sums
+    with a heavy tail: a few samples whose final sample flips dominate a batch; the median of the batches'
+    ratios is stable where one batch's is not), turned into weights by
+    :func:`perflow.objective.window_weights_from_gains`. Deterministic, so a resumed run and every process
+    compute the same weights."""
+    from ..objective import window_error_gains, window_weights_from_gains
+    from .config import parse_window_weights
+    from .data import close_loader, make_loader
+
+    tr = cfg.training
+    spec = parse_window_weights(tr.window_weights, boundaries.numel() - 1)
+    if spec == "none":
+        return None
+    if spec != "auto":
+        return torch.tensor(spec, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(tr.seed * 1_000_003 + 104729)
+    loader, _ = make_loader(dataset, tr.batch_size, 1, 0, tr.seed, 0, 0)
+    gains = []
+    try:
+        for i, batch in enumerate(loader):
+            if i == CALIBRATION_BATCHES:
+                break
+            x0, den, _ = _teacher_batch(batch, cfg, teacher, generator, device, dropout=False)
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
+            gains.append(window_error_gains(den, noise, boundaries, teacher.schedule_for(x0),
+                                            cfg.perflow.num_solver_steps, teacher.prediction_type, teacher.clip_sample))
+    finally:
+        close_loader(loader)
+    return window_weights_from_gains(torch.stack(gains).median(0).values)
+
+
 def training_loss(
     batch: dict,
     cfg: TrainConfig,
@@ -458,35 +527,28 @@ def training_loss(
     time_sampler: Callable[..., torch.Tensor],
     generator: torch.Generator,
     device: torch.device,
+    window_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss of one micro-batch (see the module docstring): caption dropout, the teacher's window solve
     (:func:`perflow.objective.reflow_example`) and :func:`perflow.objective.batch_loss` of the ``student``
     UNet. ``schedule`` is the teacher's (:class:`~perflow.schedule.DiscreteVPSchedule`); ``boundaries``
-    from :func:`boundaries_of`; randomness from ``generator``."""
-    p, tr, dc = cfg.perflow, cfg.training, cfg.data
-    pixels = batch["pixel_values"].to(device, non_blocking=True)
-    x0 = teacher.encode_images(pixels, generator)  # (B, C, h, w) fp32
-    b = x0.shape[0]
-    cond = teacher.condition(batch)
-    if dc.caption_free:
-        dropped = torch.ones(b, dtype=torch.bool)
-    elif dc.caption_dropout > 0:
-        dropped = torch.rand(b, generator=generator) < dc.caption_dropout
-    else:
-        dropped = torch.zeros(b, dtype=torch.bool)
-    missing = batch.get("caption_missing")
-    if missing is not None:  # a sample without a caption is an unconditional one, like a dropped caption
-        dropped = dropped | missing
-    cond_s = teacher.drop(cond, dropped) if bool(dropped.any()) else cond
-    uncond = teacher.uncond(cond_s) if teacher.has_null else None  # without one, check_training refused what uses it
-    den = guided_teacher_denoiser(teacher.unet, cond_s, uncond, dropped, p.cfg_mode, p.guidance_scale)
+    from :func:`boundaries_of`; randomness from ``generator``; ``window_weights`` (``(K,)``, from
+    :func:`window_weights_of`) multiplies each sample's loss by its window's weight."""
+    from ..windows import window_index
+
+    p, tr = cfg.perflow, cfg.training
+    x0, den, cond_s = _teacher_batch(batch, cfg, teacher, generator, device)
     ex = reflow_example(
         den, x0, boundaries, teacher.schedule_for(x0), p.num_solver_steps, p.prediction_type, teacher.prediction_type,
         generator=generator, time_sampler=time_sampler, model_output_type=student_output_type(cfg, teacher),
         clip_sample=teacher.clip_sample,
     )
+    sample_weight = None
+    if window_weights is not None:
+        sample_weight = window_weights.to(ex.t.device)[window_index(ex.t, boundaries)]
     cond32 = cond_s.to(device, torch.float32)
-    return batch_loss(lambda z, ts: cond32.forward(student, z, ts), ex, tr.loss, tr.huber_c, tr.loss_weighting)
+    return batch_loss(lambda z, ts: cond32.forward(student, z, ts), ex, tr.loss, tr.huber_c, tr.loss_weighting,
+                      sample_weight)
 
 
 @torch.no_grad()
@@ -534,4 +596,4 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-__all__ = ["TrainResult", "boundaries_of", "train", "training_loss"]
+__all__ = ["TrainResult", "boundaries_of", "train", "training_loss", "window_weights_of"]
