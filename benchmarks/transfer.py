@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import math
+import shlex
 import sys
 import tempfile
 import time
@@ -88,9 +89,14 @@ def make_variants(teacher, args, delta: dict) -> list[dict]:
                                   args.seed, desc=f"LoRA r={rank} (thick strokes)")
         unet.fuse_lora()
         unet.unload_lora()
-        name = f"LoRA r={rank}, {args.lora_steps} steps lr {args.lora_lr}"
-        out.append({"name": name, "kind": "lora", "teacher": wrap(unet, name), "rel_size": rel_size(unet, teacher.unet, delta),
-                    "final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": time.time() - t0, "style": "thick"})
+        fused = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        base = teacher.unet.state_dict()
+        for scale in args.lora_scales:  # the LoRA at scale s: W + s B A (peft's lora_scale / set_adapters weight)
+            scaled = copy.deepcopy(unet)
+            scaled.load_state_dict({k: base[k].float() + scale * (fused[k] - base[k].float()) for k in fused})
+            name = f"LoRA r={rank}, {args.lora_steps} steps lr {args.lora_lr}" + ("" if scale == 1.0 else f", scale {scale}")
+            out.append({"name": name, "kind": "lora", "teacher": wrap(scaled, name), "rel_size": rel_size(scaled, teacher.unet, delta),
+                        "final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": time.time() - t0, "style": "thick"})
     for steps, lr in args.strengths:
         t0 = time.time()
         unet = copy.deepcopy(teacher.unet).train().float().requires_grad_(True)
@@ -151,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-ranks", type=lambda s: [int(x) for x in s.split(",") if x], default=[4, 16])
     p.add_argument("--lora-steps", type=int, default=400)
     p.add_argument("--lora-lr", type=float, default=1e-3)
-    p.add_argument("--strengths", type=lambda s: [(int(a), float(b)) for a, b in (x.split(":") for x in s.split(","))],
+    p.add_argument("--lora-scales", type=lambda s: [float(x) for x in s.split(",") if x], default=[1.0],
+                   help="each LoRA is also used at these scales (W + s B A), e.g. 0.25,0.5,1")
+    p.add_argument("--strengths", type=lambda s: [(int(a), float(b)) for a, b in (x.split(":") for x in s.split(",") if x)],
                    default=[(50, 1e-4), (200, 2e-4), (400, 2e-4), (800, 5e-4)], help="full fine-tunes, steps:lr,...")
     p.add_argument("--before-after", default="400:0.0002",
                    help="the full fine-tune (steps:lr) whose report is written before and after adaptation")
@@ -231,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{v['name']}: {rec['verdict']}", flush=True)
 
     result = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "delta": {"run": str(run), "steps": budget, "metadata": {k: meta.get(k) for k in ("num_time_windows", "prediction_type", "cfg_mode")},
                   "train_seconds": summary.get("seconds"), "recipe": recipe["training"]},
-        "num_samples": args.num_samples, "adapt_budget_steps": adapt_steps, "check_every": args.check_every,
+        "num_samples": args.num_samples, "adapt_budget_steps": None if args.no_adapt else adapt_steps,
+        "check_every": args.check_every,
         "adapt_samples": args.adapt_samples, "threads": args.threads,
         "torch": torch.__version__, "seconds": round(time.time() - t_start, 1), "variants": records,
     }
@@ -253,12 +262,16 @@ def markdown(r: dict) -> str:
     lines = [
         "# Transfer benchmark: the digits PeRFlow delta on models derived from the teacher", "",
         f"Command: `{r['command']}`", "",
-        f"Delta: `perflow train --config digits --max_steps {r['delta']['steps']}` ({r['delta']['run']}, "
+        f"Delta: `perflow train --config digits --max_steps {r['delta']['steps']} --window_weights "
+        f"{r['delta'].get('recipe', {}).get('window_weights', 'none')}` ({r['delta']['run']}, "
         f"{r['delta']['metadata']}). Each row: `perflow delta report` on the variant ({r['num_samples']} samples, "
         "labels 0-9 cycled (the ControlNet: the held-out digits' labels with their 4x4 versions as control images), "
-        "reference: the variant's own 100-step DDIM from the same noise), and `perflow delta adapt` with a budget of "
-        f"{r['adapt_budget_steps']} PeRFlow steps ({100 * r['adapt_budget_steps'] / r['delta']['steps']:.0f} % of the "
-        "original run), checked every 20 steps on 128 samples, trained on the variant's own style of digits. "
+        "reference: the variant's own 100-step DDIM from the same noise)"
+        + ("" if r["adapt_budget_steps"] is None else
+           f", and `perflow delta adapt` with a budget of {r['adapt_budget_steps']} PeRFlow steps "
+           f"({100 * r['adapt_budget_steps'] / r['delta']['steps']:.0f} % of the original run), checked every "
+           f"{r['check_every']} steps on {r['adapt_samples']} samples, trained on the variant's own style of digits")
+        + ". LoRA rows with a scale: the LoRA at that scale (W + s B A). "
         "`best own` = the variant's best of DDIM / DPM-Solver++ / UniPC at that number of evaluations, each at its best "
         "timestep spacing (chosen on the same samples, which favours them). MSE = paired MSE to the reference; "
         "FD = Fréchet distance to the reference samples in the digit classifier's features; straightness within "
@@ -271,6 +284,8 @@ def markdown(r: dict) -> str:
         a = v.get("adapt", {})
         if v["kind"] == "teacher":
             adapt = "-"
+        elif r["adapt_budget_steps"] is None:
+            adapt = "not run (--no-adapt)"
         elif "not_run" in a:
             adapt = "not run (ControlNet adaptation not supported)"
         elif v["transfers"]:
