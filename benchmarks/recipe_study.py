@@ -45,6 +45,7 @@ DEFAULTS = dict(
     seed=0,
     clip_sample="auto",  # auto: the teacher's scheduler config (clip_sample, clip_sample_range); off
     start_from_noise="false",  # true: the first window starts from pure noise (the sampler's start)
+    aligned_weight=0.0,  # ProReflow's aligned velocity loss (arXiv 2503.04824): + lambda mean_b (1 - cos(v_hat, v))
     window_weights="auto",  # auto (the teacher's error gains, the trainer's default) | none | inv_abar (1 / abar(t_e)) | comma list
 )
 SPACINGS = ("leading", "trailing", "linspace")
@@ -233,7 +234,24 @@ def run(args, s: dict) -> None:
             from perflow.windows import window_index
 
             sw = window_w[window_index(ex.t, boundaries)].float()
-        loss = batch_loss(denoiser(student, le, labels), ex, "mse", weighting=s["loss_weighting"], sample_weight=sw)
+        lam = float(s["aligned_weight"])
+        if lam:
+            from perflow.objective import reflow_loss, window_end_weight
+            from perflow.parameterization import velocity_from_output
+
+            pred = ex.student_output(denoiser(student, le, labels)(ex.z_t, ex.timestep))
+            w = window_end_weight(ex.t, ex.window) if s["loss_weighting"] == "window_end" else None
+            if sw is not None:
+                w = sw if w is None else w * sw
+            mse = reflow_loss(pred, ex.target, "mse", 0.0, w)
+            v_hat = velocity_from_output(pred.float(), ex.z_t, ex.t, ex.window).flatten(1)
+            v = velocity_from_output(ex.target.float(), ex.z_t, ex.t, ex.window).flatten(1)
+            align = (1 - torch.nn.functional.cosine_similarity(v_hat, v, dim=1, eps=1e-8)).mean()
+            if step == 1:
+                print(f"step 1: mse term {mse.item():.3g}, alignment term {align.item():.3g}", flush=True)
+            loss = mse + lam * align
+        else:
+            loss = batch_loss(denoiser(student, le, labels), ex, "mse", weighting=s["loss_weighting"], sample_weight=sw)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), float(s["max_grad_norm"]))
