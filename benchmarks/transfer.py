@@ -300,7 +300,8 @@ def markdown(r: dict) -> str:
             f"({v['best_solver@4']}) | {_f(v['delta_paired_mse@8'])} | {_f(v['best_paired_mse@8'])} | "
             f"{_f(v.get('delta_fd_ref@4'), '{:.2f}')} | {_f(v.get('best_fd_ref@4'), '{:.2f}')} | "
             f"{v['straightness_target']:.3f} / {v['straightness_delta']:.3f} | {'yes' if v['transfers'] else 'NO'} | {adapt} |")
-    lines += ["", "Adaptation checks (step: 4-step paired MSE), per variant:", ""]
+    if any(v.get("adapt", {}).get("checks") for v in r["variants"]):
+        lines += ["", "Adaptation checks (step: 4-step paired MSE), per variant:", ""]
     for v in r["variants"]:
         a = v.get("adapt", {})
         if a.get("checks"):
