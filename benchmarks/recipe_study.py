@@ -86,8 +86,10 @@ def denoiser(unet, label_encoder, labels):
 # ----------------------------------------------------------------------------- evaluation set
 
 
-def reference(name: str, unet, le, config, num: int, cache: Path) -> dict:
-    """Fixed noise/labels, the 100-step DDIM reference and the best baseline per (solver, steps)."""
+def reference(name: str, unet, le, config, num: int) -> dict:
+    """Fixed noise/labels, the 100-step DDIM reference and the best baseline per (solver, steps), cached in
+    ``/tmp/study_<name>_<num>.pt`` (shared by every study script)."""
+    cache = Path(f"/tmp/study_{name}_{num}.pt")
     if cache.is_file():
         return torch.load(cache)
     from perflow.evaluation import metrics
@@ -145,10 +147,11 @@ def run(args, s: dict) -> None:
     from perflow.schedule import DiscreteVPSchedule
     from perflow.scheduler import PeRFlowScheduler
     from perflow.time_sampling import make_time_sampler
+    from perflow.training.teachers import teacher_clip_sample
     from perflow.windows import resolve_boundaries
 
     unet, le, config, teacher_type, draw = load_suite(args.teacher)
-    data = reference(args.teacher, unet, le, config, args.num_eval, Path(f"/tmp/study_{args.teacher}_{args.num_eval}.pt"))
+    data = reference(args.teacher, unet, le, config, args.num_eval)
     schedule = DiscreteVPSchedule.from_config(config)
     K = int(s["num_time_windows"])
     if s["boundaries"] == "equal":
@@ -164,9 +167,7 @@ def run(args, s: dict) -> None:
         sched_cfg, prediction_type=s["prediction_type"], num_time_windows=boundaries.numel() - 1,
         window_boundaries=boundaries.tolist(), model_output_type=mot,
     )
-    clip = None
-    if s["clip_sample"] == "auto" and config.get("clip_sample", False):
-        clip = float(config.get("clip_sample_range", 1.0))
+    clip = teacher_clip_sample(config, args.teacher) if s["clip_sample"] == "auto" else None
     ww = str(s["window_weights"])
     if ww == "none":
         window_w = None
@@ -182,10 +183,9 @@ def run(args, s: dict) -> None:
             x_cal, l_cal = draw(cal, int(s["batch_size"]))
             per_batch.append(window_error_gains(denoiser(unet, le, l_cal), torch.randn(x_cal.shape, generator=cal),
                                                 boundaries, schedule, int(s["num_solver_steps"]), teacher_type, clip))
-        gains = torch.stack(per_batch).median(0).values
-        print("window error gains", [[round(float(v), 2) for v in g] for g in per_batch], "median",
-              [round(float(v), 3) for v in gains], f"({time.process_time() - cal_cpu:.1f} CPU s)", flush=True)
-        window_w = window_weights_from_gains(gains)
+        window_w = window_weights_from_gains(torch.stack(per_batch))
+        print("window error gains per batch", [[round(float(v), 2) for v in g] for g in per_batch],
+              f"({time.process_time() - cal_cpu:.1f} CPU s)", flush=True)
     elif ww == "inv_abar":
         a_e = schedule.alpha_sigma(boundaries[1:].double(), torch.zeros(K, dtype=torch.float64))[0].double().square()
         window_w = (1.0 / a_e) / (1.0 / a_e).mean()

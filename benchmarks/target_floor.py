@@ -12,7 +12,6 @@ spacing, the window solve's grid for equal windows) to the study's reference on 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -31,7 +30,7 @@ def main() -> None:
     from perflow.evaluation.samplers import baseline_scheduler, sample
 
     unet, le, config, _, _ = load_suite(args.teacher)
-    data = reference(args.teacher, unet, le, config, args.num_eval, Path(f"/tmp/study_{args.teacher}_{args.num_eval}.pt"))
+    data = reference(args.teacher, unet, le, config, args.num_eval)
     fn = denoiser(unet, le, data["labels"])
     for n in args.steps:
         with torch.no_grad():

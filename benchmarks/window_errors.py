@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 
 import torch
 
@@ -47,12 +46,13 @@ def main() -> None:
     from perflow.evaluation.metrics import paired_mse
     from perflow.schedule import DiscreteVPSchedule
     from perflow.solver import solve_window
+    from perflow.training.teachers import teacher_clip_sample
     from perflow.windows import equal_boundaries
 
     unet, le, config, teacher_type, draw = load_suite(args.teacher)
-    data = reference(args.teacher, unet, le, config, args.num_eval, Path(f"/tmp/study_{args.teacher}_{args.num_eval}.pt"))
+    data = reference(args.teacher, unet, le, config, args.num_eval)
     schedule = DiscreteVPSchedule.from_config(config)
-    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
+    clip = teacher_clip_sample(config, args.teacher)
     bounds = equal_boundaries(args.num_windows).tolist()
     K, n = args.num_windows, args.solver_steps
     teacher = denoiser(unet, le, data["labels"])

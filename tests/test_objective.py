@@ -149,6 +149,9 @@ def test_window_weights_from_gains_have_mean_one_and_keep_every_window():
     w = window_weights_from_gains(torch.tensor([1000.0, 1e-3, 1.0], dtype=torch.float64), max_ratio=100.0)
     torch.testing.assert_close(w * (1020.0 / 3.0), torch.tensor([1000.0, 10.0, 10.0], dtype=torch.float64))
     assert float(w.mean()) == pytest.approx(1.0)
+    # gains of several batches: their per-window median first (here [2, 3, 1] -> mean 2)
+    per_batch = torch.tensor([[2.0, 30.0, 1.0], [1.0, 3.0, 1.0], [2.0, 2.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(window_weights_from_gains(per_batch), torch.tensor([1.0, 1.5, 0.5], dtype=torch.float64))
 
 
 def test_batch_loss_sample_weight_multiplies_each_example():

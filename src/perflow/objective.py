@@ -201,8 +201,15 @@ def window_error_gains(
 
 def window_weights_from_gains(gains: torch.Tensor, max_ratio: float = 100.0) -> torch.Tensor:
     """Per-window loss weights ``w_k = g_k / mean(g)`` from :func:`window_error_gains`, each first
-    clamped to ``[max(g) / max_ratio, max(g)]`` so that no window is dropped from training."""
-    g = gains.double().clamp_min(float(gains.max()) / max_ratio)
+    clamped to ``[max(g) / max_ratio, max(g)]`` so that no window is dropped from training.
+
+    ``gains`` is ``(K,)``, or ``(M, K)`` measured on ``M`` batches, whose per-window median is used: a
+    gain is a ratio of sums with a heavy tail (a few samples whose final sample flips dominate a batch),
+    so the median of the batches' gains is stable where one batch's is not."""
+    g = gains.double()
+    if g.dim() == 2:
+        g = g.median(0).values
+    g = g.clamp_min(float(g.max()) / max_ratio)
     return g / g.mean()
 
 

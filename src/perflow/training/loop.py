@@ -486,11 +486,9 @@ def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: t
 
     ``auto``: :func:`perflow.objective.window_error_gains` of the teacher on each of the first
     :data:`CALIBRATION_BATCHES` batches of the data in seed order (their conditions; each chain starts from
-    noise drawn from ``training.seed``), the per-window median over the batches (a gain is a ratio of sums
-    with a heavy tail: a few samples whose final sample flips dominate a batch; the median of the batches'
-    ratios is stable where one batch's is not), turned into weights by
-    :func:`perflow.objective.window_weights_from_gains`. Deterministic, so a resumed run and every process
-    compute the same weights."""
+    noise drawn from ``training.seed``), turned into weights by
+    :func:`perflow.objective.window_weights_from_gains` (the per-window median over the batches).
+    Deterministic, so a resumed run and every process compute the same weights."""
     from ..objective import window_error_gains, window_weights_from_gains
     from .config import parse_window_weights
     from .data import close_loader, make_loader
@@ -514,7 +512,7 @@ def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: t
                                             cfg.perflow.num_solver_steps, teacher.prediction_type, teacher.clip_sample))
     finally:
         close_loader(loader)
-    return window_weights_from_gains(torch.stack(gains).median(0).values)
+    return window_weights_from_gains(torch.stack(gains))
 
 
 def training_loss(
