@@ -214,7 +214,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     boundaries = boundaries_of(cfg, schedule)
     time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a, p.logit_normal_mean, p.logit_normal_std,
                                      p.window_start_prob)
-    window_weights = window_weights_of(cfg, teacher_obj, ds, boundaries, device)
+    window_weights = window_weights_of(cfg, teacher_obj, ds, boundaries, device,
+                                       progress=out.progress and accelerator.is_local_main_process)
     if window_weights is not None and accelerator.is_main_process:
         print(f"window loss weights ({tr.window_weights}): {[round(float(w), 3) for w in window_weights]}")
 
@@ -481,14 +482,17 @@ CALIBRATION_BATCHES = 5
 
 
 def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: torch.Tensor,
-                      device: torch.device) -> torch.Tensor | None:
+                      device: torch.device, progress: bool = False) -> torch.Tensor | None:
     """The per-window loss weights ``(K,)`` of ``training.window_weights`` (``None`` for ``none``).
 
     ``auto``: :func:`perflow.objective.window_error_gains` of the teacher on each of the first
     :data:`CALIBRATION_BATCHES` batches of the data in seed order (their conditions; each chain starts from
     noise drawn from ``training.seed``), turned into weights by
     :func:`perflow.objective.window_weights_from_gains` (the per-window median over the batches).
-    Deterministic, so a resumed run and every process compute the same weights."""
+    Deterministic, so a resumed run and every process compute the same weights. ``progress``: a progress bar
+    over the batches."""
+    from tqdm.auto import tqdm
+
     from ..objective import window_error_gains, window_weights_from_gains
     from .config import parse_window_weights
     from .data import close_loader, make_loader
@@ -502,6 +506,7 @@ def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: t
     generator = torch.Generator().manual_seed(tr.seed * 1_000_003 + 104729)
     loader, _ = make_loader(dataset, tr.batch_size, 1, 0, tr.seed, 0, 0)
     gains = []
+    bar = tqdm(total=CALIBRATION_BATCHES, desc="window loss weights", unit="batch", disable=not progress)
     try:
         for i, batch in enumerate(loader):
             if i == CALIBRATION_BATCHES:
@@ -510,7 +515,9 @@ def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: t
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
             gains.append(window_error_gains(den, noise, boundaries, teacher.schedule_for(x0),
                                             cfg.perflow.num_solver_steps, teacher.prediction_type, teacher.clip_sample))
+            bar.update(1)
     finally:
+        bar.close()
         close_loader(loader)
     return window_weights_from_gains(torch.stack(gains))
 
