@@ -83,11 +83,15 @@ def test_training_lowers_the_objective(tmp_path, weighting):
     assert errs[1] < errs[0], errs
 
 
-def test_resume_reproduces_the_uninterrupted_run_bit_exactly(tmp_path):
+def test_resume_reproduces_the_uninterrupted_run_bit_exactly(tmp_path, monkeypatch):
+    """A run cut after a checkpoint and resumed matches the uninterrupted one bit for bit; with
+    ``window_weights: auto`` the resumed run reads the weights its checkpoint recorded (measuring them
+    again is refused here) and both runs record them in ``perflow_training.json``."""
+    import perflow.objective
     from safetensors.torch import load_file
 
     kw = dict(max_steps=6, checkpoint_every=3, lr_scheduler="cosine", lr_warmup_steps=2, time_sampling="u_shaped",
-              caption_dropout=0.3, keep_checkpoints=5)
+              caption_dropout=0.3, keep_checkpoints=5, window_weights="auto")
     data = _digits(64)
     full = train("digits", teacher=tiny_class_teacher(), dataset=data, **_fast(tmp_path / "full", **kw))
 
@@ -101,8 +105,16 @@ def test_resume_reproduces_the_uninterrupted_run_bit_exactly(tmp_path):
     with pytest.raises(Crash):
         train("digits", teacher=tiny_class_teacher(), dataset=data, callback=crash, **_fast(tmp_path / "cut", **kw))
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["checkpoint-3"]
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a resumed run measured the window weights again")
+
+    monkeypatch.setattr(perflow.objective, "window_error_gains", no_measuring)
     resumed = train("digits", teacher=tiny_class_teacher(), dataset=data, resume="latest", **_fast(tmp_path / "cut", **kw))
     assert resumed.global_step == 6
+    weights = json.loads((tmp_path / "full" / "perflow_training.json").read_text())["window_weights"]
+    assert len(weights) == 4 and weights != [1.0] * 4
+    assert json.loads((tmp_path / "cut" / "perflow_training.json").read_text())["window_weights"] == weights
     assert resumed.losses == full.losses
     raw_full = load_file(str(tmp_path / "full" / "checkpoints" / "checkpoint-6" / "model.safetensors"))
     raw_cut = load_file(str(tmp_path / "cut" / "checkpoints" / "checkpoint-6" / "model.safetensors"))

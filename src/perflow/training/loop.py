@@ -215,9 +215,11 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a, p.logit_normal_mean, p.logit_normal_std,
                                      p.window_start_prob)
     window_weights = window_weights_of(cfg, teacher_obj, ds, boundaries, device,
-                                       progress=out.progress and accelerator.is_local_main_process)
+                                       progress=out.progress and accelerator.is_local_main_process,
+                                       resume_from=start.resume_from)
     if window_weights is not None and accelerator.is_main_process:
         print(f"window loss weights ({tr.window_weights}): {[round(float(w), 3) for w in window_weights]}")
+    recorded_weights = None if window_weights is None else [float(w) for w in window_weights]
 
     opt = torch.optim.AdamW(
         student.parameters(), lr=tr.learning_rate, betas=(tr.adam_beta1, tr.adam_beta2),
@@ -273,7 +275,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         epoch, index = sampler.position(micro_step)
         state = {"global_step": global_step, "micro_step": micro_step, "epoch": epoch, "batch_index": index,
                  "losses": losses, "config": saved_config, "run_id": start.run_id,
-                 "num_processes": accelerator.num_processes, **notes.state()}
+                 "num_processes": accelerator.num_processes, "window_weights": recorded_weights, **notes.state()}
         return save_checkpoint(accelerator, output_dir, global_step, state, ema, param_names, generator,
                                out.keep_checkpoints, start.run_ids)
 
@@ -350,7 +352,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         if accelerator.is_main_process:
             summary = {"global_step": global_step, "final_loss": losses[-1] if losses else None, "seconds": seconds,
                        "samples_per_second": samples_per_second, "teacher_evals_per_sample": evals_per_sample,
-                       "run_id": start.run_id, **notes.state(), "config": saved_config}
+                       "run_id": start.run_id, "window_weights": recorded_weights, **notes.state(),
+                       "config": saved_config}
             files = _export(output_dir, final, teacher_obj, scheduler, cfg, reference, summary)
             for line in notes.report():
                 log(line)
@@ -482,15 +485,17 @@ CALIBRATION_BATCHES = 5
 
 
 def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: torch.Tensor,
-                      device: torch.device, progress: bool = False) -> torch.Tensor | None:
+                      device: torch.device, progress: bool = False,
+                      resume_from: Path | None = None) -> torch.Tensor | None:
     """The per-window loss weights ``(K,)`` of ``training.window_weights`` (``None`` for ``none``).
 
     ``auto``: :func:`perflow.objective.window_error_gains` of the teacher on each of the first
     :data:`CALIBRATION_BATCHES` batches of the data in seed order (their conditions; each chain starts from
     noise drawn from ``training.seed``), turned into weights by
     :func:`perflow.objective.window_weights_from_gains` (the per-window median over the batches).
-    Deterministic, so a resumed run and every process compute the same weights. ``progress``: a progress bar
-    over the batches."""
+    Deterministic, so every process computes the same weights; a run resumed from a checkpoint
+    (``resume_from``) reads the weights it recorded (``window_weights`` in its ``perflow_state.json``)
+    instead of measuring them again. ``progress``: a progress bar over the batches."""
     from tqdm.auto import tqdm
 
     from ..objective import window_error_gains, window_weights_from_gains
@@ -503,6 +508,12 @@ def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: t
         return None
     if spec != "auto":
         return torch.tensor(spec, dtype=torch.float64)
+    if resume_from is not None:
+        from .checkpoint import read_state
+
+        saved = (read_state(resume_from) or {}).get("window_weights")
+        if isinstance(saved, list) and len(saved) == boundaries.numel() - 1:
+            return torch.tensor(saved, dtype=torch.float64)
     generator = torch.Generator().manual_seed(tr.seed * 1_000_003 + 104729)
     loader, _ = make_loader(dataset, tr.batch_size, 1, 0, tr.seed, 0, 0)
     gains = []
