@@ -21,30 +21,11 @@ from perflow.delta import base_model_info, extract_delta, load_delta, merge_delt
 from perflow.scheduler import PeRFlowScheduler
 from perflow.tiny import tiny_sd15_pipeline, tiny_sd15_unet
 
+from cli_helpers import cli, error_line
 from delta_helpers import perturbed
 
 SRC = Path(__file__).resolve().parents[1] / "src"  # the checkout's package root (src layout)
 HINT = "re-download or re-export it"
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``perflow ARGV`` in this process: (exit code, stdout, stderr)."""
-    from perflow.cli import main
-
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own usage errors
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def error_line(err: str) -> str:
-    """The one ``perflow CMD: error: ...`` line of stderr (and no traceback)."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
