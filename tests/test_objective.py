@@ -141,6 +141,32 @@ def test_window_error_gains_of_a_linear_teacher_are_the_later_windows_squared_ga
     torch.testing.assert_close(gains, expected, rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_window_error_gains_of_a_gaussian_flow_matching_teacher(shift):
+    """The same identity on a flow-matching teacher (``flow_prediction``, Euler steps on its shifted grid):
+    for Gaussian data ``N(mu, s^2)`` each Euler step is affine, ``z_b = z_a + (b - a) v(z_a, a)`` with linear
+    part ``A = 1 + (b - a) (a - (1 - a) s^2) / v(a)``, ``v(a) = (1 - a)^2 s^2 + a^2`` (tests/flow_helpers.py),
+    so an error carries through the later windows multiplied by their factors: ``gain_k = prod_{j>k} A_j^2``."""
+    from flow_helpers import S, gaussian_velocity, variance, window_solve_sigmas
+
+    from perflow.objective import window_error_gains
+    from perflow.schedule import FlowMatchSchedule
+
+    n = 4
+    b = [1.0, 0.8, 0.45, 0.2, 0.0]
+    noise = torch.randn(16, 2, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gains = window_error_gains(gaussian_velocity, noise, torch.tensor(b, dtype=torch.float64),
+                               FlowMatchSchedule(shift=shift), n, "flow_prediction")
+    A = []
+    for k in range(4):
+        sig = window_solve_sigmas(b[k], b[k + 1], n, shift)
+        A.append(torch.tensor([1 + (q - p) * (p - (1 - p) * S**2) / variance(p) for p, q in zip(sig[:-1], sig[1:])],
+                              dtype=torch.float64).prod())
+    expected = torch.stack([torch.stack(A[k + 1:]).prod().square() for k in range(3)] + [torch.tensor(1.0, dtype=torch.float64)])
+    torch.testing.assert_close(gains, expected, rtol=1e-9, atol=0)
+    assert not torch.allclose(gains, torch.ones(4, dtype=torch.float64))  # the windows do differ
+
+
 def test_window_weights_from_gains_have_mean_one_and_keep_every_window():
     from perflow.objective import window_weights_from_gains
 
