@@ -103,16 +103,18 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     teachers = sorted({t for t, _ in groups})
-    fig, axes = plt.subplots(len(teachers), 4, figsize=(18, 3.6 * len(teachers)), squeeze=False)
+    fig, axes = plt.subplots(len(teachers), 4, figsize=(24, 3.8 * len(teachers)), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
     for i, teacher in enumerate(teachers):
-        for (t, tag), c in sorted(groups.items()):
-            if t != teacher:
-                continue
+        tags = sorted(tag for t, tag in groups if t == teacher)
+        for n, tag in enumerate(tags):  # one colour and line style per row of this teacher, the same in all 4 panels
+            c = groups[(teacher, tag)]
+            style = dict(color=colours[n % len(colours)], ls=("-", "--", ":")[n // len(colours) % 3], marker=".", label=tag)
             for j, (steps, xkey) in enumerate([(4, "step"), (8, "step"), (4, "cpu_s"), (8, "cpu_s")]):
                 ax = axes[i][j]
                 if xkey == "cpu_s" and not all(r["cpu_measured"] for r in c):
                     continue  # wall-clock on a shared machine is not comparable with CPU time
-                ax.plot([r[xkey] for r in c], [r[f"mse@{steps}"] for r in c], marker=".", label=tag)
+                ax.plot([r[xkey] for r in c], [r[f"mse@{steps}"] for r in c], **style)
         last = next(c for (t, _), c in groups.items() if t == teacher)[-1]
         for j, (steps, xkey) in enumerate([(4, "step"), (8, "step"), (4, "cpu_s"), (8, "cpu_s")]):
             ax = axes[i][j]
@@ -122,7 +124,8 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: Path) -> None:
             ax.set_title(f"{teacher}: paired MSE at {steps} steps")
             ax.set_xlabel("training steps" if xkey == "step" else "training CPU seconds (1 thread)")
             ax.grid(alpha=0.3)
-        axes[i][0].legend(fontsize=7)
+        handles, labels = axes[i][0].get_legend_handles_labels()  # the step panels show every row
+        axes[i][3].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -1,0 +1,67 @@
+"""Where should the window boundaries sit? The teacher's own view of each placement, before any training.
+
+For each placement of K windows (power warps ``t_i = (1 - i / K)^p`` of the equal windows, ``p = 1``, and
+windows equal in log-SNR, ``recipe_study.logsnr_boundaries``) this prints, on the study's evaluation set
+(256 fixed noises; ``recipe_study.reference``), the paired MSE to the teacher's 100-step DDIM output of
+
+- ``ddim``: one teacher DDIM step per window, which is where the ``ddim_eps`` student starts;
+- ``chain``: n DDIM steps per window, the chain the student is trained to follow (its floor).
+
+A placement is only as good as what the student then learns in it; the trained rows are
+``recipe_study.py --set boundaries=...`` (docs/study.md). Example::
+
+    python benchmarks/boundary_scan.py --teacher faces
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from recipe_study import denoiser, load_suite, logsnr_boundaries, reference
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", choices=("digits", "faces", "photos"), required=True)
+    ap.add_argument("--powers", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.6, 0.8, 1.0, 1.25, 1.5, 2.0])
+    ap.add_argument("--num-windows", type=int, default=4)
+    ap.add_argument("--solver-steps", type=int, default=8, help="n teacher DDIM steps per window")
+    ap.add_argument("--num-eval", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from perflow.evaluation.metrics import paired_mse
+    from perflow.schedule import DiscreteVPSchedule
+    from perflow.solver import solve_window
+    from perflow.training.teachers import teacher_clip_sample
+    from perflow.windows import resolve_boundaries
+
+    unet, le, config, teacher_type, _ = load_suite(args.teacher)
+    data = reference(args.teacher, unet, le, config, args.num_eval)
+    schedule = DiscreteVPSchedule.from_config(config)
+    clip = teacher_clip_sample(config, args.teacher)
+    teacher = denoiser(unet, le, data["labels"])
+    K = args.num_windows
+
+    def chain(bounds: list[float], n: int) -> torch.Tensor:
+        z = data["noise"].clone()
+        for k in range(K):
+            z = solve_window(teacher, z, torch.tensor(bounds[k]), torch.tensor(bounds[k + 1]), n, schedule, teacher_type, clip)
+        return z
+
+    placements = {f"power {p:g}": [(1 - i / K) ** p for i in range(K + 1)] for p in args.powers}
+    placements["log-SNR"] = logsnr_boundaries(schedule.alphas_cumprod, K)
+    best4 = min(v["mse"] for k, v in data["baselines"].items() if k.endswith("@4"))
+    print(f"{args.teacher}: best 4-step training-free solver MSE {best4:.5f}")
+    for name, bounds in placements.items():
+        b = resolve_boundaries(K, bounds, schedule, args.solver_steps, "ddim_eps").tolist()
+        with torch.no_grad():
+            one, floor = paired_mse(chain(b, 1), data["ref"]), paired_mse(chain(b, args.solver_steps), data["ref"])
+        print(f"{name:10s} boundaries {[round(x, 3) for x in b]}: ddim {one:.5f}, chain (n={args.solver_steps}) {floor:.5f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
