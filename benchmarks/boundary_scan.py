@@ -15,31 +15,25 @@ A placement is only as good as what the student then learns in it; the trained r
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from recipe_study import denoiser, load_suite, logsnr_boundaries, reference
+from recipe_study import denoiser, logsnr_boundaries, open_study, study_parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher", choices=("digits", "faces", "photos"), required=True)
+    ap = study_parser(__doc__)
     ap.add_argument("--powers", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.6, 0.8, 1.0, 1.25, 1.5, 2.0])
     ap.add_argument("--num-windows", type=int, default=4)
     ap.add_argument("--solver-steps", type=int, default=8, help="n teacher DDIM steps per window")
-    ap.add_argument("--num-eval", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     from perflow.evaluation.metrics import paired_mse
     from perflow.schedule import DiscreteVPSchedule
     from perflow.solver import solve_window
     from perflow.training.teachers import teacher_clip_sample
     from perflow.windows import resolve_boundaries
 
-    unet, le, config, teacher_type, _ = load_suite(args.teacher)
-    data = reference(args.teacher, unet, le, config, args.num_eval)
+    unet, le, config, teacher_type, _, data = open_study(args)
     schedule = DiscreteVPSchedule.from_config(config)
     clip = teacher_clip_sample(config, args.teacher)
     teacher = denoiser(unet, le, data["labels"])

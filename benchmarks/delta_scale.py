@@ -15,32 +15,26 @@ The students are written by ``benchmarks/recipe_study.py --save``. Example (docs
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 
-from recipe_study import denoiser, load_suite, reference
+from recipe_study import denoiser, open_study, study_parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher", choices=("digits", "faces", "photos"), required=True)
+    ap = study_parser(__doc__)
     ap.add_argument("--student", required=True, help="a student state dict written by recipe_study.py --save")
     ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.5, 0.75, 1.0])
     ap.add_argument("--num-windows", type=int, default=4, help="K equal windows (as the student was trained)")
-    ap.add_argument("--num-eval", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     from perflow.delta import extract_delta, merge_delta
     from perflow.evaluation.metrics import paired_mse, sliced_wasserstein
     from perflow.evaluation.samplers import sample
     from perflow.parameterization import resolve_model_output_type
     from perflow.scheduler import PeRFlowScheduler
 
-    unet, le, config, teacher_type, _ = load_suite(args.teacher)
-    data = reference(args.teacher, unet, le, config, args.num_eval)
+    unet, le, config, teacher_type, _, data = open_study(args)
     student = copy.deepcopy(unet)
     student.load_state_dict(torch.load(args.student, weights_only=True))
     delta = extract_delta(student, unet)

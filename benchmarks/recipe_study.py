@@ -119,6 +119,28 @@ def reference(name: str, unet, le, config, num: int) -> dict:
     return data
 
 
+# ----------------------------------------------------------------------------- the study scripts' shared start
+
+TEACHERS = ("digits", "faces", "photos")
+
+
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the arguments every study script takes: ``--teacher``, ``--num-eval``, ``--threads``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--teacher", choices=TEACHERS, required=True)
+    ap.add_argument("--num-eval", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    return ap
+
+
+def open_study(args: argparse.Namespace):
+    """Set the thread count and load the suite teacher and the evaluation set:
+    ``(unet, label_encoder, scheduler config, teacher prediction type, batches, reference data)``."""
+    torch.set_num_threads(args.threads)
+    unet, le, config, teacher_type, draw = load_suite(args.teacher)
+    return unet, le, config, teacher_type, draw, reference(args.teacher, unet, le, config, args.num_eval)
+
+
 # ----------------------------------------------------------------------------- windows
 
 
@@ -271,13 +293,10 @@ def run(args, s: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher", choices=("digits", "faces", "photos"), required=True)
+    ap = study_parser(__doc__)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-init", action="store_true", help="also evaluate the untrained student")
-    ap.add_argument("--num-eval", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], help="settings KEY=VALUE over " + ", ".join(DEFAULTS))
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=None)

@@ -11,26 +11,20 @@ spacing, the window solve's grid for equal windows) to the study's reference on 
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from recipe_study import denoiser, load_suite, reference
+from recipe_study import denoiser, open_study, study_parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher", choices=("digits", "faces", "photos"), required=True)
+    ap = study_parser(__doc__)
     ap.add_argument("--steps", type=int, nargs="+", default=[32], help="DDIM steps (n x K)")
-    ap.add_argument("--num-eval", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     from perflow.evaluation import metrics
     from perflow.evaluation.samplers import baseline_scheduler, sample
 
-    unet, le, config, _, _ = load_suite(args.teacher)
-    data = reference(args.teacher, unet, le, config, args.num_eval)
+    unet, le, config, _, _, data = open_study(args)
     fn = denoiser(unet, le, data["labels"])
     for n in args.steps:
         with torch.no_grad():

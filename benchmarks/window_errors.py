@@ -25,32 +25,26 @@ The study's students are written by ``benchmarks/recipe_study.py --save``. Examp
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 
-from recipe_study import denoiser, load_suite, reference
+from recipe_study import denoiser, open_study, study_parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher", choices=("digits", "faces", "photos"), required=True)
+    ap = study_parser(__doc__)
     ap.add_argument("--student", default=None, help="a student state dict written by recipe_study.py --save")
     ap.add_argument("--num-windows", type=int, default=4, help="K equal windows")
     ap.add_argument("--solver-steps", type=int, default=8, help="n teacher DDIM steps per window")
-    ap.add_argument("--num-eval", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     from perflow.evaluation.metrics import paired_mse
     from perflow.schedule import DiscreteVPSchedule
     from perflow.solver import solve_window
     from perflow.training.teachers import teacher_clip_sample
     from perflow.windows import equal_boundaries
 
-    unet, le, config, teacher_type, draw = load_suite(args.teacher)
-    data = reference(args.teacher, unet, le, config, args.num_eval)
+    unet, le, config, teacher_type, draw, data = open_study(args)
     schedule = DiscreteVPSchedule.from_config(config)
     clip = teacher_clip_sample(config, args.teacher)
     bounds = equal_boundaries(args.num_windows).tolist()
