@@ -33,6 +33,8 @@ DEFAULTS = dict(
     num_solver_steps=8,
     prediction_type="ddim_eps",
     model_output_type="auto",
+    loss="mse",  # mse | huber (pseudo-Huber sqrt(d^2 + c^2) - c on the raw output, as the trainer's training.loss)
+    huber_c=0.001,
     loss_weighting="window_end",
     time_sampling="uniform",
     window_start_prob=0.5,
@@ -265,7 +267,7 @@ def run(args, s: dict) -> None:
             w = window_end_weight(ex.t, ex.window) if s["loss_weighting"] == "window_end" else None
             if sw is not None:
                 w = sw if w is None else w * sw
-            mse = reflow_loss(pred, ex.target, "mse", 0.0, w)
+            mse = reflow_loss(pred, ex.target, s["loss"], float(s["huber_c"]), w)
             v_hat = velocity_from_output(pred.float(), ex.z_t, ex.t, ex.window).flatten(1)
             v = velocity_from_output(ex.target.float(), ex.z_t, ex.t, ex.window).flatten(1)
             align = (1 - torch.nn.functional.cosine_similarity(v_hat, v, dim=1, eps=1e-8)).mean()
@@ -273,7 +275,8 @@ def run(args, s: dict) -> None:
                 print(f"step 1: mse term {mse.item():.3g}, alignment term {align.item():.3g}", flush=True)
             loss = mse + lam * align
         else:
-            loss = batch_loss(denoiser(student, le, labels), ex, "mse", weighting=s["loss_weighting"], sample_weight=sw)
+            loss = batch_loss(denoiser(student, le, labels), ex, s["loss"], float(s["huber_c"]), weighting=s["loss_weighting"],
+                              sample_weight=sw)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), float(s["max_grad_norm"]))
