@@ -83,6 +83,27 @@ def test_training_lowers_the_objective(tmp_path, weighting):
     assert errs[1] < errs[0], errs
 
 
+def test_data_source_auto_follows_the_path(tmp_path):
+    """``data.source: auto``: tar shards (a .tar, a brace list, a glob, a folder of only .tar files) ->
+    webdataset; any other path (a folder of images) -> imagefolder; no path -> the built-in digits;
+    an explicit source is kept."""
+    from perflow.training.data import resolve_source
+
+    images, shards = tmp_path / "images", tmp_path / "shards"
+    images.mkdir()
+    shards.mkdir()
+    (images / "a.png").write_bytes(b"")
+    (shards / "s-000.tar").write_bytes(b"")
+    assert resolve_source("auto", None) == "digits"
+    assert resolve_source("auto", str(images)) == "imagefolder"
+    assert resolve_source("auto", str(shards)) == "webdataset"
+    for spec in ("data/s-{000..009}.tar", "data/*.tar", "one.tar"):
+        assert resolve_source("auto", spec) == "webdataset"
+    assert resolve_source("imagefolder", str(shards)) == "imagefolder"
+    (shards / "b.png").write_bytes(b"")  # images beside the shards: an image folder
+    assert resolve_source("auto", str(shards)) == "imagefolder"
+
+
 def test_resume_reproduces_the_uninterrupted_run_bit_exactly(tmp_path, monkeypatch):
     """A run cut after a checkpoint and resumed matches the uninterrupted one bit for bit; with
     ``window_weights: auto`` the resumed run reads the weights its checkpoint recorded (measuring them

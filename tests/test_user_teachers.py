@@ -15,23 +15,23 @@ from perflow.training.teachers import UNet2DTeacher, load_teacher
 DDPM = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=True)
 
 
-def tiny_unet2d(channels: int = 1, num_class_embeds: int | None = None, seed: int = 0):
+def tiny_unet2d(channels: int = 1, num_class_embeds: int | None = None, seed: int = 0, sample_size: int = 8):
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
     return UNet2DModel(
-        sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16), layers_per_block=1,
+        sample_size=sample_size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=4, num_class_embeds=num_class_embeds,
     )
 
 
-def write_images(root, n: int = 4, mode: str = "L", labels: list | None = None):
+def write_images(root, n: int = 4, mode: str = "L", labels: list | None = None, size: int = 8):
     from PIL import Image
 
     rng = np.random.default_rng(0)
     root.mkdir()
-    shape = (8, 8) if mode == "L" else (8, 8, 3)
+    shape = (size, size) if mode == "L" else (size, size, 3)
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / f"{i:02d}.png")
     if labels is not None:  # what perflow.builtin's photos export writes: file_name / label / text
@@ -96,6 +96,25 @@ def test_ddpm_pipeline_teacher_trains_through_the_cli_and_exports_a_ddpm_pipelin
     merged = merge_delta(base, delta, set_scheduler=False).state_dict()
     student = pipe.unet.state_dict()
     assert all(torch.allclose(merged[k], student[k], rtol=0, atol=1e-6) for k in student)
+
+
+def test_the_teacher_and_an_image_folder_are_all_the_data_settings_needed(tmp_path, one_thread, capsys):
+    """``perflow train --model.teacher DDPM_FOLDER --data.path IMAGES`` and nothing else about the data:
+    the images (data.source auto -> imagefolder, not the built-in digits) at the teacher's own resolution
+    (16 px here, from its sample_size; not a fixed default); the recorded config keeps ``auto``/unset so a
+    resume matches. ``data.source digits`` beside a data.path is a one-line error, not a silent switch."""
+    teacher = ddpm_folder(tmp_path / "teacher", unet=tiny_unet2d(sample_size=16))
+    images = write_images(tmp_path / "images", size=20)
+    out = tmp_path / "out"
+    argv = ["train", "--model.teacher", str(teacher), "--data.path", str(images), "--max_steps", "1", "--batch_size", "2",
+            "--num_solver_steps", "1", "--window_weights", "none", "--output_dir", str(out), "--tracker", "none",
+            "--progress", "false", "--checkpoint_every", "0"]
+    assert main(argv) == 0
+    assert f"data: imagefolder {images} at 16 px (the teacher's own resolution)" in capsys.readouterr().out
+    recorded = json.loads((out / "perflow_training.json").read_text())["config"]["data"]
+    assert recorded["source"] == "auto" and recorded["resolution"] is None
+    line = one_line_error(capsys, argv[:5] + ["--data.source", "digits"] + argv[5:-6] + ["--output_dir", str(tmp_path / "o2")])
+    assert "data.source 'digits' is the built-in digits and reads no data.path" in line
 
 
 def test_builtin_faces_teacher_loads_by_name_and_trains(tmp_path, one_thread):

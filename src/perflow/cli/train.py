@@ -24,7 +24,7 @@ A folder holding another run is refused unless --resume latest or --overwrite tr
 Ctrl-C or SIGTERM saves a checkpoint at the end of the step and exits with 130 / 143 (a second
 Ctrl-C exits at once); a NaN/inf loss stops the run (exit 2) before it reaches the weights.
 
-Your own model: perflow train --config default --teacher MODEL_DIR --source imagefolder --path IMAGES
+Your own model: perflow train --teacher MODEL_DIR --path IMAGES   (images or tar shards, at the teacher's resolution)
 One GPU:   perflow train --config sd15 --teacher /models/sd15 --path /data/images
 Many GPUs: accelerate launch --multi_gpu --num_processes 8 -m perflow train --config sd15 ...
 """

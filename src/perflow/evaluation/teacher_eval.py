@@ -243,8 +243,7 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     if w != 1.0 and not getattr(teacher, "has_null", True):
         raise ValueError(f"{name!r} has no null class, so no unconditional output to guide against; use --guidance-scale 1")
     inputs = sample_conditions(teacher, config)
-    size = teacher.unet.config.sample_size
-    res = config.resolution or (size if isinstance(size, int) else size[0]) * teacher.vae_scale
+    res = config.resolution or teacher.native_resolution
     side = res // teacher.vae_scale
     cond = teacher.validation_condition(inputs, res)
     uncond = teacher.uncond(cond) if w != 1.0 else None

@@ -44,16 +44,23 @@ class ModelConfig:
     component has no safetensors; off by default: such a teacher is refused, naming the file."""
 
 
+DATA_SOURCES = ("auto", "imagefolder", "webdataset", "digits")
+"""The values of ``data.source``."""
+
+
 @dataclass
 class DataConfig:
     """Training images."""
 
-    source: str = "digits"
-    """``digits`` (built-in), ``imagefolder`` (images + metadata.jsonl) or ``webdataset`` (tar shards)."""
+    source: str = "auto"
+    """``imagefolder`` (images + metadata.jsonl), ``webdataset`` (tar shards) or ``digits`` (the built-in
+    digits); ``auto``: ``webdataset`` when ``data.path`` names tar shards, ``imagefolder`` for any other
+    ``data.path``, the built-in digits when there is none (:func:`perflow.training.data.resolve_source`)."""
     path: str | None = None
     """Image folder, or tar shards: a folder of ``*.tar``, a glob, or a brace list ``shard-{000..009}.tar``."""
-    resolution: int = 8
-    """Training resolution (images are resized on the short side, then cropped to a square)."""
+    resolution: int | None = None
+    """Training resolution (images are resized on the short side, then cropped to a square); unset: the
+    teacher's own (its denoiser's ``sample_size`` times its VAE's scale factor)."""
     center_crop: bool = True
     """Centre crop (``true``) or a seeded random crop (``false``)."""
     random_flip: bool = False
@@ -230,7 +237,7 @@ class TrainConfig:
         _choice("training.loss_weighting", t.loss_weighting, LOSS_WEIGHTINGS)
         _choice("training.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
         _choice("model.teacher_dtype", self.model.teacher_dtype, ("auto", "float32", "float16", "bfloat16"))
-        _choice("data.source", d.source, ("digits", "imagefolder", "webdataset"))
+        _choice("data.source", d.source, DATA_SOURCES)
         _choice("data.on_bad_image", d.on_bad_image, ("skip", "error"))
         for name, value, low in (
             ("perflow.num_time_windows", p.num_time_windows, 1),
@@ -244,7 +251,6 @@ class TrainConfig:
             ("training.max_grad_norm", t.max_grad_norm, 0),
             ("training.huber_c", t.huber_c, 0),
             ("training.max_nonfinite_skips", t.max_nonfinite_skips, 0),
-            ("data.resolution", d.resolution, 4),
             ("data.num_workers", d.num_workers, 0),
             ("output.checkpoint_every", o.checkpoint_every, 0),
             ("output.validation_every", o.validation_every, 0),
@@ -265,8 +271,13 @@ class TrainConfig:
             raise ValueError(f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ValueError(f"training.ema_decay must be in [0, 1) (0 disables EMA), got {t.ema_decay}")
-        if d.source != "digits" and not d.path:
+        if d.resolution is not None and not d.resolution >= 4:
+            raise ValueError(f"data.resolution must be >= 4 (or unset: the teacher's own), got {d.resolution}")
+        if d.source in ("imagefolder", "webdataset") and not d.path:
             raise ValueError(f"data.source {d.source!r} needs data.path (an image folder or tar shards)")
+        if d.source == "digits" and d.path:
+            raise ValueError(f"data.source 'digits' is the built-in digits and reads no data.path ({d.path!r}); "
+                             "set data.source auto, imagefolder or webdataset to train on it")
         if p.cfg_mode == "fixed" and p.guidance_scale < 1.0:
             raise ValueError(f"perflow.guidance_scale must be >= 1 in cfg_mode fixed, got {p.guidance_scale}")
         return self

@@ -348,11 +348,33 @@ class _DropEpoch(Dataset):
         return self.base[key[0]]
 
 
+def resolve_source(source: str, path: str | None) -> str:
+    """``data.source`` with ``auto`` resolved: ``webdataset`` when ``path`` names tar shards (a ``.tar``
+    file, a brace list or glob of them, or a folder holding ``*.tar`` files), ``imagefolder`` for any
+    other path, ``digits`` (the built-in) without one."""
+    if source != "auto":
+        return source
+    if not path:
+        return "digits"
+    spec = str(path)
+    if os.path.isdir(spec):
+        return "webdataset" if glob.glob(os.path.join(spec, "*.tar")) and not _has_images(spec) else "imagefolder"
+    return "webdataset" if spec.endswith(".tar") or re.search(r"\{\d+\.\.\d+\}", spec) or glob.has_magic(spec) else "imagefolder"
+
+
+def _has_images(folder: str) -> bool:
+    return any(os.path.splitext(f)[1].lower() in IMAGE_EXTS for f in os.listdir(folder))
+
+
 def build_dataset(data_cfg, seed: int = 0, channels: int = 3, labels: LabelRange | None = None) -> Dataset:
-    """The dataset named by a :class:`~perflow.training.config.DataConfig`; images are read with
+    """The dataset named by a :class:`~perflow.training.config.DataConfig` (whose ``source`` and
+    ``resolution`` are resolved: :func:`perflow.training.loop.with_data`); images are read with
     ``channels`` channels (the teacher's), and class labels instead of captions when ``labels`` is
     given (:func:`teacher_labels`)."""
-    if data_cfg.source == "digits":
+    if data_cfg.resolution is None:
+        raise ValueError("data.resolution is unset: resolve it with the teacher first (perflow.training.loop.with_data)")
+    source = resolve_source(data_cfg.source, data_cfg.path)
+    if source == "digits":
         from perflow.builtin.digits import load_digits_dataset
 
         return load_digits_dataset("train", image_size=data_cfg.resolution)
@@ -361,11 +383,11 @@ def build_dataset(data_cfg, seed: int = 0, channels: int = 3, labels: LabelRange
         caption_column=data_cfg.caption_column, seed=seed, channels=channels,
         on_bad_image=getattr(data_cfg, "on_bad_image", "skip"), labels=labels,
     )
-    if data_cfg.source == "imagefolder":
+    if source == "imagefolder":
         return ImageFolderDataset(data_cfg.path, **kw)
-    if data_cfg.source == "webdataset":
+    if source == "webdataset":
         return TarShardDataset(data_cfg.path, **kw)
-    raise ValueError(f"unknown data.source {data_cfg.source!r}; expected digits, imagefolder or webdataset")
+    raise ValueError(f"unknown data.source {data_cfg.source!r}; expected auto, imagefolder, webdataset or digits")
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

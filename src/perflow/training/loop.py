@@ -99,6 +99,21 @@ def with_parameterization(cfg: TrainConfig, teacher: Teacher) -> TrainConfig:
     return resolved.validate()
 
 
+def with_data(cfg: TrainConfig, teacher: Teacher) -> TrainConfig:
+    """``cfg`` with ``data.source: auto`` resolved from ``data.path``
+    (:func:`perflow.training.data.resolve_source`) and an unset ``data.resolution`` set to the teacher's
+    own (:attr:`~perflow.training.teachers.Teacher.native_resolution`); other values are kept."""
+    from .data import resolve_source
+
+    d = cfg.data
+    resolution = d.resolution if d.resolution is not None else teacher.native_resolution
+    if resolution is None:
+        raise ValueError(f"the teacher's denoiser ({type(teacher.unet).__name__}) records no sample_size; "
+                         "set data.resolution (e.g. --data.resolution 1024)")
+    data = dataclasses.replace(d, source=resolve_source(d.source, d.path), resolution=int(resolution))
+    return dataclasses.replace(cfg, data=data).validate()
+
+
 def boundaries_of(cfg: TrainConfig, schedule: NoiseSchedule | torch.Tensor | None = None) -> torch.Tensor:
     """Window boundaries ``[1, ..., 0]`` (float64) from the config (:func:`perflow.windows.resolve_boundaries`),
     checked against the teacher's schedule (or its ``alphas_cumprod``) if given."""
@@ -186,8 +201,12 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     # ---- teacher (frozen, its own dtype) and student (fp32 master copy) ----------------------
     teacher_obj = as_teacher(teacher if teacher is not None else cfg.model.teacher, cfg.model.allow_pickle, cfg.model.null_label)
     saved_config = cfg.to_dict()  # what checkpoints record: the settings as given (``auto`` kept, so a resume matches)
-    cfg = with_parameterization(cfg, teacher_obj)
-    p = cfg.perflow
+    given = cfg.data
+    cfg = with_data(with_parameterization(cfg, teacher_obj), teacher_obj)
+    p, dc = cfg.perflow, cfg.data
+    if dataset is None and accelerator.is_main_process and (given.source == "auto" or given.resolution is None):
+        print(f"data: {dc.source}" + (f" {dc.path}" if dc.path else " (built-in; give data.path for your images)")
+              + f" at {dc.resolution} px" + (" (the teacher's own resolution)" if given.resolution is None else ""))
     teacher_obj.check_training(cfg)
     teacher_obj.configure(cfg)
     tdtype = MP_DTYPES[tr.mixed_precision] if cfg.model.teacher_dtype == "auto" else DTYPES[cfg.model.teacher_dtype]
@@ -612,4 +631,4 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-__all__ = ["TrainResult", "boundaries_of", "train", "training_loss", "window_weights_of"]
+__all__ = ["TrainResult", "boundaries_of", "train", "training_loss", "window_weights_of", "with_data"]

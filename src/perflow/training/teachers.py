@@ -180,6 +180,15 @@ class Teacher:
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
+    @property
+    def native_resolution(self) -> int | None:
+        """The image size the teacher was built for: its denoiser's ``sample_size`` (the first side of a
+        pair) times :attr:`vae_scale`; None when the denoiser's config has no ``sample_size`` (Flux)."""
+        size = getattr(self.unet.config, "sample_size", None)
+        if size is None:
+            return None
+        return int(size if isinstance(size, int) else size[0]) * self.vae_scale
+
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``x0`` for the reflow objective: ``(vae.encode(x).sample() - shift) * scaling`` or the pixels."""
