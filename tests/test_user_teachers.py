@@ -113,6 +113,14 @@ def test_the_teacher_and_an_image_folder_are_all_the_data_settings_needed(tmp_pa
     assert f"data: imagefolder {images} at 16 px (the teacher's own resolution)" in capsys.readouterr().out
     recorded = json.loads((out / "perflow_training.json").read_text())["config"]["data"]
     assert recorded["source"] == "auto" and recorded["resolution"] is None
+    from diffusers import DDPMPipeline
+
+    from perflow.scheduler import PeRFlowScheduler
+
+    pipe = DDPMPipeline.from_pretrained(out)  # what the issue asks of this command's output
+    assert isinstance(pipe.scheduler, PeRFlowScheduler)
+    sample = pipe(num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert sample.shape == (1, 16, 16, 1) and np.isfinite(sample).all()
     line = one_line_error(capsys, argv[:5] + ["--data.source", "digits"] + argv[5:-6] + ["--output_dir", str(tmp_path / "o2")])
     assert "data.source 'digits' is the built-in digits and reads no data.path" in line
 
