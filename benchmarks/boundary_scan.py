@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from recipe_study import denoiser, logsnr_boundaries, open_study, study_parser
+from recipe_study import best_baseline, denoiser, logsnr_boundaries, open_study, study_parser
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
 
     placements = {f"power {p:g}": [(1 - i / K) ** p for i in range(K + 1)] for p in args.powers}
     placements["log-SNR"] = logsnr_boundaries(schedule.alphas_cumprod, K)
-    best4 = min(v["mse"] for k, v in data["baselines"].items() if k.endswith("@4"))
+    best4 = best_baseline(data["baselines"], 4, "mse")[1]["mse"]
     print(f"{args.teacher}: best 4-step training-free solver MSE {best4:.5f}")
     for name, bounds in placements.items():
         b = resolve_boundaries(K, bounds, schedule, args.solver_steps, "ddim_eps").tolist()

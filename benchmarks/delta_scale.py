@@ -19,7 +19,7 @@ import copy
 
 import torch
 
-from recipe_study import denoiser, open_study, study_parser
+from recipe_study import best_baseline, denoiser, open_study, study_parser
 
 
 def main() -> None:
@@ -41,11 +41,10 @@ def main() -> None:
     scheduler = PeRFlowScheduler.from_config(
         {k: v for k, v in config.items() if not k.startswith("_")}, prediction_type="ddim_eps",
         num_time_windows=args.num_windows, model_output_type=resolve_model_output_type("auto", "ddim_eps", teacher_type))
-    solvers = {steps: min(((k.split("@")[0], v) for k, v in data["baselines"].items() if k.endswith(f"@{steps}")),
-                          key=lambda kv: kv[1]["mse"]) for steps in (4, 8)}
-    for steps, (name, v) in solvers.items():
+    for steps in (4, 8):
+        name, v = best_baseline(data["baselines"], steps, "mse")
         print(f"best {steps}-step solver: {name} [{v['spacing']}] MSE {v['mse']:.5f}; best SW "
-              f"{min(b['swd'] for k, b in data['baselines'].items() if k.endswith(f'@{steps}')):.4f}")
+              f"{best_baseline(data['baselines'], steps, 'swd')[1]['swd']:.4f}")
     for s in args.scales:
         model = merge_delta(copy.deepcopy(unet), delta, scale=s)
         parts = []

@@ -135,6 +135,14 @@ def study_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def best_baseline(baselines: dict, steps: int, metric: str = "mse") -> tuple[str, dict]:
+    """``(solver, its row)`` of the best training-free solver at ``steps`` on ``metric`` (``mse`` or ``swd``)
+    among the evaluation set's ``baselines`` (keys ``"<solver>@<steps>"``, rows ``{mse, swd, spacing}``)."""
+    rows = {k.split("@")[0]: v for k, v in baselines.items() if k.endswith(f"@{steps}")}
+    name = min(rows, key=lambda k: rows[k][metric])
+    return name, rows[name]
+
+
 def open_study(args: argparse.Namespace):
     """Set the thread count and load the suite teacher and the evaluation set:
     ``(unet, label_encoder, scheduler config, teacher prediction type, batches, reference data)``."""
@@ -174,8 +182,7 @@ def run(args, s: dict) -> None:
     from perflow.training.teachers import teacher_clip_sample
     from perflow.windows import resolve_boundaries
 
-    unet, le, config, teacher_type, draw = load_suite(args.teacher)
-    data = reference(args.teacher, unet, le, config, args.num_eval)
+    unet, le, config, teacher_type, draw, data = open_study(args)
     schedule = DiscreteVPSchedule.from_config(config)
     K = int(s["num_time_windows"])
     if s["boundaries"] == "equal":
@@ -258,25 +265,19 @@ def run(args, s: dict) -> None:
             from perflow.windows import window_index
 
             sw = window_w[window_index(ex.t, boundaries)].float()
+        raw = denoiser(student, le, labels)(ex.z_t, ex.timestep)  # one student evaluation for both terms
+        loss = batch_loss(lambda z, ts: raw, ex, s["loss"], float(s["huber_c"]), weighting=s["loss_weighting"],
+                          sample_weight=sw)
         lam = float(s["aligned_weight"])
         if lam:
-            from perflow.objective import reflow_loss, window_end_weight
             from perflow.parameterization import velocity_from_output
 
-            pred = ex.student_output(denoiser(student, le, labels)(ex.z_t, ex.timestep))
-            w = window_end_weight(ex.t, ex.window) if s["loss_weighting"] == "window_end" else None
-            if sw is not None:
-                w = sw if w is None else w * sw
-            mse = reflow_loss(pred, ex.target, s["loss"], float(s["huber_c"]), w)
-            v_hat = velocity_from_output(pred.float(), ex.z_t, ex.t, ex.window).flatten(1)
+            v_hat = velocity_from_output(ex.student_output(raw).float(), ex.z_t, ex.t, ex.window).flatten(1)
             v = velocity_from_output(ex.target.float(), ex.z_t, ex.t, ex.window).flatten(1)
             align = (1 - torch.nn.functional.cosine_similarity(v_hat, v, dim=1, eps=1e-8)).mean()
             if step == 1:
-                print(f"step 1: mse term {mse.item():.3g}, alignment term {align.item():.3g}", flush=True)
-            loss = mse + lam * align
-        else:
-            loss = batch_loss(denoiser(student, le, labels), ex, s["loss"], float(s["huber_c"]), weighting=s["loss_weighting"],
-                              sample_weight=sw)
+                print(f"step 1: mse term {loss.item():.3g}, alignment term {align.item():.3g}", flush=True)
+            loss = loss + lam * align
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), float(s["max_grad_norm"]))
@@ -305,7 +306,6 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--save", default=None, help="write the EMA student's state dict here (torch.save) at the end")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     s = dict(DEFAULTS)
     for kv in args.set:
         k, _, v = kv.partition("=")

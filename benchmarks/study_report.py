@@ -23,6 +23,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from recipe_study import best_baseline
+
 
 def load_rows(paths: list[str]) -> list[dict]:
     """Rows of every file; ``cpu_s`` (CPU seconds of training) falls back to ``train_s`` (wall-clock) in rows
@@ -39,10 +41,9 @@ def load_rows(paths: list[str]) -> list[dict]:
 
 
 def best_solver(row: dict, steps: int, metric: str) -> tuple[str, float]:
-    """(solver, value) of the best training-free solver at ``steps`` on ``metric`` (mse or swd)."""
-    cands = {k.split("@")[0]: v for k, v in row["baselines"].items() if k.endswith(f"@{steps}")}
-    name = min(cands, key=lambda k: cands[k][metric])
-    return name, cands[name][metric]
+    """(solver, value) of the best training-free solver at ``steps`` on ``metric`` (mse or swd) of a row."""
+    name, best = best_baseline(row["baselines"], steps, metric)
+    return name, best[metric]
 
 
 def budget(curve: list[dict]) -> dict:

@@ -11,7 +11,6 @@ spacing, the window solve's grid for equal windows) to the study's reference on 
 
 from __future__ import annotations
 
-
 import torch
 
 from recipe_study import denoiser, open_study, study_parser
