@@ -226,8 +226,11 @@ def run(args, s: dict) -> None:
     if window_w is not None:
         print("window weights", [round(float(v), 3) for v in window_w], flush=True)
     time_sampler = make_time_sampler(s["time_sampling"], boundaries, window_start_prob=float(s["window_start_prob"]))
-    student = copy.deepcopy(unet).train().requires_grad_(True)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    start = copy.deepcopy(unet)
+    if args.init:  # a saved student (--save of an earlier run): the next stage of progressive reflow
+        start.load_state_dict(torch.load(args.init, weights_only=True))
+    student = copy.deepcopy(start).train().requires_grad_(True)
+    ema = copy.deepcopy(start).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=float(s["learning_rate"]), weight_decay=float(s["weight_decay"]))
     warm = int(s["lr_warmup_steps"])
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
@@ -305,6 +308,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=None)
     ap.add_argument("--save", default=None, help="write the EMA student's state dict here (torch.save) at the end")
+    ap.add_argument("--init", default=None, help="start the student (and its EMA) from a state dict written by --save "
+                    "instead of the teacher: the next stage of progressive reflow (the targets still come from the teacher)")
     args = ap.parse_args()
     s = dict(DEFAULTS)
     for kv in args.set:

@@ -191,3 +191,40 @@ def test_a_unet_teacher_with_a_flow_matching_scheduler_is_refused():
     config = dict(UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0).config)
     with pytest.raises(ValueError, match="flow-matching one .* StableDiffusion3Pipeline and FluxPipeline"):
         teacher_schedule(config)
+
+
+def test_a_teacher_without_sample_size_needs_a_resolution(tmp_path, capsys):
+    """A Flux transformer records no ``sample_size``: ``perflow eval`` (and ``train``) say which option sets it."""
+    from perflow.tiny import tiny_flux_pipeline
+
+    from cli_helpers import cli, error_line
+
+    folder = tmp_path / "flux"
+    tiny_flux_pipeline().save_pretrained(folder)
+    rc, _, err = cli(["eval", "--task", "teacher", "--teacher", folder, "--prompts", "a", "--num-samples", 20,
+                      "--steps", 1, "--reference-steps", 2, "--no-progress"], capsys)
+    assert rc != 0 and "records no sample_size; set --resolution" in error_line(err)
+
+
+def test_flux_baselines_take_the_dynamic_shift_of_the_resolution():
+    """The baselines of a dynamic-shift teacher run at ``e^mu`` of the evaluated resolution: the same sigmas as
+    diffusers' scheduler given that ``mu`` (FluxPipeline's ``calculate_shift`` of the image's token count)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from perflow.evaluation.teacher_eval import sampler_config
+    from perflow.tiny import tiny_flux_pipeline
+    from perflow.training.flow_teachers import flow_teacher_from_pipeline
+
+    pipe = tiny_flux_pipeline()
+    teacher = flow_teacher_from_pipeline(pipe)
+    latents = torch.zeros(2, teacher.latent_channels, 8, 12)
+    c = pipe.scheduler.config
+    mu = calculate_shift((8 // 2) * (12 // 2), c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    fixed = FlowMatchEulerDiscreteScheduler.from_config(sampler_config(teacher, None, latents))
+    dynamic = FlowMatchEulerDiscreteScheduler.from_config(c)
+    sigmas = np.linspace(1.0, 1 / 6, 6)
+    fixed.set_timesteps(sigmas=sigmas)
+    dynamic.set_timesteps(sigmas=sigmas, mu=mu)
+    assert c.use_dynamic_shifting and not fixed.config.use_dynamic_shifting
+    torch.testing.assert_close(fixed.sigmas, dynamic.sigmas, rtol=1e-6, atol=1e-7)

@@ -102,7 +102,7 @@ def evaluate_images(config: ImageEvalConfig, progress: bool = True) -> EvalResul
     teacher = load_teacher(config.teacher)
     if teacher.kind not in ("sd", "sdxl"):
         raise ValueError(f"evaluate_images needs an SD/SDXL pipeline folder, got a {teacher.kind!r} teacher; use evaluate_digits")
-    res = config.resolution or teacher.native_resolution
+    res = teacher.resolution(config.resolution, "--resolution")
     prompts = [config.prompts[i % len(config.prompts)] for i in range(config.num_samples)]
     cond = teacher.validation_condition(prompts, res)
     uncond = teacher.uncond(cond)

@@ -60,7 +60,8 @@ def flow_baseline_scheduler(name: str, config: dict):
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
     if config.get("use_dynamic_shifting"):
-        raise ValueError("the flow-mode baselines take a fixed shift; this teacher's scheduler uses a dynamic shift")
+        raise ValueError("the flow-mode baselines take a fixed shift; resolve the teacher's dynamic shift at the "
+                         "evaluated resolution first (perflow.evaluation.teacher_eval.sampler_config)")
     config = {k: v for k, v in config.items() if k != "schedule_kind"}  # perflow's key, not diffusers'
     if name == "ddim":
         return FlowMatchEulerDiscreteScheduler.from_config(config)

@@ -121,9 +121,9 @@ def resolve_teacher(spec: Any):
 
 
 def conditioning(teacher) -> str:
-    """``"text"`` (a tokenizer), ``"class"`` (integer labels: a label encoder or a class embedding) or
-    ``"none"`` (unconditional), read from the teacher's attributes."""
-    if getattr(teacher, "tokenizer", None) is not None:
+    """``"text"`` (captions through its text encoders: SD, SDXL, SD3, Flux), ``"class"`` (integer labels: a
+    label encoder or a class embedding) or ``"none"`` (unconditional), read from the teacher's attributes."""
+    if getattr(teacher, "uses_text", False):
         return "text"
     if getattr(teacher, "label_encoder", None) is not None or getattr(teacher, "uses_labels", False):
         return "class"
@@ -159,13 +159,19 @@ def sample_conditions(teacher, config: TeacherEvalConfig) -> list:
 _KIND_WORDS = {"text": "text-conditioned", "class": "class-conditional", "none": "unconditional"}
 
 
-def sampler_config(teacher, folder: Path | None) -> dict:
-    """The teacher's diffusers scheduler config for the baselines: its folder's, else its schedule."""
+def sampler_config(teacher, folder: Path | None, latents: torch.Tensor) -> dict:
+    """The teacher's diffusers scheduler config for the baselines: its folder's, else its schedule.
+
+    A flow-matching teacher with dynamic shifting (Flux) gets the fixed shift ``e^mu`` of the ``latents``'
+    resolution (``teacher.schedule_for``): diffusers' exponential time shift with ``mu`` is that fixed shift."""
     from perflow.io import read_scheduler_config
 
     found = read_scheduler_config(folder, required=False) if folder is not None else None
     # a Teacher object: the config it was built from (a bare schedule would leave DDIM's default clip_sample=True)
-    return found or {**getattr(teacher, "scheduler_config", teacher.schedule_config), "prediction_type": teacher.prediction_type}
+    config = found or {**getattr(teacher, "scheduler_config", teacher.schedule_config), "prediction_type": teacher.prediction_type}
+    if config.get("use_dynamic_shifting"):
+        config = {**config, "use_dynamic_shifting": False, "shift": teacher.schedule_for(latents).effective_shift}
+    return config
 
 
 # ----------------------------------------------------------------------------- real reference sets
@@ -243,7 +249,7 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     if w != 1.0 and not getattr(teacher, "has_null", True):
         raise ValueError(f"{name!r} has no null class, so no unconditional output to guide against; use --guidance-scale 1")
     inputs = sample_conditions(teacher, config)
-    res = config.resolution or teacher.native_resolution
+    res = teacher.resolution(config.resolution, "--resolution")
     side = res // teacher.vae_scale
     cond = teacher.validation_condition(inputs, res)
     uncond = teacher.uncond(cond) if w != 1.0 else None
@@ -256,7 +262,7 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     noise = torch.randn(config.num_samples, teacher.latent_channels, side, side, generator=gen)
     noise = noise.to(teacher.device, teacher.dtype)
 
-    sched_cfg = sampler_config(teacher, folder)
+    sched_cfg = sampler_config(teacher, folder, noise)
     teacher_fn = denoiser(teacher.unet, cond, uncond, w, config.batch_size)
     samplers: list[Sampler] = []
     for skind, path in (("perflow", config.perflow), ("reflow", config.reflow)):

@@ -120,6 +120,7 @@ class FlowTeacher(Teacher):
     """A flow-matching transformer teacher held in its diffusers pipeline (text encoders, tokenizers, VAE)."""
 
     denoiser_name = "transformer"
+    uses_text = True
     validation_guidance = 3.5
     default_parameterization = "velocity"
     condition_type: type[Condition] = SD3Condition

@@ -106,11 +106,8 @@ def with_data(cfg: TrainConfig, teacher: Teacher) -> TrainConfig:
     from .data import resolve_source
 
     d = cfg.data
-    resolution = d.resolution if d.resolution is not None else teacher.native_resolution
-    if resolution is None:
-        raise ValueError(f"the teacher's denoiser ({type(teacher.unet).__name__}) records no sample_size; "
-                         "set data.resolution (e.g. --data.resolution 1024)")
-    data = dataclasses.replace(d, source=resolve_source(d.source, d.path), resolution=int(resolution))
+    resolution = teacher.resolution(d.resolution, "--data.resolution")
+    data = dataclasses.replace(d, source=resolve_source(d.source, d.path), resolution=resolution)
     return dataclasses.replace(cfg, data=data).validate()
 
 

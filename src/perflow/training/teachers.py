@@ -120,6 +120,8 @@ class Teacher:
     """Whether :meth:`null_text` exists (the unconditional input of CFG and caption dropout)."""
     uses_labels = False
     """Conditioned on integer class labels (the batch's ``label``) rather than captions."""
+    uses_text = False
+    """Conditioned on captions through its own text encoders (SD, SDXL, SD3, Flux)."""
     num_labels: int | None = None
     """Label indices the model embeds (the null label included); None: no labels, or no upper bound."""
     null_label: int | None = None
@@ -188,6 +190,16 @@ class Teacher:
         if size is None:
             return None
         return int(size if isinstance(size, int) else size[0]) * self.vae_scale
+
+    def resolution(self, given: int | None, option: str) -> int:
+        """``given`` if set, else :attr:`native_resolution`; a ``ValueError`` naming ``option`` (the setting
+        that gives it, e.g. ``--resolution``) when neither exists (a Flux transformer records no size)."""
+        if given is not None:
+            return int(given)
+        if self.native_resolution is None:
+            raise ValueError(f"the teacher's denoiser ({type(self.unet).__name__}) records no sample_size; "
+                             f"set {option} (e.g. {option} 1024)")
+        return self.native_resolution
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -322,6 +334,7 @@ class SDTeacher(Teacher):
     """Stable Diffusion 1.x / 2.x: CLIP text embeddings ``(B, 77, D)`` as ``encoder_hidden_states``."""
 
     kind = "sd"
+    uses_text = True
 
     def __init__(self, unet, scheduler_config: dict, vae, tokenizer, text_encoder, name: str = "teacher"):
         super().__init__(unet, scheduler_config, vae, name)
