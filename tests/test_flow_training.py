@@ -228,3 +228,21 @@ def test_flux_baselines_take_the_dynamic_shift_of_the_resolution():
     dynamic.set_timesteps(sigmas=sigmas, mu=mu)
     assert c.use_dynamic_shifting and not fixed.config.use_dynamic_shifting
     torch.testing.assert_close(fixed.sigmas, dynamic.sigmas, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_perflow_eval_compares_a_transformer_student_with_the_solvers(family, image_folder, tmp_path):
+    """``perflow eval --task teacher`` on a text-to-image transformer teacher and its student: text-conditioned,
+    every sampler from the same noise, the student's rows beside the teacher's solvers."""
+    from perflow.evaluation.teacher_eval import TeacherEvalConfig, evaluate_teacher
+
+    _, folder = _folder(family, tmp_path)
+    out = tmp_path / "student"
+    train(None, **_settings(out, **{"model.teacher": str(folder), "data.path": str(image_folder)}))
+    result = evaluate_teacher(TeacherEvalConfig(teacher=str(folder), perflow=str(out), prompts=["a cat", "a dog"],
+                                                num_samples=20, steps=[4], reference_steps=8, resolution=16,
+                                                spacings=["trailing"]), progress=False)
+    assert result.meta["teacher_conditioning"] == "text"
+    rows = {r["sampler"]: r for r in result.rows if r["steps"] == 4}
+    assert {"perflow (K=4)", "teacher ddim", "teacher dpmsolver++", "teacher unipc"} <= set(rows)
+    assert all(np.isfinite(r["paired_mse"]) for r in rows.values())

@@ -1,8 +1,8 @@
 """Loading trained PeRFlow students (``perflow train`` outputs) for sampling.
 
 A student folder holds ``unet/`` (a diffusers ``UNet2DConditionModel``, or ``UNet2DModel`` for an
-unconditional teacher; ``transformer/``, an ``SD3Transformer2DModel``, for the class-conditional
-flow-matching teacher) and ``scheduler/``
+unconditional teacher; ``transformer/``, an ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``, for
+a flow-matching teacher) and ``scheduler/``
 (a :class:`perflow.PeRFlowScheduler` config giving ``K``, the boundaries and the student's
 parameterization); a class-conditional student may carry its own ``label_encoder/``,
 otherwise the teacher's is used (PeRFlow trains the UNet only).
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 _NESTED = ("", "student", "final", "pipeline")
-UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel", "SD3Transformer2DModel")
+UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 """The diffusers denoiser classes a student's ``unet/config.json`` may name."""
 _FIX = "evaluate it against the teacher it was trained from (--teacher)"
 
