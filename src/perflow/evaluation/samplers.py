@@ -62,7 +62,8 @@ def flow_baseline_scheduler(name: str, config: dict):
     if config.get("use_dynamic_shifting"):
         raise ValueError("the flow-mode baselines take a fixed shift; resolve the teacher's dynamic shift at the "
                          "evaluated resolution first (perflow.evaluation.teacher_eval.sampler_config)")
-    config = {k: v for k, v in config.items() if k != "schedule_kind"}  # perflow's key, not diffusers'
+    # perflow's keys (schedule_kind; prediction_type of a Teacher's schedule), not FlowMatchEulerDiscreteScheduler's
+    config = {k: v for k, v in config.items() if k not in ("schedule_kind", "prediction_type")}
     if name == "ddim":
         return FlowMatchEulerDiscreteScheduler.from_config(config)
     flow = dict(num_train_timesteps=config.get("num_train_timesteps", 1000), use_flow_sigmas=True,
