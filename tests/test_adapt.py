@@ -35,11 +35,11 @@ def _delta():
     return extract_delta(student, teacher.unet), meta
 
 
-def _adapt(out, callback=None, resume=False):
+def _adapt(out, callback=None, resume=False, name="tiny fine-tune", budget_steps=6):
     from perflow.training.adapt import adapt_delta
 
-    target = Target(teacher=tiny_class_teacher(seed=1), name="tiny fine-tune")  # same architecture, other weights
-    return adapt_delta(_delta(), target, out, config="digits", budget_steps=6, check_every=2, num_samples=20,
+    target = Target(teacher=tiny_class_teacher(seed=1), name=name)  # same architecture, other weights
+    return adapt_delta(_delta(), target, out, config="digits", budget_steps=budget_steps, check_every=2, num_samples=20,
                        reference_steps=8, dataset=_digits(64), resume=resume, eval_kwargs=EVAL, callback=callback,
                        progress=False, **TRAIN)
 
@@ -59,6 +59,8 @@ def test_adapt_resumes_exactly_after_an_interrupt(tmp_path):
     assert [c["step"] for c in saved["checks"]] == [0, 2]
     with pytest.raises(ValueError, match="holds an adaptation"):
         _adapt(tmp_path / "cut")
+    with pytest.raises(ValueError, match=r"changed settings \['target'\]"):
+        _adapt(tmp_path / "cut", resume=True, name="another model")
     resumed = _adapt(tmp_path / "cut", resume=True)
     assert resumed.checks == full.checks and resumed.baseline == full.baseline
     a, b = load_file(str(full.delta)), load_file(str(resumed.delta))
@@ -84,6 +86,18 @@ def test_adapt_starts_from_target_plus_delta(tmp_path):
     init = UNet2DConditionModel.from_pretrained(tmp_path / "init").state_dict()
     base = tiny_class_teacher(seed=1).unet.state_dict()
     assert all(torch.equal(init[k], base[k] + delta[k]) for k in delta)
+    _save_init(target, delta, meta, tmp_path / "half", 0.5)  # --delta-scale 0.5
+    half = UNet2DConditionModel.from_pretrained(tmp_path / "half").state_dict()
+    assert all(torch.equal(half[k], (base[k].double() + 0.5 * delta[k].double()).float()) for k in delta)
+
+
+def test_a_budget_that_is_not_a_multiple_of_the_checks_can_be_extended(tmp_path):
+    """The run checkpoints at its last step, so a larger budget continues from there instead of retraining."""
+    short = _adapt(tmp_path / "a", budget_steps=3)
+    assert [c["step"] for c in short.checks] == [0, 2, 3]
+    assert (tmp_path / "a" / "run" / "checkpoints" / "checkpoint-3").is_dir()
+    longer = _adapt(tmp_path / "a", budget_steps=4, resume=True)
+    assert [c["step"] for c in longer.checks] == [0, 2, 3, 4] and longer.checks[:3] == short.checks
 
 
 def _cli_adapt(out, delta, *extra):

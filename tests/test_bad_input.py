@@ -474,3 +474,39 @@ def test_outputs_get_the_permissions_of_the_umask(world, tmp_path):
     assert mode(tmp_path / "merged") == 0o755
     assert mode(tmp_path / "merged" / "diffusion_pytorch_model.safetensors") == 0o644
     assert mode(tmp_path / "d.safetensors") == 0o644
+
+
+def test_extract_and_to_lora_never_overwrite_their_inputs_or_an_existing_file(world, tmp_path, capsys):
+    """An existing output needs --overwrite; the command's own input is refused even with it (data loss)."""
+    model = tmp_path / "model"
+    shutil.copytree(world["unet"], model)
+    weights = model / "diffusion_pytorch_model.safetensors"
+    delta = tmp_path / "d.safetensors"
+    shutil.copy(world["delta"], delta)
+    before = {p: p.read_bytes() for p in (weights, delta)}
+    extract = ["delta", "extract", "--student", model, "--teacher", model, "--num-time-windows", 4,
+               "--prediction-type", "diff_eps"]
+    for argv, words in (
+        (extract + ["-o", weights, "--overwrite"], "would overwrite the input"),
+        (["delta", "to-lora", "--delta", delta, "--rank", 2, "-o", delta, "--overwrite"], "would overwrite the input"),
+        (["delta", "to-lora", "--delta", world["delta"], "--rank", 2, "-o", delta], "already exists; pass --overwrite"),
+        (["delta", "to-lora", "--delta", world["delta"], "--rank", 2, "-o", tmp_path / "l.safetensors",
+          "--rest", tmp_path / "l.safetensors"], "is the LoRA's own -o path"),
+        (extract + ["-o", delta], "already exists; pass --overwrite"),
+        (extract[:-4] + ["--window-boundaries", "1,0.5,0", "--num-time-windows", 4, "-o", tmp_path / "e.safetensors"],
+         "K = 2, but --num-time-windows is 4"),
+    ):
+        rc, out, err = cli(argv, capsys)
+        assert rc == 2 and words in error_line(err), (argv, err)
+    assert all(p.read_bytes() == b for p, b in before.items())
+    rc, _, err = cli(["delta", "to-lora", "--delta", world["delta"], "--rank", 2, "--report-ranks", "0,4",
+                      "-o", tmp_path / "l.safetensors"], capsys)
+    assert rc == 2 and "ranks are at least 1" in err
+    rc, _, _ = cli(["delta", "to-lora", "--delta", world["delta"], "--rank", 2, "-o", delta, "--overwrite", "--no-rest"], capsys)
+    assert rc == 0 and delta.read_bytes() != before[delta]  # --overwrite replaces a file that is not an input
+
+
+@pytest.mark.parametrize("flag", ["--lora-scale", "--guidance-scale", "--conditioning-scale", "--delta-scale"])
+def test_report_scales_must_be_finite(world, flag, capsys):
+    rc, _, err = cli(["delta", "report", "--delta", world["delta"], "--target", "digits", flag, "nan"], capsys)
+    assert rc == 2 and "expected a finite number" in err and "Traceback" not in err

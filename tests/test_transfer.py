@@ -131,6 +131,36 @@ def test_report_on_a_base_plus_lora_fuses_the_lora_and_runs(sd, tmp_path):
     assert result.meta["target"].endswith("+ LoRA style.safetensors") and isinstance(result.meta["transfers"], bool)
 
 
+def test_a_lora_is_fused_as_diffusers_loads_it_alpha_and_key_forms_included(sd, tmp_path):
+    """``lora_alpha`` from the file's adapter metadata scales the update (``W + alpha / r B A``), and the older
+    diffusers key form (``lora.down`` / ``lora.up``) in a LoRA folder is read as ``load_lora_weights`` reads it."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from perflow.targets import load_target
+
+    root, base = sd
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    w = base.unet.state_dict()[f"{name}.weight"]
+    for alpha, form in ((16, "peft"), (4, "diffusers")):
+        u = copy.deepcopy(base.unet)
+        config = LoraConfig(r=4, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        u.add_adapter(config)
+        g = torch.Generator().manual_seed(alpha)
+        sd_peft = {k: (torch.randn(v.shape, generator=g) * 0.05).contiguous() for k, v in get_peft_model_state_dict(u).items()}
+        folder = tmp_path / f"lora-{form}"
+        layers = sd_peft if form == "peft" else convert_state_dict_to_diffusers(sd_peft)
+        meta = {**config.to_dict(), "target_modules": sorted(config.target_modules)} if form == "peft" else None
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=meta)
+        target = load_target(None, base=str(root / "base"), lora=str(folder))
+        want = w + (alpha / 4) * sd_peft[f"{name}.lora_B.weight"] @ sd_peft[f"{name}.lora_A.weight"]
+        torch.testing.assert_close(target.teacher.unet.state_dict()[f"{name}.weight"], want, rtol=1e-5, atol=1e-6)
+
+
 def test_report_on_a_controlnet_pipeline_uses_the_controlnet(sd, tmp_path):
     from diffusers import StableDiffusionControlNetPipeline
     from PIL import Image

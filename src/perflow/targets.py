@@ -147,18 +147,51 @@ def check_delta_fits(delta: Mapping[str, torch.Tensor], metadata: Mapping[str, A
 # ----------------------------------------------------------------------------- LoRA and single files
 
 
-def lora_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A diffusers/peft LoRA file's UNet tensors, keys without the ``unet.`` prefix."""
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""The file ``save_lora_weights`` writes in a LoRA folder."""
+
+
+@dataclass
+class LoRA:
+    """A LoRA file's UNet part, as diffusers' pipelines load it: ``tensors`` in peft form (keys
+    ``<module>.lora_A.weight`` / ``.lora_B.weight``), ``network_alphas`` (kohya files) and ``metadata`` (the
+    peft ``LoraConfig`` of a file saved with ``unet_lora_adapter_metadata``: its ``lora_alpha``, ``rank_pattern``),
+    both with diffusers' ``unet.`` key prefix, and the number of text-encoder tensors the file also holds."""
+
+    tensors: dict[str, torch.Tensor]
+    network_alphas: dict[str, float] | None
+    metadata: dict | None
+    text_encoder_tensors: int = 0
+
+
+def lora_state_dict(path: str | Path, unet_config: Any = None) -> LoRA:
+    """Read a LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``) the way
+    ``StableDiffusionPipeline.load_lora_weights`` does (``lora_state_dict``: peft, diffusers and kohya key
+    forms, alphas, adapter metadata), from safetensors only; its UNet part in peft form."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
     from .io import read_safetensors
 
-    sd, _ = read_safetensors(path)
-    unet = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
-    if not unet:
-        unet = {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k}
+    file = Path(path)
+    if file.is_dir():
+        if not (file / LORA_WEIGHT_NAME).is_file():
+            raise FileNotFoundError(f"the LoRA folder {str(file)!r} has no {LORA_WEIGHT_NAME}; give the LoRA .safetensors file")
+        file = file / LORA_WEIGHT_NAME
+    read_safetensors(file)  # missing, pickled or damaged: one line naming the file
+    sd, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+        str(file), use_safetensors=True, return_lora_metadata=True, unet_config=unet_config)
+    prefix = "unet."
+    unet = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not unet:  # a bare peft state dict of the UNet (no component prefix)
+        unet = {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k or ".lora.down." in k or ".lora.up." in k}
     if not unet:
         raise ValueError(f"{str(path)!r} holds no UNet LoRA tensors (keys 'unet.<module>.lora_A.weight'); "
                          "give a diffusers/peft LoRA file")
-    return unet
+    text = sum(1 for k in sd if k.startswith(("text_encoder", "te_", "lora_te")))
+    unet_alphas = {k: v for k, v in (alphas or {}).items() if k.startswith(prefix)} or None
+    meta = {k: v for k, v in (metadata or {}).items() if k.startswith(prefix)} or None
+    return LoRA(convert_unet_state_dict_to_peft(unet), unet_alphas, meta, text)
 
 
 def check_lora_fits(lora: Mapping[str, torch.Tensor], unet: nn.Module, where: str = "the LoRA") -> None:
@@ -188,10 +221,18 @@ def check_lora_fits(lora: Mapping[str, torch.Tensor], unet: nn.Module, where: st
 
 
 def fuse_lora(unet: nn.Module, path: str | Path, scale: float = 1.0) -> nn.Module:
-    """Fuse the LoRA file ``path`` into ``unet`` at ``scale`` (peft, through diffusers' ``load_lora_adapter``)."""
-    lora = lora_state_dict(path)
-    check_lora_fits(lora, unet, f"the LoRA {str(path)!r}")
-    unet.load_lora_adapter({f"unet.{k}": v for k, v in lora.items()}, prefix="unet", adapter_name="target_lora")
+    """Fuse the LoRA file ``path`` into ``unet`` at ``scale`` as ``pipe.load_lora_weights`` + ``pipe.fuse_lora``
+    do for the UNet (its alphas and adapter metadata honoured); a LoRA's text-encoder layers are not applied
+    (the target's text encoder stays the base's), which is warned about."""
+    import warnings
+
+    lora = lora_state_dict(path, getattr(unet, "config", None))
+    check_lora_fits(lora.tensors, unet, f"the LoRA {str(path)!r}")
+    if lora.text_encoder_tensors:
+        warnings.warn(f"the LoRA {str(path)!r} also holds {lora.text_encoder_tensors} text-encoder tensors; only its "
+                      "UNet layers are fused into the target (its text encoder stays the base's)", stacklevel=2)
+    unet.load_lora_adapter({f"unet.{k}": v for k, v in lora.tensors.items()}, prefix="unet", adapter_name="target_lora",
+                           network_alphas=lora.network_alphas, metadata=lora.metadata)
     unet.fuse_lora(lora_scale=scale)
     unet.unload_lora()
     return unet
@@ -310,5 +351,5 @@ def _control_tensor(images: Any, controlnet: nn.Module) -> torch.Tensor:
 
 __all__ = [
     "ControlCondition", "ControlledUNet", "Target", "base_unet", "check_controlnet_fits", "check_delta_fits",
-    "check_lora_fits", "fuse_lora", "load_single_file_unet", "load_target", "lora_state_dict", "with_control",
+    "LoRA", "check_lora_fits", "fuse_lora", "load_single_file_unet", "load_target", "lora_state_dict", "with_control",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from perflow.cli.options import finite_float, positive_int
 from perflow.denoisers import CFG_MODES
 from perflow.windows import PREDICTION_TYPES
 
@@ -30,6 +31,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--window-boundaries", type=_floats, help="explicit boundaries, e.g. 1,0.6,0.3,0")
     e.add_argument("--cfg-mode", choices=CFG_MODES, help="how the teacher was guided in training")
     e.add_argument("--base-name", help="name of the base model to record (default: the teacher path)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     e.add_argument("--float64", action="store_true",
                    help="store the fp64 difference (2x size; merging into the teacher is then bit-exact for every "
                         "weight that did not shrink by more than 2^28 in training)")
@@ -40,7 +42,7 @@ def add_parser(subparsers) -> None:
     m.add_argument("--into", required=True, help="diffusers UNet/transformer folder, pipeline folder (SD, SDXL, SD3, Flux) or single-file .safetensors")
     m.add_argument("-o", "--output", required=True, help="output folder (or .safetensors for a single file)")
     m.add_argument("--variant", default=None, help=_VARIANT_HELP)
-    m.add_argument("--scale", type=_finite, default=1.0, help="multiplier of the delta (default 1.0)")
+    m.add_argument("--scale", type=finite_float, default=1.0, help="multiplier of the delta (default 1.0)")
     m.add_argument("--allow-partial", action="store_true",
                    help="skip delta keys the model lacks or whose shapes differ (listed) instead of refusing")
     m.add_argument("--extra", action="append", default=[],
@@ -52,10 +54,11 @@ def add_parser(subparsers) -> None:
     lo = sub.add_parser("to-lora", help="low-rank (SVD) LoRA export loadable by pipe.load_lora_weights")
     lo.add_argument("--delta", required=True, help="delta .safetensors or released delta folder")
     lo.add_argument("--variant", default=None, help=_VARIANT_HELP)
-    lo.add_argument("--rank", type=_positive, required=True, help="LoRA rank r")
+    lo.add_argument("--rank", type=positive_int, required=True, help="LoRA rank r")
     lo.add_argument("-o", "--output", required=True, help="output LoRA .safetensors (keys prefixed unet. or transformer.)")
     lo.add_argument("--rest", help="where to store the tensors a LoRA cannot carry (default: OUTPUT with .rest)")
     lo.add_argument("--no-rest", action="store_true", help="drop them (their share of the norm is printed)")
+    lo.add_argument("--overwrite", action="store_true", help="replace existing output files")
     lo.add_argument("--report-ranks", type=_ints, default=None, help="ranks for the error table (default: 1,4,16,64,r)")
     lo.add_argument("--per-layer", action="store_true", help="print the error of every layer, not only the totals")
     lo.set_defaults(func=_to_lora)
@@ -78,42 +81,34 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _finite(text: str) -> float:
-    import math
+def _safetensors_output(path: str, flag: str = "-o", overwrite: bool = False, inputs: tuple = ()) -> None:
+    """Refuse, before any work, an output file that is not ``.safetensors``, cannot be written, already exists
+    (unless ``overwrite``), or is one of the ``inputs`` or lies inside an input folder (never, not even with
+    ``overwrite``: the command would destroy what it reads)."""
+    from pathlib import Path
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r} (it would write a NaN/inf model)")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _safetensors_output(path: str, flag: str = "-o") -> None:
-    """Refuse, before any work, an output file that is not ``.safetensors`` or cannot be written."""
     from perflow.io import check_output_path
 
     if not path.endswith(".safetensors"):
         raise ValueError(f"{flag} {path!r}: weights are written as safetensors; give a path ending in .safetensors")
+    out = Path(path).resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if out == src or (src.is_dir() and src in out.parents):
+            raise ValueError(f"{flag} {path!r} would overwrite the input {given!r}; write to another path")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{flag} {path!r} already exists; pass --overwrite to replace it, or write to another path")
     check_output_path(path)
 
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",")]
+        values = [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"ranks are at least 1, got {text!r}")
+    return values
 
 
 def _extract(args) -> int:
@@ -121,7 +116,11 @@ def _extract(args) -> int:
 
     from perflow.delta import extract_from_folders
 
-    _safetensors_output(args.output)
+    _safetensors_output(args.output, overwrite=args.overwrite, inputs=(args.student, args.teacher))
+    if args.window_boundaries is not None and args.num_time_windows is not None \
+            and len(args.window_boundaries) != args.num_time_windows + 1:
+        raise ValueError(f"--window-boundaries has {len(args.window_boundaries)} values, so K = "
+                         f"{len(args.window_boundaries) - 1}, but --num-time-windows is {args.num_time_windows}; give one of them")
     delta, meta = extract_from_folders(
         args.student, args.teacher, args.output,
         num_time_windows=args.num_time_windows, prediction_type=args.prediction_type,
@@ -168,9 +167,11 @@ def _to_lora(args) -> int:
 
     out = Path(args.output)
     rest_path = Path(args.rest) if args.rest else out.with_name(out.stem + ".rest.safetensors")
-    _safetensors_output(args.output)
+    _safetensors_output(args.output, overwrite=args.overwrite, inputs=(args.delta,))
     if not args.no_rest:
-        _safetensors_output(str(rest_path), "--rest")
+        if rest_path.resolve() == out.resolve():
+            raise ValueError(f"--rest {str(rest_path)!r} is the LoRA's own -o path; give another file")
+        _safetensors_output(str(rest_path), "--rest", overwrite=args.overwrite, inputs=(args.delta,))
     delta, meta = load_delta(args.delta, variant=args.variant)
     model = _skeleton(meta)
     if model is None:

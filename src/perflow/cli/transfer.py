@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from perflow.cli.options import add_threads_option, apply_threads
+from perflow.cli.options import add_threads_option, apply_threads, finite_float, positive_int
 
 REPORT_DESCRIPTION = """\
 Does the delta accelerate this model? Samples target + delta with the PeRFlow scheduler and the target
@@ -31,7 +31,7 @@ def add_report_parser(sub) -> None:
     r.add_argument("--baselines", nargs="+", default=["ddim", "dpmsolver++", "unipc"], help="the target's own solvers")
     r.add_argument("--spacings", nargs="+", default=["leading", "trailing", "linspace"],
                    help="timestep_spacing options tried for each solver (the best per step count is reported)")
-    r.add_argument("--num-samples", type=int, default=256)
+    r.add_argument("--num-samples", type=positive_int, default=256, help="samples per sampler, all from the same noise")
     r.add_argument("--reference-steps", type=int, default=100, help="the target's DDIM steps of the reference")
     r.add_argument("--real-images", default=None, help="folder of real images (sliced W2 to real)")
     r.add_argument("--classifier", default=None, help="digit classifier folder (FD in its features; default: the "
@@ -44,20 +44,20 @@ def _target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", required=True, help="delta .safetensors, released delta folder, or a PeRFlow LoRA file "
                                                   "(`perflow delta to-lora`, with --delta-extra its .rest file)")
     p.add_argument("--delta-extra", default=None, help="another delta added too (a PeRFlow LoRA's .rest.safetensors)")
-    p.add_argument("--delta-scale", type=float, default=1.0, help="multiplier of the delta")
+    p.add_argument("--delta-scale", type=finite_float, default=1.0, help="multiplier of the delta")
     p.add_argument("--target", default=None, help="the model: a folder, a built-in name, or a single-file checkpoint "
                                                   "(with --base); omit with --base + --lora")
     p.add_argument("--base", default=None, help="the base model the target was derived from (checked against the delta)")
     p.add_argument("--lora", default=None, help="a LoRA file (diffusers/peft) fused into the target or --base")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora-scale", type=finite_float, default=1.0, help="strength of the fused --lora (its alpha / r included)")
     p.add_argument("--controlnet", default=None, help="a ControlNetModel folder (default: TARGET/controlnet if present)")
     p.add_argument("--control-images", default=None, help="folder of control images, cycled over the samples")
-    p.add_argument("--conditioning-scale", type=float, default=1.0, help="ControlNet conditioning scale")
+    p.add_argument("--conditioning-scale", type=finite_float, default=1.0, help="ControlNet conditioning scale")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="class labels (class-conditional targets)")
     p.add_argument("--prompts", nargs="+", default=None, help="prompts (text targets), or one text file")
-    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale for every sampler (default 1; 7.5 text)")
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64, help="images per UNet call")
+    p.add_argument("--guidance-scale", type=finite_float, default=None, help="CFG scale for every sampler (default 1; 7.5 text)")
+    p.add_argument("--resolution", type=positive_int, default=None, help="image size in pixels (default: the target's own)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per UNet call")
     p.add_argument("--seed", type=int, default=0)
     add_threads_option(p)
 
@@ -142,7 +142,7 @@ def run_adapt(args) -> int:
     from perflow.training.safety import TrainingInterrupted
 
     eval_kwargs = {k: getattr(args, k) for k in ("base", "lora", "lora_scale", "controlnet", "control_images",
-                                                  "conditioning_scale", "delta_extra", "labels", "guidance_scale",
+                                                  "conditioning_scale", "delta_extra", "delta_scale", "labels", "guidance_scale",
                                                   "seed", "batch_size", "resolution")
                    if getattr(args, k) is not None}
     if args.prompts:

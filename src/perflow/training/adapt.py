@@ -81,11 +81,12 @@ def adapt_delta(
         raise ValueError(f"budget_steps and check_every must be >= 1, got {budget_steps} and {check_every}")
     from perflow.io import check_output_path
 
-    out = check_output_path(output_dir, folder=True)  # an unusable folder: one line, before any work
+    out = check_output_path(output_dir, folder=True).resolve()  # an unusable folder: one line, before any work
     state_path = out / STATE_FILE
     eval_kwargs = dict(eval_kwargs or {})
     overrides = {"window_weights": "none", **overrides}
-    settings = {"delta": str(delta) if not isinstance(delta, tuple) else "tensors", "config": str(config),
+    settings = {"delta": _describe(delta), "target": _describe(target),
+                "delta_scale": float(eval_kwargs.get("delta_scale", 1.0)), "config": str(config),
                 "check_every": check_every, "num_samples": num_samples, "reference_steps": reference_steps,
                 "overrides": {k: str(v) for k, v in sorted(overrides.items())},
                 "eval": {k: str(v) for k, v in sorted(eval_kwargs.items())}}
@@ -94,7 +95,7 @@ def adapt_delta(
         raise ValueError(f"{str(out)!r} holds an adaptation ({STATE_FILE}); continue it with --resume "
                          "(resume=True) or choose another --output-dir")
     if state is not None and state["settings"] != settings:
-        changed = sorted(k for k in settings if settings[k] != state["settings"].get(k))
+        changed = sorted(k for k in set(settings) | set(state["settings"]) if settings.get(k) != state["settings"].get(k))
         raise ValueError(f"cannot resume the adaptation in {str(out)!r} with changed settings {changed}: "
                          "use its settings (adapt.json) or another --output-dir")
     tgt = resolve_target(TransferConfig(delta=delta, target=target, **{k: v for k, v in eval_kwargs.items()
@@ -113,7 +114,7 @@ def adapt_delta(
         best = next(c for c in first.meta["comparisons"] if c["steps"] == 4 and c["metric"] == "paired_mse")
         state = {"settings": settings, "baseline": {"solver": best["best_solver"], "paired_mse": best["best_solver_value"]},
                  "checks": [{"step": 0, "paired_mse": best["delta"], "beats": best["delta_wins"]}], "seconds": 0.0}
-        _save_init(tgt, tensors, meta, out / "init")
+        _save_init(tgt, tensors, meta, out / "init", settings["delta_scale"])
         write_text(state_path, json.dumps(state, indent=1))
     checks = state["checks"]
     while not checks[-1]["beats"] and checks[-1]["step"] < budget_steps:
@@ -152,14 +153,24 @@ def _read_state(path: Path) -> dict | None:
     return read_json(path)
 
 
-def _save_init(target, delta: dict, meta: dict, folder: Path) -> None:
-    """``folder``: a diffusers UNet folder of target + delta (the student's start), written atomically."""
+def _describe(thing: Any) -> str:
+    """How ``adapt.json`` records a delta or target: a path resolved (so a relative and an absolute path to the
+    same file agree), a built-in name as given, an in-memory object by its name."""
+    if isinstance(thing, tuple):
+        return "tensors"
+    if isinstance(thing, (str, Path)):
+        return str(Path(thing).resolve()) if Path(thing).exists() else str(thing)
+    return str(getattr(thing, "name", type(thing).__name__))
+
+
+def _save_init(target, delta: dict, meta: dict, folder: Path, scale: float = 1.0) -> None:
+    """``folder``: a diffusers UNet folder of target + ``scale`` delta (the student's start), written atomically."""
     import copy
 
     from perflow.delta import merge_delta
     from perflow.io import atomic_folder
 
-    unet = merge_delta(copy.deepcopy(target.teacher.unet), delta, metadata=meta)
+    unet = merge_delta(copy.deepcopy(target.teacher.unet), delta, scale=scale, metadata=meta)
     with atomic_folder(folder, overwrite=True) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
 

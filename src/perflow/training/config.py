@@ -175,7 +175,7 @@ class OutputConfig:
     output_dir: str = "perflow-output"
     """Where the student, scheduler, delta, checkpoints, validation grids and logs go."""
     checkpoint_every: int = 500
-    """Save a resumable checkpoint every N steps (0 disables)."""
+    """Save a resumable checkpoint every N steps and at the last step (0 disables)."""
     keep_checkpoints: int = 2
     """Keep the last M checkpoints."""
     resume: str | None = None

@@ -342,7 +342,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
                 if callback is not None:
                     callback(global_step, step_loss)
             saved = None
-            if finite and out.checkpoint_every and global_step % out.checkpoint_every == 0:
+            if finite and out.checkpoint_every and (global_step % out.checkpoint_every == 0 or global_step == tr.max_steps):
                 saved = last_checkpoint = checkpoint()
             if stop_all:
                 saved = saved or checkpoint()
