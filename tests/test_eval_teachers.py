@@ -163,6 +163,8 @@ def test_a_teacher_that_does_not_load_is_one_line(tmp_path, capsys):
     (["--num-samples", "5"], "at least 20"),
     (["--num-samples", "20", "--prompts", "a cat"], "--prompts is for text-conditioned teachers"),
     (["--num-samples", "20", "--spacings", "uniform"], "spacings"),
+    (["--num-samples", "20", "--device", "nodevice"], "--device 'nodevice' is not usable here"),
+    (["--num-samples", "20", "--resolution", "7"], "--resolution 7 does not fit the teacher's UNet"),
 ])
 def test_bad_teacher_task_options_are_one_line(args, needle, capsys):
     rc, _, err = cli(["eval", "--task", "teacher", "--teacher", "digits", *FAST, *args], capsys)
@@ -219,3 +221,31 @@ def test_default_recipe_resolves_to_the_schema_defaults_plus_its_own_values(caps
     assert rc == 0 and re.search(r"recipe name\s+\(default, digits,", out)
     rc, out, _ = cli(["train", "--config", "default", "--print-config"], capsys)
     assert rc == 0 and yaml.safe_load(out) == resolved
+
+
+def test_the_ddim_baseline_clips_only_where_the_teachers_config_says_so():
+    """A scheduler config without ``clip_sample`` (PNDM's) is sampled unclipped, as the trainer's window solve
+    reads it; DDPM's explicit ``clip_sample: true`` is kept."""
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    from perflow.evaluation.samplers import baseline_scheduler
+    from perflow.training.teachers import teacher_clip_sample
+
+    pndm, ddpm = dict(PNDMScheduler().config), dict(DDPMScheduler(clip_sample=True).config)
+    assert "clip_sample" not in pndm
+    assert baseline_scheduler("ddim", pndm).config.clip_sample is False and teacher_clip_sample(pndm) is None
+    assert baseline_scheduler("ddim", ddpm).config.clip_sample is True and teacher_clip_sample(ddpm) == 1.0
+
+
+def test_a_student_of_another_noise_schedule_is_one_line(tmp_path, capsys):
+    """Same architecture, another teacher's schedule: refused, not scored against the wrong reference."""
+    from perflow.training.teachers import load_teacher
+
+    folder = tmp_path / "other"
+    load_teacher("digits").unet.save_pretrained(folder / "unet")
+    PeRFlowScheduler(prediction_type="ddim_eps", num_time_windows=4, beta_schedule="squaredcos_cap_v2").save_pretrained(
+        folder / "scheduler")
+    rc, out, err = cli(["eval", "--task", "teacher", "--teacher", "digits", "--perflow", folder, "--num-samples", "20",
+                        *FAST], capsys)
+    line = error_line(err)
+    assert rc == 2 and "follows another noise schedule" in line and "squaredcos_cap_v2" in line and "| sampler" not in out

@@ -195,6 +195,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     err = one_line_error(capsys, train_args(ddpm_folder(tmp_path / "t"), grey, tmp_path / "o4", "--student_init", str(other)))
     assert "UNet2DConditionModel" in err and "UNet2DModel" in err
 
+    # the output folder is never the model the run reads (--overwrite would delete it) nor inside its data
+    teacher = ddpm_folder(tmp_path / "keep")
+    before = sorted(p.name for p in teacher.iterdir())
+    err = one_line_error(capsys, train_args(teacher, grey, teacher, "--overwrite", "true"))
+    assert "is the model.teacher folder" in err and sorted(p.name for p in teacher.iterdir()) == before
+    err = one_line_error(capsys, train_args(ddpm_folder(tmp_path / "t2"), grey, other, "--student_init", str(other),
+                                            "--overwrite", "true"))
+    assert "is the model.student_init folder" in err and (other / "config.json").is_file()
+    err = one_line_error(capsys, train_args(teacher, grey, grey / "runs"))
+    assert "inside data.path" in err and not (grey / "runs").exists()
+
 
 def test_student_init_loads_a_unet2dmodel(tmp_path):
     from perflow.training.loop import load_student_init
@@ -259,3 +270,39 @@ def test_default_window_solve_is_bit_identical_to_the_unclipped_ddim_loop():
     default = solve_window(den, z, t_s, t_e, 4, sched, "epsilon")
     assert torch.equal(default, ref) and torch.equal(solve_window(den, z, t_s, t_e, 4, sched, "epsilon", None), ref)
     assert torch.equal(solve_window(den, z, t_s, t_e, 4, sched, "epsilon", clip_sample=1e6), ref)
+
+
+def test_sixteen_bit_images_keep_their_range():
+    """A 16-bit greyscale PNG (mode I;16) is scaled to 8 bits, not clipped at 255 (PIL's convert would make it white)."""
+    import io
+
+    from PIL import Image
+
+    from perflow.training.data import load_image
+
+    ramp = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    for mode in ("L", "RGB"):
+        x = load_image(buf.getvalue(), 8, True, False, np.random.default_rng(0), mode)["pixel_values"]
+        want = torch.from_numpy(np.rint(ramp / 257.0).astype(np.float32)) / 127.5 - 1
+        torch.testing.assert_close(x, want.expand_as(x), rtol=0, atol=1e-6)
+
+
+def test_resolutions_the_teacher_cannot_take_are_one_line(tmp_path, capsys):
+    teacher = ddpm_folder(tmp_path / "teacher")  # 8 px, two blocks: one downsampling
+    grey = write_images(tmp_path / "grey")
+    argv = train_args(teacher, grey, tmp_path / "o")
+    argv[argv.index("--resolution") + 1] = "7"
+    assert "--data.resolution 7 does not fit the teacher's UNet: give a positive multiple of 2" in one_line_error(capsys, argv)
+    wide = ddpm_folder(tmp_path / "wide", unet=tiny_unet2d(sample_size=8))
+    cfg = json.loads((wide / "unet" / "config.json").read_text())
+    (wide / "unet" / "config.json").write_text(json.dumps({**cfg, "sample_size": [8, 16]}))
+    assert "non-square sample_size [8, 16]" in one_line_error(capsys, train_args(wide, grey, tmp_path / "o2"))
+
+
+def test_a_beta_schedule_perflow_cannot_follow_is_one_line():
+    from perflow.training.teachers import teacher_schedule
+
+    with pytest.raises(ValueError, match="beta_schedule 'sigmoid' is not one of .* trained_betas"):
+        teacher_schedule({"beta_schedule": "sigmoid"})

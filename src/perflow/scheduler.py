@@ -254,10 +254,16 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         boundaries = self.boundaries.cpu()
         times = inference_times(num_inference_steps, boundaries)  # (N,) float64
         timesteps = (times * T).to(torch.int64)  # truncation, as the released scheduler
-        if not bool((timesteps[1:] < timesteps[:-1]).all()) or int(timesteps[-1]) < 1:
+        def distinct(n: int) -> bool:
+            ts = (inference_times(n, boundaries) * T).to(torch.int64)
+            return bool((ts[1:] < ts[:-1]).all()) and int(ts[-1]) >= 1
+
+        if not distinct(num_inference_steps):
+            most = next((n for n in range(num_inference_steps - 1, 0, -1) if distinct(n)), 1)
             raise ValueError(
-                f"num_inference_steps={num_inference_steps} is too large for T={T} and these windows: "
-                f"the integer timesteps t*T repeat or reach 0 ({timesteps.tolist()}); use fewer steps"
+                f"num_inference_steps={num_inference_steps} is too large for T={T} and these windows (the integer "
+                f"timesteps t*T would repeat or reach 0): use at most {most}; PeRFlow samples in 4-8 steps "
+                "(e.g. pipe(..., num_inference_steps=4))"
             )
         starts_window = (times.unsqueeze(-1) == boundaries).any(-1)  # (N,)
         step_ts = torch.where(starts_window, times * T, timesteps.to(torch.float64))  # tau_j T

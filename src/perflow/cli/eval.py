@@ -80,6 +80,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--reference-steps {args.reference_steps} must be at least the largest --steps {max(args.steps)}")
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    if args.device is not None:
+        import torch
+
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as err:
+            raise ValueError(f"--device {args.device!r} is not usable here ({str(err).splitlines()[0]}); "
+                             "leave it out to run on the CPU") from None
     from perflow.evaluation.samplers import BASELINE_SAMPLERS
 
     unknown = [b for b in args.baselines if b not in BASELINE_SAMPLERS]

@@ -42,7 +42,9 @@ def baseline_scheduler(name: str, teacher_scheduler_config: dict, timestep_spaci
         return flow_baseline_scheduler(name, config)
     config["timestep_spacing"] = timestep_spacing
     if name == "ddim":
-        return DDIMScheduler.from_config(config)
+        # a scheduler config without clip_sample (PNDM, Euler, DPM-Solver...) samples unclipped, as the trainer's
+        # window solve reads it (perflow.training.teachers.teacher_clip_sample); DDIM's own default would clip
+        return DDIMScheduler.from_config({"clip_sample": False, **config})
     # every sampler ends at the teacher's last noise level abar[0] (as DDIM with
     # set_alpha_to_one=False and PeRFlow do), not at sigma = 0
     if name == "dpmsolver++":

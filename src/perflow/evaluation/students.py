@@ -90,6 +90,7 @@ def load_student(path: str | Path, teacher=None) -> Student:
     unet = unet.eval().requires_grad_(False)
     if teacher is not None:
         check_same_architecture(unet, teacher.unet, den)
+        check_same_schedule(config, teacher, folder / "scheduler")
     label_encoder = None
     if (folder / "label_encoder").is_dir():
         from perflow.models import LabelEncoder
@@ -98,6 +99,23 @@ def load_student(path: str | Path, teacher=None) -> Student:
     elif teacher is not None:
         label_encoder = getattr(teacher, "label_encoder", None)
     return Student(unet, config, label_encoder, folder)
+
+
+def check_same_schedule(student_config: dict, teacher, where: Path | str = "student") -> None:
+    """Refuse a student whose PeRFlow scheduler follows another noise schedule than the teacher's (a student of
+    another teacher of the same architecture: its samples would be compared with the wrong reference)."""
+    from perflow.schedule import DiscreteVPSchedule
+
+    schedule = getattr(teacher, "schedule", None)
+    if not isinstance(schedule, DiscreteVPSchedule) or student_config.get("schedule_kind", "discrete_vp") != "discrete_vp":
+        return
+    ours = DiscreteVPSchedule.from_config(student_config).alphas_cumprod.double()
+    theirs = schedule.alphas_cumprod.double()
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-5, atol=1e-7):
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+        shown = ", ".join(f"{k} {student_config.get(k)!r}" for k in keys)
+        raise ValueError(f"the student's scheduler {str(where)!r} ({shown}) follows another noise schedule than the "
+                         f"teacher's; {_FIX}")
 
 
 def check_same_architecture(student_unet: torch.nn.Module, teacher_unet: torch.nn.Module, where: Path | str = "student") -> None:

@@ -142,6 +142,10 @@ def load_image(
     from PIL import Image
 
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # 16-bit / 32-bit greyscale: PIL's convert clips at 255
+        wide = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8), "L")
     img = img.convert(mode)
     w, h = img.size
     scale = resolution / min(w, h)

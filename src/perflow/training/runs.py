@@ -36,6 +36,7 @@ def open_run(cfg: TrainConfig, locks: list[OutputLock]) -> RunStart:
     remove a killed run's leftovers, find the checkpoint to resume (refusing changed settings) or make
     sure a fresh run does not mix with another run's files."""
     out = cfg.output
+    _refuse_inputs_as_output(cfg, Path(out.output_dir))  # before check_output_dir creates it
     output_dir = check_output_dir(out.output_dir)
     lock = OutputLock(output_dir).acquire()
     locks.append(lock)
@@ -69,6 +70,23 @@ def open_run(cfg: TrainConfig, locks: list[OutputLock]) -> RunStart:
         gone = clear_run_files(output_dir) if resume_from is None else _remove(output_dir, found)
         print(f"output.overwrite: deleted {', '.join(gone)} from {output_dir}")
     return RunStart(resume_from, run_id, run_ids)
+
+
+def _refuse_inputs_as_output(cfg: TrainConfig, output_dir: Path) -> None:
+    """Refuse an output folder that is the teacher's or ``model.student_init``'s folder (the run would write
+    over, and ``--overwrite`` delete, the model it reads) or lies inside ``data.path`` (its validation grids
+    would become training data)."""
+    out = Path(output_dir).resolve()
+    for field, value in (("model.teacher", cfg.model.teacher), ("model.student_init", cfg.model.student_init)):
+        if value and isinstance(value, (str, Path)) and Path(value).exists() and Path(value).resolve() == out:
+            raise OutputDirError(f"output.output_dir {str(output_dir)!r} is the {field} folder; the run would write "
+                                 "over the model it reads: choose another --output_dir")
+    data = cfg.data.path
+    if data and isinstance(data, (str, Path)) and Path(data).is_dir():
+        src = Path(data).resolve()
+        if out == src or src in out.parents:
+            raise OutputDirError(f"output.output_dir {str(output_dir)!r} is inside data.path {str(data)!r}; the run's "
+                                 "images would be read as training data: choose an --output_dir outside it")
 
 
 def _remove(root: Path, names: list[str]) -> list[str]:

@@ -95,6 +95,11 @@ def teacher_schedule(config: dict) -> tuple[DiscreteVPSchedule, str, dict]:
         )
     if prediction_type not in TEACHER_PREDICTION_TYPES:
         raise ValueError(f"the teacher's scheduler has unsupported prediction_type {prediction_type!r}")
+    from ..schedule import BETA_SCHEDULES
+
+    if config.get("trained_betas") is None and config.get("beta_schedule", "linear") not in BETA_SCHEDULES:
+        raise ValueError(f"the teacher's beta_schedule {config.get('beta_schedule')!r} is not one of {BETA_SCHEDULES}; "
+                         "write its betas into the scheduler config as trained_betas (e.g. DDPMScheduler(...).betas.tolist())")
     filled = DDIMScheduler.from_config(dict(config)).config
     keys = SCHEDULE_KEYS + ("set_alpha_to_one",)
     schedule_config = {k: filled[k] for k in keys if k in filled}
@@ -189,17 +194,27 @@ class Teacher:
         size = getattr(self.unet.config, "sample_size", None)
         if size is None:
             return None
+        if not isinstance(size, int) and len(set(size)) > 1:
+            raise ValueError(f"the teacher's denoiser has a non-square sample_size {list(size)}; perflow trains and "
+                             "samples square images: give a teacher with a square sample_size")
         return int(size if isinstance(size, int) else size[0]) * self.vae_scale
 
     def resolution(self, given: int | None, option: str) -> int:
         """``given`` if set, else :attr:`native_resolution`; a ``ValueError`` naming ``option`` (the setting
-        that gives it, e.g. ``--resolution``) when neither exists (a Flux transformer records no size)."""
-        if given is not None:
-            return int(given)
-        if self.native_resolution is None:
+        that gives it, e.g. ``--resolution``) when neither exists (a Flux transformer records no size), for a
+        non-square teacher, or when a UNet cannot take that size (not a multiple of the VAE factor times
+        ``2^(number of downsamplings)``)."""
+        native = self.native_resolution
+        if given is None and native is None:
             raise ValueError(f"the teacher's denoiser ({type(self.unet).__name__}) records no sample_size; "
                              f"set {option} (e.g. {option} 1024)")
-        return self.native_resolution
+        res = int(given) if given is not None else native
+        blocks = getattr(self.unet.config, "down_block_types", None)
+        factor = self.vae_scale * 2 ** (len(blocks) - 1) if blocks else 1
+        if res < 1 or res % factor:
+            raise ValueError(f"{option} {res} does not fit the teacher's UNet: give a positive multiple of {factor} "
+                             f"(its {len(blocks) - 1} downsamplings x the VAE factor {self.vae_scale})")
+        return res
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
