@@ -148,3 +148,17 @@ def test_cli_adapt_killed_with_sigkill_resumes_to_the_same_delta(tmp_path):
     da = load_file(str(tmp_path / "full" / "run" / "delta.safetensors"))
     db = load_file(str(tmp_path / "cut" / "run" / "delta.safetensors"))
     assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+
+
+def test_a_first_chunk_that_fails_does_not_lock_the_folder(tmp_path):
+    """A data mistake found only when training starts (after the baseline): the corrected command runs in the
+    same folder, with or without --resume, since nothing was trained."""
+    from perflow.training.adapt import adapt_delta
+
+    target = Target(teacher=tiny_class_teacher(seed=1), name="tiny fine-tune")
+    with pytest.raises(FileNotFoundError):
+        adapt_delta(_delta(), target, tmp_path, config="digits", budget_steps=2, check_every=2, num_samples=20,
+                    reference_steps=8, eval_kwargs=EVAL, progress=False, **{"data.path": str(tmp_path / "missing")}, **TRAIN)
+    assert json.loads((tmp_path / "adapt.json").read_text())["checks"][-1]["step"] == 0
+    done = _adapt(tmp_path, budget_steps=2)
+    assert [c["step"] for c in done.checks] == [0, 2]

@@ -510,3 +510,30 @@ def test_extract_and_to_lora_never_overwrite_their_inputs_or_an_existing_file(wo
 def test_report_scales_must_be_finite(world, flag, capsys):
     rc, _, err = cli(["delta", "report", "--delta", world["delta"], "--target", "digits", flag, "nan"], capsys)
     assert rc == 2 and "expected a finite number" in err and "Traceback" not in err
+
+
+def test_pickle_files_are_named_as_such_and_never_unpickled(tmp_path):
+    """A torch.save file where safetensors belong (a LoRA, a single-file target): the error says it is a pickle,
+    not a damaged download; a model folder with only pickle weights is refused before any library loads it."""
+    from perflow.io import WeightsFileError, read_safetensors, require_safetensors
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "lora.safetensors")
+    with pytest.raises(WeightsFileError, match="is a pickle .* perflow never unpickles"):
+        read_safetensors(tmp_path / "lora.safetensors")
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(2)}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(WeightsFileError, match=r"holds only pickle weights \(diffusion_pytorch_model.bin\)"):
+        require_safetensors(folder, "the ControlNet")
+
+
+def test_merging_into_an_already_merged_pipeline_is_refused(world, tmp_path, capsys):
+    pipe = tiny_sd15_pipeline()
+    pipe.save_pretrained(tmp_path / "base")
+    rc, _, _ = cli(["delta", "merge", "--delta", world["delta"], "--into", tmp_path / "base", "-o", tmp_path / "m1"], capsys)
+    assert rc == 0
+    rc, _, err = cli(["delta", "merge", "--delta", world["delta"], "--into", tmp_path / "m1", "-o", tmp_path / "m2"], capsys)
+    assert rc == 2 and "already samples with the PeRFlow scheduler" in error_line(err) and not (tmp_path / "m2").exists()
+    merge_delta(pipe, world["delta"])
+    with pytest.warns(UserWarning, match="adds a second one"):
+        merge_delta(pipe, world["delta"])

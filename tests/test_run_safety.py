@@ -193,7 +193,7 @@ def test_a_new_run_refuses_another_runs_folder_unless_resuming_or_overwriting(tm
     assert again.run_id != first.run_id and _ckpts(tmp_path) == []
     assert json.loads((tmp_path / "perflow_training.json").read_text())["run_id"] == again.run_id
     # a run finished without checkpoints is not silently replaced by "--resume latest" either
-    with pytest.raises(OutputDirError, match="holds another run's files"):
+    with pytest.raises(OutputDirError, match="no checkpoint to resume .* --overwrite true"):
         _run(tmp_path, max_steps=1, resume="latest")
 
 

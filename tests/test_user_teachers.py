@@ -306,3 +306,34 @@ def test_a_beta_schedule_perflow_cannot_follow_is_one_line():
 
     with pytest.raises(ValueError, match="beta_schedule 'sigmoid' is not one of .* trained_betas"):
         teacher_schedule({"beta_schedule": "sigmoid"})
+
+
+def test_resume_of_a_run_without_checkpoints_says_so(tmp_path, capsys, one_thread):
+    teacher, grey, out = ddpm_folder(tmp_path / "teacher"), write_images(tmp_path / "grey"), tmp_path / "out"
+    assert main(train_args(teacher, grey, out, "--window_weights", "none")) == 0  # checkpoint_every 0
+    capsys.readouterr()
+    err = one_line_error(capsys, train_args(teacher, grey, out, "--window_weights", "none", "--resume", "latest"))
+    assert "no checkpoint to resume" in err and "--overwrite true" in err and "pass --resume latest" not in err
+
+
+def test_class_subfolders_are_the_labels_without_metadata(tmp_path, capsys):
+    """HF imagefolder's convention: ROOT/CLASS/x.png; integer folder names are those classes, others are
+    numbered in sorted order; a flat folder for a class-conditional teacher is a one-line error."""
+    from PIL import Image
+
+    from perflow.training.data import ImageFolderDataset, LabelRange
+
+    for root, names in ((tmp_path / "digits", ("2", "0")), (tmp_path / "named", ("dog", "cat"))):
+        for name in names:
+            (root / name).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(root / name / "a.png")
+    got = ImageFolderDataset(tmp_path / "digits", 8, channels=1, labels=LabelRange(num_labels=3)).items
+    assert sorted(got) == [("0/a.png", 0), ("2/a.png", 2)]
+    got = ImageFolderDataset(tmp_path / "named", 8, channels=1, labels=LabelRange(num_labels=3)).items
+    assert sorted(got) == [("cat/a.png", 0), ("dog/a.png", 1)]
+    assert "cat -> 0, dog -> 1" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="2 is not one of the teacher's classes"):
+        ImageFolderDataset(tmp_path / "digits", 8, channels=1, labels=LabelRange(num_labels=3, null_label=2))
+    flat = write_images(tmp_path / "flat")
+    with pytest.raises(ValueError, match="not all in class subfolders .* data.caption_free true"):
+        ImageFolderDataset(flat, 8, channels=1, labels=LabelRange(num_labels=3))

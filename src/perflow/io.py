@@ -292,7 +292,35 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except SafetensorError as err:
+        if is_pickle_file(path):
+            raise WeightsFileError(f"{str(path)!r} is a pickle (torch.save) file, not safetensors; perflow never unpickles "
+                                   "weights: convert it to .safetensors (safetensors.torch.save_file after a "
+                                   "torch.load(..., weights_only=True))") from None
         raise WeightsFileError(f"cannot read {str(path)!r} ({err}); {REEXPORT_HINT}") from None
+
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def is_pickle_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a ``torch.save`` zip archive or a raw pickle (protocol 2+); never unpickles."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def require_safetensors(folder: str | os.PathLike, what: str = "the model") -> None:
+    """Refuse a model folder whose weights are only pickle files (``*.bin``, ``*.ckpt``...): one line, no unpickling."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickled:
+        raise WeightsFileError(f"{what} {str(folder)!r} holds only pickle weights ({', '.join(pickled[:3])}); perflow "
+                               "reads safetensors only: re-save it with save_pretrained(..., safe_serialization=True)")
 
 
 def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

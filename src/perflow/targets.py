@@ -310,10 +310,11 @@ def load_target(
     if cn_folder is not None and (controlnet is not None or cn_folder.is_dir()):
         from diffusers import ControlNetModel
 
-        from .io import check_weight_files
+        from .io import check_weight_files, require_safetensors
 
         if not (cn_folder / "config.json").is_file():
             raise FileNotFoundError(f"no ControlNet at {str(cn_folder)!r} (config.json missing); give a ControlNetModel folder")
+        require_safetensors(cn_folder, "the ControlNet")
         check_weight_files(cn_folder)  # a damaged file: one line naming it
         cn = ControlNetModel.from_pretrained(cn_folder, use_safetensors=True).eval().requires_grad_(False)
         check_controlnet_fits(cn, teacher.unet, f"the ControlNet {str(cn_folder)!r}")

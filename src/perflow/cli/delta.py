@@ -21,7 +21,12 @@ def add_parser(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="delta_command", metavar="ACTION", required=True)
 
-    e = sub.add_parser("extract", help="delta = student - teacher (fp32) with metadata, as .safetensors")
+    e = sub.add_parser("extract", help="delta = student - teacher (fp32) with metadata, as .safetensors",
+                       description="Write delta = student - teacher (fp32, or fp64 with --float64) as one .safetensors "
+                       "file, with the metadata a merge needs: the teacher's class, config and weight hash, K, the "
+                       "window boundaries, the parameterization and the PeRFlow scheduler config (read from the "
+                       "student's scheduler/ when it has one). An existing output needs --overwrite; the inputs are "
+                       "never overwritten.")
     e.add_argument("--student", required=True, help="student: diffusers UNet/transformer folder, pipeline or teacher folder")
     e.add_argument("--teacher", required=True, help="teacher the student was trained from (same layouts)")
     e.add_argument("-o", "--output", required=True, help="output .safetensors file")
@@ -37,7 +42,12 @@ def add_parser(subparsers) -> None:
                         "weight that did not shrink by more than 2^28 in training)")
     e.set_defaults(func=_extract)
 
-    m = sub.add_parser("merge", help="add scale * delta to a UNet folder, pipeline folder or single-file checkpoint")
+    m = sub.add_parser("merge", help="add scale * delta to a UNet folder, pipeline folder or single-file checkpoint",
+                       description="Add --scale x delta to a model of the same base (fp32 sums, the model's dtype kept) "
+                       "and write it to -o: a UNet/transformer folder, a pipeline folder (its scheduler becomes the "
+                       "PeRFlow scheduler from the delta's metadata) or a single-file .safetensors checkpoint. A delta "
+                       "of another architecture or base config is refused, as is a pipeline that already samples with "
+                       "the PeRFlow scheduler (merged already).")
     m.add_argument("--delta", required=True, help="delta .safetensors or released delta folder")
     m.add_argument("--into", required=True, help="diffusers UNet/transformer folder, pipeline folder (SD, SDXL, SD3, Flux) or single-file .safetensors")
     m.add_argument("-o", "--output", required=True, help="output folder (or .safetensors for a single file)")
@@ -51,7 +61,10 @@ def add_parser(subparsers) -> None:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output")
     m.set_defaults(func=_merge)
 
-    lo = sub.add_parser("to-lora", help="low-rank (SVD) LoRA export loadable by pipe.load_lora_weights")
+    lo = sub.add_parser("to-lora", help="low-rank (SVD) LoRA export loadable by pipe.load_lora_weights",
+                        description="Export the delta's linear and conv weights as a rank-r LoRA (truncated SVD per "
+                        "layer) that pipe.load_lora_weights loads, and the tensors a LoRA cannot carry (biases, norms) "
+                        "as a .rest.safetensors delta to merge beside it. Prints the relative error per rank.")
     lo.add_argument("--delta", required=True, help="delta .safetensors or released delta folder")
     lo.add_argument("--variant", default=None, help=_VARIANT_HELP)
     lo.add_argument("--rank", type=positive_int, required=True, help="LoRA rank r")
@@ -63,7 +76,9 @@ def add_parser(subparsers) -> None:
     lo.add_argument("--per-layer", action="store_true", help="print the error of every layer, not only the totals")
     lo.set_defaults(func=_to_lora)
 
-    i = sub.add_parser("info", help="print a delta's metadata and size")
+    i = sub.add_parser("info", help="print a delta's metadata and size",
+                       description="Print a delta's metadata (base model, K, boundaries, parameterization), its tensor "
+                       "count and norm.")
     i.add_argument("delta", help="delta .safetensors or released delta folder")
     i.add_argument("--variant", default=None, help=_VARIANT_HELP)
     i.set_defaults(func=_info)

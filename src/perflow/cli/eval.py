@@ -35,13 +35,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="model evaluations to compare")
     p.add_argument("--baselines", nargs="*", default=["ddim", "dpmsolver++", "unipc"],
                    help="teacher solvers: ddim, dpmsolver++, unipc")
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--num-samples", type=int, default=1000,
+                   help="samples per sampler, all from the same noise and labels (at least 20: the FD and sliced-W2 floor need them)")
     p.add_argument("--reference-steps", type=int, default=100, help="teacher DDIM steps of the reference")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance, the same for every sampler (default: 1.0; 7.5 for --task images "
                         "and for text teachers in --task teacher)")
     p.add_argument("--toy-steps", type=int, default=2000, help="toy2d: MLP training steps per student")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared initial noise (and labels)")
     gen = p.add_argument_group("teacher task (any teacher; nothing is downloaded)")
     gen.add_argument("--labels", type=int, nargs="+", default=None,
                      help="class labels cycled over the samples (class-conditional teachers; default: every class)")
@@ -59,7 +60,7 @@ def add_parser(subparsers) -> None:
     img.add_argument("--resolution", type=int, default=None, help="image resolution (default: the UNet's)")
     img.add_argument("--batch-size", type=int, default=8, help="images per UNet call")
     p.add_argument("--output-dir", default=None, help="write <task>_eval.json and <task>_eval.md here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_threads_option(p)
     p.set_defaults(func=run)
 

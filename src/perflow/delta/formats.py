@@ -329,6 +329,9 @@ def merge_into_path(
         check_base_config(config, metadata)
         return merge_single_file(model, delta, out, config, scale, strict, partial)
     src = model_folder(model)
+    if src != model and not partial and is_perflow_scheduler_config(read_scheduler_config(model)):
+        raise ValueError(f"{str(model)!r} already samples with the PeRFlow scheduler: a delta is merged into it already, "
+                         "and merging again would add it twice; merge into the original model folder")
     model_config = read_json(src / "config.json")
     check_family(model_config.get("_class_name"), metadata)
     check_base_config(model_config, metadata)

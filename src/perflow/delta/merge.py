@@ -209,6 +209,12 @@ def merge_delta(
     module = denoiser_of(target)
     check_family(type(module).__name__, metadata)
     check_base_config(getattr(module, "config", None), metadata)
+    scheduler = getattr(target, "scheduler", None) if module is not target else None
+    if scheduler is not None and not partial and is_perflow_scheduler_config(dict(scheduler.config)):
+        import warnings
+
+        warnings.warn("the pipeline already samples with the PeRFlow scheduler: if a delta is merged into it already, "
+                      "this merge adds a second one", stacklevel=2)
     merge_into_module(module, delta, scale, strict, partial)
     if module is not target and set_scheduler:
         target.scheduler = perflow_scheduler_from_metadata(metadata, base_config=dict(target.scheduler.config))

@@ -64,8 +64,9 @@ def evaluate_digits(config: DigitsEvalConfig, progress: bool = True) -> EvalResu
         raise ValueError(f"num_samples={config.num_samples} is too few for a Fréchet distance; use at least 20")
     teacher = load_teacher(config.teacher)
     if teacher.kind != "class" or teacher.vae is not None:
-        hint = "; evaluate a flow-matching teacher with --task teacher" if teacher.kind == "class_flow" else ""
-        raise ValueError(f"evaluate_digits needs a pixel-space class-conditional UNet teacher, got {teacher.kind!r}{hint}")
+        raise ValueError(f"--task digits (the default) scores digit-like samples of a pixel-space class-conditional UNet "
+                         f"teacher with the digit classifier; {config.teacher!r} is a {teacher.kind!r} teacher: "
+                         "evaluate it with --task teacher")
     classifier = load_digit_classifier(config.classifier)
     unet, label_encoder = teacher.unet, teacher.label_encoder
     size = unet.config.sample_size

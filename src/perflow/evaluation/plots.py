@@ -26,21 +26,28 @@ def save_sample_grid(
     title: str = "",
     row_labels: Sequence[str] | None = None,
     max_columns: int = 20,
+    invert: bool = True,
 ) -> Path:
-    """One row per name in ``names`` (``previews[name]`` is ``(B, 1, H, W)`` in ``[-1, 1]``), same
-    columns (the same initial noise and label) in every row."""
+    """One row per name in ``names`` (``previews[name]`` is ``(B, C, H, W)`` in ``[-1, 1]``, ``C`` 1 or 3), same
+    columns (the same initial noise and label) in every row. Greyscale is shown inverted with ``invert`` (digits:
+    ink dark on white), colour as it is."""
     plt = _figure()
     rows = []
     for name in names:
-        imgs = previews[name][:max_columns].float().clamp(-1, 1)  # (B, 1, H, W)
-        rows.append(torch.cat(list(torch.nn.functional.pad(imgs[:, 0], (1, 1, 1, 1), value=-1.0)), dim=1))  # (H+2, B(W+2))
-    width = max(r.shape[1] for r in rows)
-    rows = [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=-1.0) for r in rows]
-    grid = torch.cat(rows, dim=0)  # (R(H+2), C(W+2))
-    cell = rows[0].shape[0]
-    fig_w = 2.5 + 0.4 * grid.shape[1] / cell
+        imgs = previews[name][:max_columns].float().clamp(-1, 1)  # (B, C, H, W)
+        imgs = imgs[:, :1] if imgs.shape[1] != 3 else imgs
+        padded = torch.nn.functional.pad(imgs, (1, 1, 1, 1), value=-1.0)  # (B, C, H+2, W+2)
+        rows.append(torch.cat(list(padded), dim=2))  # (C, H+2, B(W+2))
+    width = max(r.shape[2] for r in rows)
+    rows = [torch.nn.functional.pad(r, (0, width - r.shape[2]), value=-1.0) for r in rows]
+    grid = torch.cat(rows, dim=1)  # (C, R(H+2), B(W+2))
+    cell = rows[0].shape[1]
+    fig_w = 2.5 + 0.4 * grid.shape[2] / cell
     fig, ax = plt.subplots(figsize=(fig_w, 0.45 * len(rows) + 0.8), dpi=110)
-    ax.imshow((-grid).numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")  # ink dark on white
+    if grid.shape[0] == 3:
+        ax.imshow(((grid.permute(1, 2, 0) + 1) / 2).numpy(), interpolation="nearest")
+    else:
+        ax.imshow((-grid[0] if invert else grid[0]).numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
     ax.set_yticks([cell * (i + 0.5) for i in range(len(rows))])
     ax.set_yticklabels(row_labels or list(names), fontsize=8)
     ax.set_xticks([])

@@ -147,7 +147,7 @@ def transfer_report(config: TransferConfig, progress: bool = True) -> EvalResult
     result.meta.update({
         "target": target.name, "delta": _describe(config.delta), "delta_extra": config.delta_extra,
         "delta_scale": config.delta_scale, "delta_metadata": {k: meta.get(k) for k in ("num_time_windows", "prediction_type", "cfg_mode")},
-        "command": config.command,
+        "command": config.command, "digits_derived": _digits_derived(meta, target),
     })
     result.meta.update(verdict(result))
     if config.output_dir is not None:
@@ -236,7 +236,8 @@ def write_transfer_report(result: EvalResult, output_dir: str | os.PathLike) -> 
         if best is not None:
             names.append(f"{best['sampler']}@{n}")
     names = [k for k in names if k in result.previews]
-    save_sample_grid(result.previews, names, files["grid"], title=f"{result.meta.get('target')}: same noise, same conditions")
+    save_sample_grid(result.previews, names, files["grid"], title=f"{result.meta.get('target')}: same noise, same conditions",
+                     invert=bool(result.meta.get("digits_derived")))
     return files
 
 

@@ -241,8 +241,25 @@ class ImageFolderDataset(_ImageDataset):
         else:
             files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
             self.items = [(str(p.relative_to(self.root)), None) for p in files]
+            if labels is not None and files:
+                self.items = self._folder_labels(files, labels)
         if not self.items:
             raise ValueError(f"no images found in {self.root} (extensions {IMAGE_EXTS})")
+
+    def _folder_labels(self, files: list[Path], labels: LabelRange) -> list[tuple[str, int]]:
+        """Labels from class subfolders (HF ``imagefolder``'s convention when there is no metadata): every image
+        one folder down; folders named by integers are those classes, other names are numbered in sorted order."""
+        rel = [p.relative_to(self.root) for p in files]
+        if any(len(r.parts) != 2 for r in rel):
+            raise ValueError(f"{self.root}: the teacher is conditioned on class labels, but there is no metadata.jsonl "
+                             "(file_name + label columns) and the images are not all in class subfolders (ROOT/CLASS/x.png); "
+                             "add one of them, or set data.caption_free true to train unconditionally")
+        names = sorted({r.parts[0] for r in rel})
+        numeric = all(n.isdigit() for n in names)
+        ids = {n: (int(n) if numeric else i) for i, n in enumerate(names)}
+        shown = ", ".join(f"{n} -> {ids[n]}" for n in names[:10]) + (" ..." if len(names) > 10 else "")
+        print(f"data: class labels from the subfolders of {self.root}: {shown}")
+        return [(str(r), labels.check(ids[r.parts[0]], str(self.root / r.parts[0]))) for r in rel]
 
     def __len__(self) -> int:
         return len(self.items)

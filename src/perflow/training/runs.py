@@ -59,6 +59,12 @@ def open_run(cfg: TrainConfig, locks: list[OutputLock]) -> RunStart:
         run_ids = (run_id,) if state.get("run_id") else (run_id, None)
         found = [p.relative_to(output_dir).as_posix() for p in checkpoint_dirs(output_dir)
                  if (read_state(p) or {}).get("run_id", None) not in run_ids]
+    if found and not out.overwrite and resume_from is None and out.resume:
+        raise OutputDirError(
+            f"output.output_dir {str(output_dir)!r} holds a run's files ({', '.join(found[:4])}) but no checkpoint to "
+            "resume (it ran with checkpoint_every 0, or finished before one); pass --overwrite true to delete them "
+            "and start afresh there, or choose another --output_dir"
+        )
     if found and not out.overwrite:
         what = "start afresh" if resume_from is None else f"continue {resume_from.name}"
         raise OutputDirError(
