@@ -164,7 +164,7 @@ def test_a_teacher_that_does_not_load_is_one_line(tmp_path, capsys):
     (["--num-samples", "20", "--prompts", "a cat"], "--prompts is for text-conditioned teachers"),
     (["--num-samples", "20", "--spacings", "uniform"], "spacings"),
     (["--num-samples", "20", "--device", "nodevice"], "--device 'nodevice' is not usable here"),
-    (["--num-samples", "20", "--resolution", "7"], "--resolution 7 does not fit the teacher's UNet"),
+    (["--num-samples", "20", "--resolution", "7"], "--resolution 7 does not fit the teacher's denoiser"),
 ])
 def test_bad_teacher_task_options_are_one_line(args, needle, capsys):
     rc, _, err = cli(["eval", "--task", "teacher", "--teacher", "digits", *FAST, *args], capsys)

@@ -188,8 +188,14 @@ def test_a_unet_teacher_with_a_flow_matching_scheduler_is_refused():
 
     from perflow.training.teachers import teacher_schedule
 
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     config = dict(UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0).config)
     with pytest.raises(ValueError, match="flow-matching one .* StableDiffusion3Pipeline and FluxPipeline"):
+        teacher_schedule(config)
+    # FlowMatchEulerDiscreteScheduler's config has no prediction_type: it was read as an epsilon DDPM before
+    config = {**FlowMatchEulerDiscreteScheduler(shift=3.0).config, "_class_name": "FlowMatchEulerDiscreteScheduler"}
+    with pytest.raises(ValueError, match="flow-matching one \\(FlowMatchEulerDiscreteScheduler\\)"):
         teacher_schedule(config)
 
 
@@ -243,6 +249,25 @@ def test_perflow_eval_compares_a_transformer_student_with_the_solvers(family, im
                                                 num_samples=20, steps=[4], reference_steps=8, resolution=16,
                                                 spacings=["trailing"]), progress=False)
     assert result.meta["teacher_conditioning"] == "text"
+    # Flux-dev: the guidance input for every sampler and no second (unconditional) pass; SD3: two-pass CFG 7.5
+    assert result.meta["guidance_scale"] == (1.0 if family == "flux" else 7.5)
+    assert result.meta["embedded_guidance"] == (3.5 if family == "flux" else None)
     rows = {r["sampler"]: r for r in result.rows if r["steps"] == 4}
     assert {"perflow (K=4)", "teacher ddim", "teacher dpmsolver++", "teacher unipc"} <= set(rows)
     assert all(np.isfinite(r["paired_mse"]) for r in rows.values())
+
+
+def test_student_init_reads_a_transformer_run_folder(tmp_path):
+    """``model.student_init RUN`` for an SD3/Flux run: the weights in ``RUN/transformer/`` (progressive K 4 -> 2)."""
+    from perflow.tiny import tiny_flux_pipeline
+    from perflow.training.loop import load_student_init
+
+    saved, student = tiny_flux_pipeline().transformer, tiny_flux_pipeline().transformer
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(0.01)
+    saved.save_pretrained(tmp_path / "run" / "transformer")
+    load_student_init(student, str(tmp_path / "run"))
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), saved.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="not a diffusers model folder"):
+        load_student_init(student, str(tmp_path))

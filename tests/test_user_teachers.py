@@ -294,7 +294,7 @@ def test_resolutions_the_teacher_cannot_take_are_one_line(tmp_path, capsys):
     grey = write_images(tmp_path / "grey")
     argv = train_args(teacher, grey, tmp_path / "o")
     argv[argv.index("--resolution") + 1] = "7"
-    assert "--data.resolution 7 does not fit the teacher's UNet: give a positive multiple of 2" in one_line_error(capsys, argv)
+    assert "--data.resolution 7 does not fit the teacher's denoiser: give a positive multiple of 2" in one_line_error(capsys, argv)
     wide = ddpm_folder(tmp_path / "wide", unet=tiny_unet2d(sample_size=8))
     cfg = json.loads((wide / "unet" / "config.json").read_text())
     (wide / "unet" / "config.json").write_text(json.dumps({**cfg, "sample_size": [8, 16]}))

@@ -243,7 +243,20 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     if config.device is not None:
         teacher.to(config.device)
     kind = conditioning(teacher)
-    w = config.guidance_scale if config.guidance_scale is not None else (7.5 if kind == "text" else 1.0)
+    embedded = None
+    if getattr(teacher, "kind", "") == "flux":  # Flux is never sampled with a second (unconditional) pass
+        if teacher.guidance_embeds:
+            # Flux-dev: guidance is an input embedding; --guidance-scale sets it for every sampler (the value the
+            # student was trained at, its --embedded_guidance)
+            if config.guidance_scale is not None:
+                teacher.guidance = float(config.guidance_scale)
+            embedded = teacher.guidance
+        elif config.guidance_scale not in (None, 1.0):
+            raise ValueError(f"{name!r} is a Flux model without a guidance input (schnell): it takes no guidance; "
+                             "leave --guidance-scale unset")
+        w = 1.0
+    else:
+        w = config.guidance_scale if config.guidance_scale is not None else (7.5 if kind == "text" else 1.0)
     if kind == "none" and w != 1.0:
         raise ValueError(f"{name!r} is unconditional: classifier-free guidance needs a condition; use --guidance-scale 1")
     if w != 1.0 and not getattr(teacher, "has_null", True):
@@ -297,6 +310,7 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
         "config": _json_config(config, name),
         "teacher_conditioning": kind,
         "guidance_scale": w,
+        "embedded_guidance": embedded,
         "resolution": res,
         "sw_ref_floor": floor,
         "sw_projections": config.sw_projections,
@@ -413,7 +427,9 @@ def notes(meta: dict, config: TeacherEvalConfig) -> list[str]:
     """Plain sentences for the report: what the distribution metric measures and its noise level."""
     n = config.num_samples
     out = [
-        f"Teacher {meta['config']['teacher']!r} ({_KIND_WORDS[meta['teacher_conditioning']]}), resolution {meta['resolution']}.",
+        f"Teacher {meta['config']['teacher']!r} ({_KIND_WORDS[meta['teacher_conditioning']]}), resolution {meta['resolution']}"
+        + (f", guidance input {meta['embedded_guidance']:g} for every sampler (Flux: no second CFG pass)."
+           if meta.get("embedded_guidance") is not None else f", guidance scale {meta['guidance_scale']:g}."),
         f"sliced W2 (sw_ref) is the sliced Wasserstein-2 distance, over {config.sw_projections} fixed random directions "
         f"in pixel space, between a sampler's {n} images and the teacher reference's {n}; ± is its bootstrap standard "
         f"error ({config.bootstrap} resamples). Noise floor: two halves of the reference ({n // 2} images each) are "

@@ -170,9 +170,7 @@ class FlowTeacher(Teacher):
 
     def check_training(self, cfg: Any) -> None:
         check_velocity(cfg, self.name)
-        if cfg.data.resolution % (2 * self.vae_scale):
-            raise ValueError(f"data.resolution {cfg.data.resolution} must be a multiple of {2 * self.vae_scale} for "
-                             f"{self.name} (the VAE's factor x the transformer's 2x2 patches)")
+        self.resolution(cfg.data.resolution, "data.resolution")  # a size the transformer takes (size_factor)
 
     def encode_prompts(self, captions: list[str]) -> Condition:
         raise NotImplementedError
@@ -221,6 +219,11 @@ class FluxTeacher(FlowTeacher):
     def __init__(self, pipe: Any, name: str = "teacher"):
         super().__init__(pipe, name)
         self.guidance = 3.5
+
+    @property
+    def size_factor(self) -> tuple[int, str]:
+        """Flux packs 2 x 2 latents into one token."""
+        return 2 * self.vae_scale, f"2 x 2 latents per token x the VAE factor {self.vae_scale}"
 
     @property
     def guidance_embeds(self) -> bool:

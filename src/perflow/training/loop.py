@@ -447,15 +447,18 @@ def image_channels(teacher: Teacher) -> int:
 
 
 def load_student_init(student: torch.nn.Module, path: str) -> None:
-    """Copy a saved UNet's weights (a ``save_pretrained`` folder or its parent) into the student; the
-    folder's model class (its ``config.json``'s ``_class_name``) must be the student's."""
+    """Copy a saved denoiser's weights (a ``save_pretrained`` folder, or a run / pipeline folder holding it in
+    ``unet/`` or ``transformer/``) into the student; the folder's model class (its ``config.json``'s
+    ``_class_name``) must be the student's."""
+    from perflow.evaluation.students import denoiser_dir
     from perflow.io import check_weight_files, read_json
 
     folder = Path(path)
-    if (folder / "unet" / "config.json").is_file():
-        folder = folder / "unet"
+    if not (folder / "config.json").is_file() and (denoiser_dir(folder) / "config.json").is_file():
+        folder = denoiser_dir(folder)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model.student_init {path!r} is not a diffusers UNet folder (config.json missing)")
+        raise FileNotFoundError(f"model.student_init {path!r} is not a diffusers model folder (config.json missing; "
+                                "give a perflow train output_dir or its unet/ or transformer/ folder)")
     check_weight_files(folder)  # a truncated or damaged file: an error naming it, not a traceback
     cls, saved = type(student), read_json(folder / "config.json").get("_class_name")
     if saved != cls.__name__:

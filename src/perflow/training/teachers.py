@@ -85,12 +85,13 @@ def teacher_schedule(config: dict) -> tuple[DiscreteVPSchedule, str, dict]:
 
     from ..schedule import SCHEDULE_KEYS
     from ..solver import TEACHER_PREDICTION_TYPES
+    from ..schedule import scheduler_kind
     from ..windows import check_nonzero_abar, equal_boundaries
 
     prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type == "flow_prediction":
+    if prediction_type == "flow_prediction" or scheduler_kind(config) == "flow_matching":
         raise ValueError(
-            "this UNet teacher's scheduler is a flow-matching one (prediction_type flow_prediction); perflow trains "
+            f"this UNet teacher's scheduler is a flow-matching one ({config.get('_class_name') or 'flow_prediction'}); perflow trains "
             "flow-matching teachers from StableDiffusion3Pipeline and FluxPipeline folders (docs/training.md)"
         )
     if prediction_type not in TEACHER_PREDICTION_TYPES:
@@ -209,12 +210,21 @@ class Teacher:
             raise ValueError(f"the teacher's denoiser ({type(self.unet).__name__}) records no sample_size; "
                              f"set {option} (e.g. {option} 1024)")
         res = int(given) if given is not None else native
-        blocks = getattr(self.unet.config, "down_block_types", None)
-        factor = self.vae_scale * 2 ** (len(blocks) - 1) if blocks else 1
+        factor, why = self.size_factor
         if res < 1 or res % factor:
-            raise ValueError(f"{option} {res} does not fit the teacher's UNet: give a positive multiple of {factor} "
-                             f"(its {len(blocks) - 1} downsamplings x the VAE factor {self.vae_scale})")
+            raise ValueError(f"{option} {res} does not fit the teacher's denoiser: give a positive multiple of {factor} ({why})")
         return res
+
+    @property
+    def size_factor(self) -> tuple[int, str]:
+        """``(f, why)``: image sizes the denoiser takes are multiples of ``f`` (a UNet: the VAE factor times
+        ``2^(number of downsamplings)``; a patch transformer: the VAE factor times its patch size)."""
+        config = self.unet.config
+        blocks = getattr(config, "down_block_types", None)
+        if blocks:
+            return self.vae_scale * 2 ** (len(blocks) - 1), f"{len(blocks) - 1} downsamplings x the VAE factor {self.vae_scale}"
+        patch = int(getattr(config, "patch_size", 1) or 1)
+        return self.vae_scale * patch, f"patch size {patch} x the VAE factor {self.vae_scale}"
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
