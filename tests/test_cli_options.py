@@ -31,3 +31,11 @@ def test_apply_threads_sets_torch_threads():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_adapt_set_keeps_yaml_words_that_are_strings():
+    """``--set mixed_precision=no``: YAML 1.1 would read ``no`` as False; only true/false are booleans."""
+    from perflow.cli.transfer import _overrides
+
+    assert _overrides(["mixed_precision=no", "progress=false", "save_ema=True", "batch_size=8"]) == {
+        "mixed_precision": "no", "progress": False, "save_ema": True, "batch_size": 8}

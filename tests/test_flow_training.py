@@ -271,3 +271,15 @@ def test_student_init_reads_a_transformer_run_folder(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), saved.state_dict().values()))
     with pytest.raises(FileNotFoundError, match="not a diffusers model folder"):
         load_student_init(student, str(tmp_path))
+
+
+def test_a_pipeline_folder_missing_a_component_names_it(tmp_path, capsys):
+    import shutil
+
+    from cli_helpers import cli, error_line
+
+    _, folder = _folder("sd3", tmp_path)
+    shutil.rmtree(folder / "text_encoder_3")
+    rc, _, err = cli(["eval", "--task", "teacher", "--teacher", folder, "--prompts", "a", "--num-samples", 20,
+                      "--resolution", 16], capsys)
+    assert rc == 2 and "lacks text_encoder_3/ that its model_index.json names" in error_line(err)

@@ -132,7 +132,10 @@ def _overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set learning_rate=5e-5")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+            parsed = value.strip()  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no is the string
+        out[key.strip()] = parsed
     return out
 
 

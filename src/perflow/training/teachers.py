@@ -736,6 +736,13 @@ def load_teacher(
 
         index = read_json(path / "model_index.json")
         cls_name = index.get("_class_name", "")
+        needed = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                  "tokenizer_2", "tokenizer_3")  # the components a teacher uses (not safety_checker, image_encoder...)
+        missing = sorted(k for k in needed if isinstance(index.get(k), list) and index[k][:1] != [None]
+                         and not (path / k).is_dir())
+        if missing:
+            raise FileNotFoundError(f"the pipeline folder {path} lacks {', '.join(m + '/' for m in missing)} that its "
+                                    "model_index.json names; copy the complete pipeline (every component folder)")
         if "Img2Img" in cls_name or "Inpaint" in cls_name:
             raise ValueError(f"{cls_name} at {path} is not a text-to-image pipeline; give the base SD/SDXL pipeline")
         cls = getattr(diffusers, cls_name, None) or diffusers.DiffusionPipeline
