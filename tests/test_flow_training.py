@@ -244,14 +244,26 @@ def test_perflow_eval_compares_a_transformer_student_with_the_solvers(family, im
 
     _, folder = _folder(family, tmp_path)
     out = tmp_path / "student"
-    train(None, **_settings(out, **{"model.teacher": str(folder), "data.path": str(image_folder)}))
+    extra = {"perflow.embedded_guidance": 2.0} if family == "flux" else {}
+    train(None, **_settings(out, **{"model.teacher": str(folder), "data.path": str(image_folder), **extra}))
     result = evaluate_teacher(TeacherEvalConfig(teacher=str(folder), perflow=str(out), prompts=["a cat", "a dog"],
                                                 num_samples=20, steps=[4], reference_steps=8, resolution=16,
                                                 spacings=["trailing"]), progress=False)
     assert result.meta["teacher_conditioning"] == "text"
-    # Flux-dev: the guidance input for every sampler and no second (unconditional) pass; SD3: two-pass CFG 7.5
+    # Flux-dev: the guidance input the student was trained at (recorded in its scheduler config and delta) for
+    # every sampler, and no second (unconditional) pass; SD3: two-pass CFG 7.5
     assert result.meta["guidance_scale"] == (1.0 if family == "flux" else 7.5)
-    assert result.meta["embedded_guidance"] == (3.5 if family == "flux" else None)
+    assert result.meta["embedded_guidance"] == (2.0 if family == "flux" else None)
+    if family == "flux":
+        from perflow.delta import load_delta
+
+        assert load_delta(out / "delta.safetensors")[1]["teacher_sampling"] == {"embedded_guidance": 2.0}
+        from perflow.evaluation.transfer import TransferConfig, transfer_report  # the delta carries it too
+
+        report = transfer_report(TransferConfig(delta=str(out / "delta.safetensors"), target=str(folder), prompts=["a"],
+                                                steps=(4,), baselines=("ddim",), num_samples=20, reference_steps=8,
+                                                resolution=16, spacings=("trailing",)), progress=False)
+        assert report.meta["embedded_guidance"] == 2.0 and report.meta["guidance_scale"] == 1.0
     rows = {r["sampler"]: r for r in result.rows if r["steps"] == 4}
     assert {"perflow (K=4)", "teacher ddim", "teacher dpmsolver++", "teacher unipc"} <= set(rows)
     assert all(np.isfinite(r["paired_mse"]) for r in rows.values())

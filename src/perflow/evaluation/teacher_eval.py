@@ -236,6 +236,8 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     Returns an :class:`~perflow.evaluation.harness.EvalResult`; ``meta["command"]`` is the
     ``perflow eval`` command line that reproduces it (for a teacher given by folder or name).
     """
+    from perflow.training.export import TEACHER_SAMPLING_KEY
+
     from .students import Student, load_student
 
     check_config(config)
@@ -244,12 +246,18 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
         teacher.to(config.device)
     kind = conditioning(teacher)
     embedded = None
+    students = {kind_: (p if p is None or isinstance(p, Student) else load_student(p, teacher))
+                for kind_, p in (("perflow", config.perflow), ("reflow", config.reflow))}
     if getattr(teacher, "kind", "") == "flux":  # Flux is never sampled with a second (unconditional) pass
         if teacher.guidance_embeds:
-            # Flux-dev: guidance is an input embedding; --guidance-scale sets it for every sampler (the value the
-            # student was trained at, its --embedded_guidance)
+            # Flux-dev: guidance is an input embedding, the same for every sampler: --guidance-scale, else the value
+            # the student was trained at (its --embedded_guidance, recorded in its scheduler config), else 3.5
+            recorded = [g for st in students.values() if st is not None
+                        if (g := (st.scheduler_config.get(TEACHER_SAMPLING_KEY) or {}).get("embedded_guidance")) is not None]
             if config.guidance_scale is not None:
                 teacher.guidance = float(config.guidance_scale)
+            elif recorded:
+                teacher.guidance = float(recorded[0])
             embedded = teacher.guidance
         elif config.guidance_scale not in (None, 1.0):
             raise ValueError(f"{name!r} is a Flux model without a guidance input (schnell): it takes no guidance; "
@@ -278,9 +286,8 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     sched_cfg = sampler_config(teacher, folder, noise)
     teacher_fn = denoiser(teacher.unet, cond, uncond, w, config.batch_size)
     samplers: list[Sampler] = []
-    for skind, path in (("perflow", config.perflow), ("reflow", config.reflow)):
-        if path is not None:
-            st = path if isinstance(path, Student) else load_student(path, teacher)
+    for skind, st in students.items():
+        if st is not None:
             st.unet.to(teacher.device, teacher.dtype)
             k = st.scheduler_config.get("num_time_windows")
             label = (config.student_name if skind == "perflow" else None) or f"{skind} (K={k})"

@@ -101,8 +101,11 @@ def accelerated_student(target, delta: dict, meta: dict, scale: float = 1.0):
 
     unet = copy.deepcopy(target.teacher.unet)
     merge_delta(base_unet(unet), delta, scale, metadata=meta)
+    from perflow.training.export import TEACHER_SAMPLING_KEY
+
     sched = perflow_scheduler_from_metadata(meta, base_config=target.teacher.schedule_config)
-    return Student(unet.eval(), dict(sched.config), getattr(target.teacher, "label_encoder", None), Path("target+delta"))
+    config = {**sched.config, **({TEACHER_SAMPLING_KEY: meta["teacher_sampling"]} if meta.get("teacher_sampling") else {})}
+    return Student(unet.eval(), config, getattr(target.teacher, "label_encoder", None), Path("target+delta"))
 
 
 def resolve_target(config: TransferConfig):

@@ -4,8 +4,8 @@
 - ``unet/`` (``transformer/`` for SD3/Flux): the student (``save_pretrained``, safetensors);
 - ``scheduler/scheduler_config.json``: the matching ``PeRFlowScheduler`` (same betas, ``K``,
   boundaries, the student's prediction type); for a teacher sampled with ``clip_sample`` or
-  ``thresholding`` also ``_teacher_sampling`` (:data:`TEACHER_SAMPLING_KEY`; private, so
-  ``from_config`` ignores it): what the window solve did with them;
+  ``thresholding``, or a Flux-dev teacher, also ``_teacher_sampling`` (:data:`TEACHER_SAMPLING_KEY`;
+  private, so ``from_config`` ignores it): what the window solve did with them, or its guidance input;
 - for an SD/SDXL teacher (``save_pipeline``): the rest of the pipeline (``model_index.json``,
   VAE, text encoders, tokenizers), so the folder loads with ``DiffusionPipeline.from_pretrained``;
   for an SD3/Flux teacher the same with the pipeline's own parts (:mod:`perflow.training.flow_teachers`);
@@ -64,12 +64,16 @@ def perflow_scheduler(
 
 
 def teacher_sampling(teacher: Teacher) -> dict[str, Any] | None:
-    """What the window solve did with a teacher whose scheduler clips or thresholds ``x0``:
-    ``{"clip_sample": r or None (x0 clipped to [-r, r]), "thresholding": bool (never applied)}``;
-    None for a teacher that does neither (nothing to record)."""
-    if teacher.clip_sample is None and not teacher.thresholding:
-        return None
-    return {"clip_sample": teacher.clip_sample, "thresholding": teacher.thresholding, "thresholding_applied": False}
+    """How the window solve ran the teacher, where a sampler of the student must know it: for a scheduler
+    that clips or thresholds ``x0``, ``{"clip_sample": r or None (x0 clipped to [-r, r]), "thresholding": bool
+    (never applied)}``; for Flux-dev, ``{"embedded_guidance": g}`` (the guidance input the student was trained
+    at and is sampled with). None when there is nothing to record."""
+    out: dict[str, Any] = {}
+    if teacher.clip_sample is not None or teacher.thresholding:
+        out = {"clip_sample": teacher.clip_sample, "thresholding": teacher.thresholding, "thresholding_applied": False}
+    if getattr(teacher, "guidance_embeds", False):
+        out["embedded_guidance"] = float(teacher.guidance)
+    return out or None
 
 
 def _save_scheduler(scheduler, folder: Path, sampling: dict[str, Any] | None) -> None:
