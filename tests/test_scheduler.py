@@ -477,3 +477,25 @@ def test_lookup_tolerance_of_released_scheduler():
     out = sched.step((z_e - lam * z_s) / eta, 91, line(t_c))
     torch.testing.assert_close(out.prev_sample, line(0.090), rtol=0, atol=1e-9)
     torch.testing.assert_close(out.pred_original_sample, z_e, rtol=0, atol=1e-9)
+
+
+def test_from_config_keeps_an_in_memory_teachers_defaults():
+    """A scheduler built in code lists its defaulted arguments in ``_use_default_values``; diffusers'
+    ``from_config`` would drop them for this class's SD defaults. The teacher's own values are kept: its betas
+    (abar equal), clip_sample, its flow-matching kind and shift (also a flow-mode UniPC's ``flow_shift``)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    teacher = DDPMScheduler()  # linear 1e-4..0.02, clip_sample True: all defaults
+    with pytest.raises(ValueError, match="teacher's .* prediction_type='diff_eps'"):
+        PeRFlowScheduler.from_config(teacher.config)  # its epsilon is not a student's parameterization
+    s = PeRFlowScheduler.from_config(teacher.config, prediction_type="ddim_eps")
+    assert torch.equal(s.alphas_cumprod, teacher.alphas_cumprod) and s.config.clip_sample is True
+    flow = PeRFlowScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, prediction_type="velocity")
+    assert flow.config.schedule_kind == "flow_matching" and flow.config.shift == 1.0
+    unipc = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction").config
+    with pytest.raises(ValueError, match="prediction_type='velocity'"):
+        PeRFlowScheduler.from_config(unipc)
+    s = PeRFlowScheduler.from_config(unipc, prediction_type="velocity")
+    assert s.config.schedule_kind == "flow_matching" and s.config.shift == 3.0
+    own = PeRFlowScheduler(prediction_type="ddim_eps", num_time_windows=3)
+    assert dict(PeRFlowScheduler.from_config(own.config).config) == dict(own.config)

@@ -14,7 +14,7 @@ from perflow.tiny import tiny_controlnet, tiny_sd15_pipeline, tiny_sd15_unet
 from delta_helpers import perturbed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FAST = dict(num_samples=20, reference_steps=8, resolution=16, batch_size=20, spacings=("trailing",))
+FAST = dict(num_samples=20, reference_steps=12, resolution=16, batch_size=20, spacings=("trailing",))
 
 
 def _save_pipe(pipe, folder):

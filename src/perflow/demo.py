@@ -69,7 +69,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
         """A reduced run (tests, smoke checks): tiny budgets, same code path."""
-        base = cls(max_steps=2, batch_size=8, num_solver_steps=2, num_samples=30, reference_steps=8,
+        base = cls(max_steps=2, batch_size=8, num_solver_steps=2, num_samples=30, reference_steps=16,
                    toy_steps=10, toy_samples=200, flow_steps=8, flow_max_steps=2)
         return replace(base, **kw)
 

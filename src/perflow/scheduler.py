@@ -148,7 +148,8 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"prediction_type={prediction_type!r} is a teacher's (diffusion) prediction type; a PeRFlow "
                 f"model uses one of {PREDICTION_TYPES}: pass it explicitly, e.g. "
-                "PeRFlowScheduler.from_config(pipe.scheduler.config, prediction_type='diff_eps')"
+                f"PeRFlowScheduler.from_config(pipe.scheduler.config, prediction_type="
+                f"{'velocity' if flow else 'diff_eps'!r})"
             )
         check_prediction_type(prediction_type)
         check_model_output_type(model_output_type, prediction_type)
@@ -185,6 +186,31 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self._scheduled: torch.Tensor | None = None  # the timesteps
         self._times: torch.Tensor | None = None  # exact step start times t_j
         self._step_ts: torch.Tensor | None = None  # tau_j T, the times step integrates between
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """diffusers' ``from_config``, keeping a teacher scheduler's own values.
+
+        A scheduler built in code lists the arguments it left at their defaults in ``_use_default_values``,
+        and diffusers' ``from_config`` drops those keys so that the new class's defaults apply: for a
+        ``DDPMScheduler()`` that would silently replace its linear 1e-4..0.02 betas (and ``clip_sample``, its
+        ``epsilon`` prediction type) by this class's SD defaults. For a config of another scheduler class the
+        list is ignored, the schedule's kind is read from the config (:func:`perflow.schedule.scheduler_kind`)
+        and a flow-mode DPM-Solver/UniPC config's ``flow_shift`` is its ``shift``."""
+        if config is not None and not isinstance(config, str):
+            source = dict(config)
+            own = source.get("_class_name") == cls.__name__ or ("num_time_windows" in source and "schedule_kind" in source)
+            if not own:  # a teacher's config (in memory it carries no _class_name)
+                from .schedule import scheduler_kind
+
+                source.pop("_use_default_values", None)
+                if "schedule_kind" not in kwargs and "schedule_kind" not in source:
+                    kwargs["schedule_kind"] = scheduler_kind(source)
+                if kwargs["schedule_kind"] == "flow_matching" and source.get("shift") is None \
+                        and source.get("flow_shift") is not None and "shift" not in kwargs:
+                    kwargs["shift"] = source["flow_shift"]
+                config = source
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @property
     def is_flow_matching(self) -> bool:

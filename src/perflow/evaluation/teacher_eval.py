@@ -216,8 +216,10 @@ def check_config(config: TeacherEvalConfig) -> None:
         )
     if not config.steps or any(int(n) < 1 for n in config.steps):
         raise ValueError(f"steps must be positive integers, got {list(config.steps)}")
-    if config.reference_steps < max(config.steps):
-        raise ValueError(f"reference_steps={config.reference_steps} must be at least the largest step count {max(config.steps)}")
+    if config.reference_steps <= max(config.steps):
+        raise ValueError(f"reference_steps={config.reference_steps} must exceed the largest step count {max(config.steps)} "
+                         "(the teacher's DDIM at the reference's own step count would be the reference itself); "
+                         "use --reference-steps 100")
     unknown = [b for b in config.baselines if b not in BASELINE_SAMPLERS]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINE_SAMPLERS)}")
