@@ -199,10 +199,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     teacher = ddpm_folder(tmp_path / "keep")
     before = sorted(p.name for p in teacher.iterdir())
     err = one_line_error(capsys, train_args(teacher, grey, teacher, "--overwrite", "true"))
-    assert "is the model.teacher folder" in err and sorted(p.name for p in teacher.iterdir()) == before
+    assert "holds the model.teacher" in err and sorted(p.name for p in teacher.iterdir()) == before
     err = one_line_error(capsys, train_args(ddpm_folder(tmp_path / "t2"), grey, other, "--student_init", str(other),
                                             "--overwrite", "true"))
-    assert "is the model.student_init folder" in err and (other / "config.json").is_file()
+    assert "holds the model.student_init" in err and (other / "config.json").is_file()
     err = one_line_error(capsys, train_args(teacher, grey, grey / "runs"))
     assert "inside data.path" in err and not (grey / "runs").exists()
 
@@ -337,3 +337,56 @@ def test_class_subfolders_are_the_labels_without_metadata(tmp_path, capsys):
     flat = write_images(tmp_path / "flat")
     with pytest.raises(ValueError, match="not all in class subfolders .* data.caption_free true"):
         ImageFolderDataset(flat, 8, channels=1, labels=LabelRange(num_labels=3))
+
+
+def test_metadata_quirks_users_bring(tmp_path):
+    """A spreadsheet's UTF-8 BOM is read; another encoding is one line naming the file; a null caption is a
+    missing one (not the text "None"); an EXIF-rotated photo is trained the way it is shown."""
+    from PIL import Image
+
+    from perflow.training.data import ImageFolderDataset, load_image
+
+    root = write_images(tmp_path / "bom", n=2)
+    (root / "metadata.csv").write_bytes("file_name,text\n00.png,a cat\n01.png\n".encode("utf-8-sig"))
+    ds = ImageFolderDataset(root, 8, channels=1)
+    assert sorted(ds.items) == [("00.png", "a cat"), ("01.png", None)]
+    assert "caption" not in ds[1] and ds[0]["caption"] == "a cat"
+    (root / "metadata.csv").unlink()
+    (root / "metadata.jsonl").write_bytes('{"file_name": "00.png", "text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="metadata.jsonl is not UTF-8 text"):
+        ImageFolderDataset(root, 8, channels=1)
+    wide = np.zeros((20, 40), dtype=np.uint8)
+    wide[:, :20] = 255  # left half white as stored; shown rotated by 90 degrees (Orientation 6: top half white)
+    img = Image.fromarray(wide)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    x = load_image(str(tmp_path / "phone.jpg"), 20, True, False, np.random.default_rng(0), "L")["pixel_values"][0]
+    assert load_image(str(tmp_path / "phone.jpg"), 20, True, False, np.random.default_rng(0), "L")["original_size"] == (40, 20)
+    assert x[:10].mean() > 0.9 and x[12:].mean() < -0.9
+
+
+def test_runs_never_destroy_their_inputs_or_leave_a_stale_delta(tmp_path, capsys, one_thread):
+    teacher, grey = ddpm_folder(tmp_path / "teacher"), write_images(tmp_path / "grey")
+    out = tmp_path / "out"
+    args = ["--window_weights", "none", "--checkpoint_every", "1"]
+    assert main(train_args(teacher, grey, out, *args)) == 0
+    # the next stage of progressive reflow from OUT/unet into OUT itself: --overwrite would delete its start
+    err = one_line_error(capsys, train_args(teacher, grey, out, *args, "--student_init", str(out / "unet"),
+                                            "--overwrite", "true"))
+    assert "holds the model.student_init" in err and (out / "unet" / "config.json").is_file()
+    # a resume that no longer saves the delta removes the old one (it would not match the new student)
+    assert main(train_args(teacher, grey, out, *args, "--resume", "latest", "--max_steps", "3", "--save_delta", "false")) == 0
+    assert not (out / "delta.safetensors").exists()
+    assert "output.output_dir is empty" in one_line_error(capsys, train_args(teacher, grey, "", *args))
+
+
+def test_a_text_teacher_without_data_path_says_so(tmp_path):
+    """Not the built-in 8-px greyscale digits silently (and then a channel-count error): the fix is data.path."""
+    from perflow.tiny import tiny_sd15_pipeline
+    from perflow.training import train
+
+    with pytest.raises(ValueError, match="needs captioned images: give --data.path"):
+        train(None, teacher=tiny_sd15_pipeline(), max_steps=1, output_dir=str(tmp_path / "o"), tracker="none",
+              progress=False)
+    assert not (tmp_path / "o" / "unet").exists()

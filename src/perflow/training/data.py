@@ -93,7 +93,7 @@ def read_metadata(root: Path) -> tuple[Path, list[tuple[int, dict]]] | None:
     meta = root / "metadata.jsonl"
     if meta.is_file():
         rows = []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
+        for n, line in enumerate(_metadata_text(meta).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append((n, json.loads(line)))
@@ -102,9 +102,17 @@ def read_metadata(root: Path) -> tuple[Path, list[tuple[int, dict]]] | None:
         return meta, rows
     meta = root / "metadata.csv"
     if meta.is_file():
-        with open(meta, newline="") as f:
-            return meta, [(n, row) for n, row in enumerate(csv.DictReader(f), 2)]
+        return meta, [(n, row) for n, row in enumerate(csv.DictReader(io.StringIO(_metadata_text(meta), newline="")), 2)]
     return None
+
+
+def _metadata_text(path: Path) -> str:
+    """A metadata file's text: UTF-8, with or without the byte-order mark spreadsheets write; other encodings
+    are a one-line error naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
 
 
 def image_mode(channels: int) -> str:
@@ -141,7 +149,10 @@ def load_image(
     """
     from PIL import Image
 
+    from PIL import ImageOps
+
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    img = ImageOps.exif_transpose(img)  # a phone photo's orientation tag: trained the way it is shown
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # 16-bit / 32-bit greyscale: PIL's convert clips at 255
         wide = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
@@ -234,7 +245,7 @@ class ImageFolderDataset(_ImageDataset):
                 elif caption_column not in row:
                     raise ValueError(f"{meta}:{n}: no caption column {caption_column!r}; set data.caption_column")
                 else:
-                    value = str(row[caption_column])
+                    value = None if row[caption_column] is None else str(row[caption_column])  # null: no caption
                 if not (self.root / row["file_name"]).is_file():
                     raise FileNotFoundError(f"{meta}:{n}: {row['file_name']} not found in {self.root}")
                 self.items.append((row["file_name"], value))
@@ -351,7 +362,7 @@ class TarShardDataset(_ImageDataset):
             item["caption"] = self._read(shard, parts["txt"]).decode("utf-8").strip()
         elif "json" in parts:
             meta = json.loads(self._read(shard, parts["json"]))
-            if self.caption_column in meta:
+            if meta.get(self.caption_column) is not None:  # a null caption is a missing one, not the text "None"
                 item["caption"] = str(meta[self.caption_column])
         return item
 

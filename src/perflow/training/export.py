@@ -120,6 +120,9 @@ def export_student(
         written.update(_export_flow_pipeline(out, teacher, student))
     elif save_pipeline:
         written.update(_export_pipeline(out, teacher))
+    if not save_delta and (out / "delta.safetensors").exists():
+        # a delta left by an earlier export of this run (before a resume) no longer matches the student
+        (out / "delta.safetensors").unlink()
     if save_delta:
         from ..delta import base_model_info, extract_delta, save_delta as _save
 

@@ -201,6 +201,9 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     given = cfg.data
     cfg = with_data(with_parameterization(cfg, teacher_obj), teacher_obj)
     p, dc = cfg.perflow, cfg.data
+    if dataset is None and dc.source == "digits" and teacher_obj.uses_text:
+        raise ValueError(f"the text-to-image teacher {teacher_obj.name!r} needs captioned images: give --data.path (an "
+                         "image folder with metadata.jsonl, or tar shards); the built-in digits are for the digits teachers")
     if dataset is None and accelerator.is_main_process and (given.source == "auto" or given.resolution is None):
         print(f"data: {dc.source}" + (f" {dc.path}" if dc.path else " (built-in; give data.path for your images)")
               + f" at {dc.resolution} px" + (" (the teacher's own resolution)" if given.resolution is None else ""))

@@ -32,11 +32,11 @@ WRITE_ERRORS: tuple[type[Exception], ...] = (OSError, SafetensorError)
 """What a failed write raises (a full disk, an I/O error): ``OSError``, or safetensors' own error."""
 LOCK_FILE = ".perflow.lock"
 SUMMARY_FILE = "perflow_training.json"
-FINAL_OUTPUTS = ("unet", SUMMARY_FILE, "delta.safetensors")
+FINAL_OUTPUTS = ("unet", "transformer", SUMMARY_FILE, "delta.safetensors")
 """Entries whose presence means a run has finished (or exported) here."""
 RUN_FILES = FINAL_OUTPUTS + (
     "checkpoints", "logs", "validation", "scheduler", "label_encoder", "model_index.json", "vae",
-    "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+    "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
 )
 """Everything a run writes into its output folder (``output.overwrite`` deletes these, nothing else)."""
 _OUTPUT_NAMES = "|".join(re.escape(n) for n in RUN_FILES if "." not in n) + "|model_index"

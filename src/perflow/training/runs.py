@@ -17,7 +17,7 @@ from typing import Any, Callable
 from .checkpoint import CheckpointError, checkpoint_dirs, read_state, resolve_resume
 from .config import TrainConfig, resume_conflicts
 from .outdir import (
-    FINAL_OUTPUTS, OutputDirError, OutputLock, check_output_dir, clean_leftovers, clear_run_files, new_run_id,
+    FINAL_OUTPUTS, RUN_FILES, OutputDirError, OutputLock, check_output_dir, clean_leftovers, clear_run_files, new_run_id,
 )
 
 
@@ -36,6 +36,8 @@ def open_run(cfg: TrainConfig, locks: list[OutputLock]) -> RunStart:
     remove a killed run's leftovers, find the checkpoint to resume (refusing changed settings) or make
     sure a fresh run does not mix with another run's files."""
     out = cfg.output
+    if not str(out.output_dir).strip():  # Path("") is the current folder
+        raise OutputDirError("output.output_dir is empty; give a folder for the run (--output_dir DIR)")
     _refuse_inputs_as_output(cfg, Path(out.output_dir))  # before check_output_dir creates it
     output_dir = check_output_dir(out.output_dir)
     lock = OutputLock(output_dir).acquire()
@@ -84,9 +86,11 @@ def _refuse_inputs_as_output(cfg: TrainConfig, output_dir: Path) -> None:
     would become training data)."""
     out = Path(output_dir).resolve()
     for field, value in (("model.teacher", cfg.model.teacher), ("model.student_init", cfg.model.student_init)):
-        if value and isinstance(value, (str, Path)) and Path(value).exists() and Path(value).resolve() == out:
-            raise OutputDirError(f"output.output_dir {str(output_dir)!r} is the {field} folder; the run would write "
-                                 "over the model it reads: choose another --output_dir")
+        if value and isinstance(value, (str, Path)) and Path(value).exists():
+            src = Path(value).resolve()
+            if src == out or (out in src.parents and src.relative_to(out).parts[0] in RUN_FILES):  # e.g. OUT/unet
+                raise OutputDirError(f"output.output_dir {str(output_dir)!r} holds the {field} {str(value)!r}; the run "
+                                     "would write over (and --overwrite delete) the model it reads: choose another --output_dir")
     data = cfg.data.path
     if data and isinstance(data, (str, Path)) and Path(data).is_dir():
         src = Path(data).resolve()
