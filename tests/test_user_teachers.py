@@ -390,3 +390,15 @@ def test_a_text_teacher_without_data_path_says_so(tmp_path):
         train(None, teacher=tiny_sd15_pipeline(), max_steps=1, output_dir=str(tmp_path / "o"), tracker="none",
               progress=False)
     assert not (tmp_path / "o" / "unet").exists()
+
+
+def test_resume_refuses_data_that_changed(tmp_path, capsys, one_thread):
+    """The checkpoint's data position only means the same images if the data set is the same size."""
+    teacher, grey, out = ddpm_folder(tmp_path / "teacher"), write_images(tmp_path / "grey"), tmp_path / "out"
+    args = ["--window_weights", "none", "--checkpoint_every", "1"]
+    assert main(train_args(teacher, grey, out, *args)) == 0
+    write_images(tmp_path / "more", n=2)
+    for f in (tmp_path / "more").iterdir():
+        f.rename(grey / f"new-{f.name}")
+    err = one_line_error(capsys, train_args(teacher, grey, out, *args, "--resume", "latest", "--max_steps", "3"))
+    assert "the training data changed since checkpoint-2: 4 items then, 6 now" in err

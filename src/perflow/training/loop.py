@@ -187,7 +187,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     from tqdm.auto import tqdm
 
     from ..time_sampling import make_time_sampler
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from .data import build_dataset, check_channels, close_loader, make_loader, teacher_labels
     from .export import perflow_scheduler
 
@@ -259,6 +259,11 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     notes = RunNotes()
     if start.resume_from is not None:
         state = load_checkpoint(accelerator, start.resume_from, ema, param_names, generator)
+        if state.get("dataset_size") not in (None, len(ds)):
+            raise CheckpointError(
+                f"the training data changed since {start.resume_from.name}: {state['dataset_size']} items then, {len(ds)} "
+                "now, so the saved data position would read other images; restore the data, or start a new run "
+                "(--overwrite true, or another --output_dir)")
         global_step, micro_step, losses = state["global_step"], state["micro_step"], list(state.get("losses", []))
         notes.restore(state)
         if accelerator.is_main_process:
@@ -293,7 +298,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
                                  f"not saved (the newest checkpoint {last_checkpoint} is intact)")
         epoch, index = sampler.position(micro_step)
         state = {"global_step": global_step, "micro_step": micro_step, "epoch": epoch, "batch_index": index,
-                 "losses": losses, "config": saved_config, "run_id": start.run_id,
+                 "dataset_size": len(ds), "losses": losses, "config": saved_config, "run_id": start.run_id,
                  "num_processes": accelerator.num_processes, "window_weights": recorded_weights, **notes.state()}
         return save_checkpoint(accelerator, output_dir, global_step, state, ema, param_names, generator,
                                out.keep_checkpoints, start.run_ids)
