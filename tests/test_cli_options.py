@@ -39,3 +39,12 @@ def test_adapt_set_keeps_yaml_words_that_are_strings():
 
     assert _overrides(["mixed_precision=no", "progress=false", "save_ema=True", "batch_size=8"]) == {
         "mixed_precision": "no", "progress": False, "save_ema": True, "batch_size": 8}
+
+
+def test_window_boundaries_and_a_different_num_time_windows_are_refused():
+    from perflow.training.config_io import make_config
+
+    with pytest.raises(ValueError, match="give K = 3 windows but perflow.num_time_windows is 2"):
+        make_config(None, {"perflow.num_time_windows": 2, "perflow.window_boundaries": [1.0, 0.6, 0.3, 0.0]})
+    cfg = make_config(None, {"perflow.window_boundaries": [1.0, 0.6, 0.3, 0.0]})  # K from the boundaries
+    assert cfg.perflow.num_time_windows == 3

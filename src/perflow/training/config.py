@@ -263,6 +263,9 @@ class TrainConfig:
         if p.window_boundaries is not None:
             b = resolve_boundaries(window_boundaries=p.window_boundaries)
             if b.numel() - 1 != p.num_time_windows:
+                if p.num_time_windows != PeRFlowConfig.num_time_windows:  # set to something other than the default
+                    raise ValueError(f"perflow.window_boundaries give K = {b.numel() - 1} windows but "
+                                     f"perflow.num_time_windows is {p.num_time_windows}; give one of them")
                 p.num_time_windows = b.numel() - 1
         parse_window_weights(t.window_weights, p.num_time_windows)
         if not 0.0 <= p.window_start_prob <= 1.0:
