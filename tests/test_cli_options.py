@@ -48,3 +48,10 @@ def test_window_boundaries_and_a_different_num_time_windows_are_refused():
         make_config(None, {"perflow.num_time_windows": 2, "perflow.window_boundaries": [1.0, 0.6, 0.3, 0.0]})
     cfg = make_config(None, {"perflow.window_boundaries": [1.0, 0.6, 0.3, 0.0]})  # K from the boundaries
     assert cfg.perflow.num_time_windows == 3
+
+
+def test_an_unknown_lr_scheduler_is_refused_with_the_valid_names():
+    from perflow.training.config_io import make_config
+
+    with pytest.raises(ValueError, match="training.lr_scheduler 'foo' is not one of .*'cosine'"):
+        make_config(None, {"training.lr_scheduler": "foo"})

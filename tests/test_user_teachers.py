@@ -339,7 +339,7 @@ def test_class_subfolders_are_the_labels_without_metadata(tmp_path, capsys):
         ImageFolderDataset(flat, 8, channels=1, labels=LabelRange(num_labels=3))
 
 
-def test_metadata_quirks_users_bring(tmp_path):
+def test_metadata_quirks_users_bring(tmp_path, capsys):
     """A spreadsheet's UTF-8 BOM is read; another encoding is one line naming the file; a null caption is a
     missing one (not the text "None"); an EXIF-rotated photo is trained the way it is shown."""
     from PIL import Image
@@ -348,8 +348,11 @@ def test_metadata_quirks_users_bring(tmp_path):
 
     root = write_images(tmp_path / "bom", n=2)
     (root / "metadata.csv").write_bytes("file_name,text\n00.png,a cat\n01.png\n".encode("utf-8-sig"))
+    write_images(tmp_path / "extra", n=1)
+    (tmp_path / "extra" / "00.png").rename(root / "unlisted.png")
     ds = ImageFolderDataset(root, 8, channels=1)
     assert sorted(ds.items) == [("00.png", "a cat"), ("01.png", None)]
+    assert "metadata.csv lists 2 of the 3 images" in capsys.readouterr().out
     assert "caption" not in ds[1] and ds[0]["caption"] == "a cat"
     (root / "metadata.csv").unlink()
     (root / "metadata.jsonl").write_bytes('{"file_name": "00.png", "text": "caf\xe9"}\n'.encode("latin-1"))

@@ -268,6 +268,11 @@ class TrainConfig:
                                      f"perflow.num_time_windows is {p.num_time_windows}; give one of them")
                 p.num_time_windows = b.numel() - 1
         parse_window_weights(t.window_weights, p.num_time_windows)
+        from diffusers.optimization import SchedulerType
+
+        names = [v.value for v in SchedulerType]
+        if t.lr_scheduler not in names:
+            raise ValueError(f"training.lr_scheduler {t.lr_scheduler!r} is not one of diffusers' schedulers {names}")
         if not 0.0 <= p.window_start_prob <= 1.0:
             raise ValueError(f"perflow.window_start_prob must be in [0, 1], got {p.window_start_prob}")
         if not 0.0 <= d.caption_dropout < 1.0:
