@@ -47,6 +47,15 @@ SCHEDULE_KEYS = (
 """The keys of a diffusers scheduler config that determine ``alphas_cumprod``."""
 
 
+def check_beta_schedule(config: Mapping[str, Any]) -> None:
+    """Refuse a ``beta_schedule`` other than :data:`BETA_SCHEDULES` (what ``DDIMScheduler`` builds) unless the
+    config gives ``trained_betas``; the error says how to write them."""
+    schedule = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is None and schedule not in BETA_SCHEDULES:
+        raise ValueError(f"the teacher's beta_schedule {schedule!r} is not one of {BETA_SCHEDULES}; write its betas into "
+                         "the scheduler config as trained_betas (e.g. DDPMScheduler(...).betas.tolist())")
+
+
 def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
     """``abar[0..T-1]`` (float32) of a diffusers scheduler config, built by diffusers' ``DDIMScheduler``.
 
@@ -60,11 +69,8 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
     from diffusers import DDIMScheduler
 
     kwargs = {k: config[k] for k in SCHEDULE_KEYS if k in config}
-    betas, schedule = kwargs.get("trained_betas"), kwargs.get("beta_schedule", "linear")
-    if betas is None and schedule not in BETA_SCHEDULES:
-        raise ValueError(
-            f"unknown beta_schedule {schedule!r}; expected one of {BETA_SCHEDULES} or pass trained_betas"
-        )
+    check_beta_schedule(kwargs)
+    betas = kwargs.get("trained_betas")
     num_train_timesteps = kwargs.get("num_train_timesteps", 1000)
     if betas is not None and len(betas) != num_train_timesteps:
         raise ValueError(

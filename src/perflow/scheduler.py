@@ -280,12 +280,13 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         boundaries = self.boundaries.cpu()
         times = inference_times(num_inference_steps, boundaries)  # (N,) float64
         timesteps = (times * T).to(torch.int64)  # truncation, as the released scheduler
-        def distinct(n: int) -> bool:
-            ts = (inference_times(n, boundaries) * T).to(torch.int64)
+
+        def distinct(ts: torch.Tensor) -> bool:  # strictly decreasing integer timesteps, none at 0
             return bool((ts[1:] < ts[:-1]).all()) and int(ts[-1]) >= 1
 
-        if not distinct(num_inference_steps):
-            most = next((n for n in range(num_inference_steps - 1, 0, -1) if distinct(n)), 1)
+        if not distinct(timesteps):
+            most = next((n for n in range(num_inference_steps - 1, 0, -1)
+                         if distinct((inference_times(n, boundaries) * T).to(torch.int64))), 1)
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} is too large for T={T} and these windows (the integer "
                 f"timesteps t*T would repeat or reach 0): use at most {most}; PeRFlow samples in 4-8 steps "

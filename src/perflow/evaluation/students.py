@@ -32,6 +32,13 @@ class Student:
     def scheduler(self):
         return self.make_scheduler()
 
+    @property
+    def embedded_guidance(self) -> float | None:
+        """The guidance input a Flux-dev student was trained at (its scheduler config's ``_teacher_sampling``), else None."""
+        from perflow.training.export import TEACHER_SAMPLING_KEY
+
+        return (self.scheduler_config.get(TEACHER_SAMPLING_KEY) or {}).get("embedded_guidance")
+
     def make_scheduler(self):
         from perflow.scheduler import PeRFlowScheduler
 

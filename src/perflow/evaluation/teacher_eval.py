@@ -238,8 +238,6 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
     Returns an :class:`~perflow.evaluation.harness.EvalResult`; ``meta["command"]`` is the
     ``perflow eval`` command line that reproduces it (for a teacher given by folder or name).
     """
-    from perflow.training.export import TEACHER_SAMPLING_KEY
-
     from .students import Student, load_student
 
     check_config(config)
@@ -248,14 +246,13 @@ def evaluate_teacher(config: TeacherEvalConfig, progress: bool = True) -> EvalRe
         teacher.to(config.device)
     kind = conditioning(teacher)
     embedded = None
-    students = {kind_: (p if p is None or isinstance(p, Student) else load_student(p, teacher))
-                for kind_, p in (("perflow", config.perflow), ("reflow", config.reflow))}
+    students = {role: (p if p is None or isinstance(p, Student) else load_student(p, teacher))
+                for role, p in (("perflow", config.perflow), ("reflow", config.reflow))}
     if getattr(teacher, "kind", "") == "flux":  # Flux is never sampled with a second (unconditional) pass
         if teacher.guidance_embeds:
             # Flux-dev: guidance is an input embedding, the same for every sampler: --guidance-scale, else the value
             # the student was trained at (its --embedded_guidance, recorded in its scheduler config), else 3.5
-            recorded = [g for st in students.values() if st is not None
-                        if (g := (st.scheduler_config.get(TEACHER_SAMPLING_KEY) or {}).get("embedded_guidance")) is not None]
+            recorded = [st.embedded_guidance for st in students.values() if st is not None and st.embedded_guidance is not None]
             if config.guidance_scale is not None:
                 teacher.guidance = float(config.guidance_scale)
             elif recorded:

@@ -96,13 +96,12 @@ def accelerated_student(target, delta: dict, meta: dict, scale: float = 1.0):
     merged into its UNet (a ControlNet stays as it is), sampled with the delta's PeRFlow scheduler."""
     from perflow.delta import merge_delta, perflow_scheduler_from_metadata
     from perflow.targets import base_unet
+    from perflow.training.export import TEACHER_SAMPLING_KEY
 
     from .students import Student
 
     unet = copy.deepcopy(target.teacher.unet)
     merge_delta(base_unet(unet), delta, scale, metadata=meta)
-    from perflow.training.export import TEACHER_SAMPLING_KEY
-
     sched = perflow_scheduler_from_metadata(meta, base_config=target.teacher.schedule_config)
     config = {**sched.config, **({TEACHER_SAMPLING_KEY: meta["teacher_sampling"]} if meta.get("teacher_sampling") else {})}
     return Student(unet.eval(), config, getattr(target.teacher, "label_encoder", None), Path("target+delta"))

@@ -91,7 +91,7 @@ def adapt_delta(
                 "overrides": {k: str(v) for k, v in sorted(overrides.items())},
                 "eval": {k: str(v) for k, v in sorted(eval_kwargs.items())}}
     state = _read_state(state_path)
-    if state is not None and len(state.get("checks", [])) <= 1 and not state["checks"][-1]["beats"] \
+    if state is not None and len(state["checks"]) == 1 and not state["checks"][0]["beats"] \
             and not (out / "run" / "checkpoints").is_dir() and (state["settings"] != settings or not resume):
         # only the baseline was measured (the first training chunk failed, e.g. on a data setting): nothing
         # trained is lost by starting over, so a corrected command is not locked out of its own folder

@@ -231,6 +231,7 @@ class ImageFolderDataset(_ImageDataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         metadata = read_metadata(self.root)
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)  # every image under root
         self.items: list[tuple[str, str | int | None]] = []
         if metadata is not None:
             meta, rows = metadata
@@ -249,11 +250,9 @@ class ImageFolderDataset(_ImageDataset):
                 if not (self.root / row["file_name"]).is_file():
                     raise FileNotFoundError(f"{meta}:{n}: {row['file_name']} not found in {self.root}")
                 self.items.append((row["file_name"], value))
-            found = sum(1 for f in self.root.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
-            if found > len(self.items):
-                print(f"data: {meta.name} lists {len(self.items)} of the {found} images in {self.root}; the others are not used")
+            if len(files) > len(self.items):
+                print(f"data: {meta.name} lists {len(self.items)} of the {len(files)} images in {self.root}; the others are not used")
         else:
-            files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
             self.items = [(str(p.relative_to(self.root)), None) for p in files]
             if labels is not None and files:
                 self.items = self._folder_labels(files, labels)

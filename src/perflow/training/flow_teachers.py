@@ -169,8 +169,7 @@ class FlowTeacher(Teacher):
         self._null = None
 
     def check_training(self, cfg: Any) -> None:
-        check_velocity(cfg, self.name)
-        self.resolution(cfg.data.resolution, "data.resolution")  # a size the transformer takes (size_factor)
+        check_velocity(cfg, self.name)  # the resolution is checked by Teacher.resolution (perflow.training.loop.with_data)
 
     def encode_prompts(self, captions: list[str]) -> Condition:
         raise NotImplementedError

@@ -85,11 +85,11 @@ def _refuse_inputs_as_output(cfg: TrainConfig, output_dir: Path) -> None:
     over, and ``--overwrite`` delete, the model it reads) or lies inside ``data.path`` (its validation grids
     would become training data)."""
     out = Path(output_dir).resolve()
-    for field, value in (("model.teacher", cfg.model.teacher), ("model.student_init", cfg.model.student_init)):
+    for setting, value in (("model.teacher", cfg.model.teacher), ("model.student_init", cfg.model.student_init)):
         if value and isinstance(value, (str, Path)) and Path(value).exists():
             src = Path(value).resolve()
             if src == out or (out in src.parents and src.relative_to(out).parts[0] in RUN_FILES):  # e.g. OUT/unet
-                raise OutputDirError(f"output.output_dir {str(output_dir)!r} holds the {field} {str(value)!r}; the run "
+                raise OutputDirError(f"output.output_dir {str(output_dir)!r} holds the {setting} {str(value)!r}; the run "
                                      "would write over (and --overwrite delete) the model it reads: choose another --output_dir")
     data = cfg.data.path
     if data and isinstance(data, (str, Path)) and Path(data).is_dir():

@@ -83,24 +83,19 @@ def teacher_schedule(config: dict) -> tuple[DiscreteVPSchedule, str, dict]:
     """
     from diffusers import DDIMScheduler
 
-    from ..schedule import SCHEDULE_KEYS
+    from ..schedule import SCHEDULE_KEYS, check_beta_schedule, scheduler_kind
     from ..solver import TEACHER_PREDICTION_TYPES
-    from ..schedule import scheduler_kind
     from ..windows import check_nonzero_abar, equal_boundaries
 
     prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type == "flow_prediction" or scheduler_kind(config) == "flow_matching":
+    if scheduler_kind(config) == "flow_matching":  # a FlowMatch* class, its shift keys, or flow_prediction
         raise ValueError(
             f"this UNet teacher's scheduler is a flow-matching one ({config.get('_class_name') or 'flow_prediction'}); perflow trains "
             "flow-matching teachers from StableDiffusion3Pipeline and FluxPipeline folders (docs/training.md)"
         )
     if prediction_type not in TEACHER_PREDICTION_TYPES:
         raise ValueError(f"the teacher's scheduler has unsupported prediction_type {prediction_type!r}")
-    from ..schedule import BETA_SCHEDULES
-
-    if config.get("trained_betas") is None and config.get("beta_schedule", "linear") not in BETA_SCHEDULES:
-        raise ValueError(f"the teacher's beta_schedule {config.get('beta_schedule')!r} is not one of {BETA_SCHEDULES}; "
-                         "write its betas into the scheduler config as trained_betas (e.g. DDPMScheduler(...).betas.tolist())")
+    check_beta_schedule(config)  # before DDIMScheduler, which has no other schedules either
     filled = DDIMScheduler.from_config(dict(config)).config
     keys = SCHEDULE_KEYS + ("set_alpha_to_one",)
     schedule_config = {k: filled[k] for k in keys if k in filled}
