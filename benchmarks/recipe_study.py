@@ -30,7 +30,8 @@ import torch
 DEFAULTS = dict(
     num_time_windows=4,
     boundaries="equal",  # equal | logsnr | comma list
-    num_solver_steps=8,
+    num_solver_steps=8,  # n per window, or one per window (comma list)
+    solver_step_allocation="equal",  # equal | auto (the trainer's perflow.solver_step_allocation)
     prediction_type="ddim_eps",
     model_output_type="auto",
     loss="mse",  # mse | huber (pseudo-Huber sqrt(d^2 + c^2) - c on the raw output, as the trainer's training.loss)
@@ -191,7 +192,9 @@ def run(args, s: dict) -> None:
         bounds = logsnr_boundaries(schedule.alphas_cumprod, K)
     else:
         bounds = [float(v) for v in str(s["boundaries"]).split(",")]
-    boundaries = resolve_boundaries(K, bounds, schedule, int(s["num_solver_steps"]), s["prediction_type"])
+    steps = [int(v) for v in str(s["num_solver_steps"]).split(",")]
+    steps = steps[0] if len(steps) == 1 else steps
+    boundaries = resolve_boundaries(K, bounds, schedule, steps if isinstance(steps, int) else max(steps), s["prediction_type"])
     mot = resolve_model_output_type(s["model_output_type"], s["prediction_type"], teacher_type)
     sched_cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     scheduler = PeRFlowScheduler.from_config(
@@ -199,6 +202,22 @@ def run(args, s: dict) -> None:
         window_boundaries=boundaries.tolist(), model_output_type=mot,
     )
     clip = teacher_clip_sample(config, args.teacher) if s["clip_sample"] == "auto" else None
+    if s["solver_step_allocation"] == "auto" and isinstance(steps, int):  # as the trainer (loop.solver_steps_of)
+        from perflow.objective import allocate_solver_steps, window_solve_errors
+        from perflow.training.loop import CALIBRATION_BATCHES
+
+        cal = torch.Generator().manual_seed(int(s["seed"]) * 1_000_003 + 104729)
+        cal_cpu = time.process_time()
+        errors = []
+        for _ in range(CALIBRATION_BATCHES):
+            x_cal, l_cal = draw(cal, int(s["batch_size"]))
+            errors.append(window_solve_errors(denoiser(unet, le, l_cal), torch.randn(x_cal.shape, generator=cal),
+                                              boundaries, schedule, steps, teacher_type, clip))
+        T = schedule.num_train_timesteps
+        idx = [round(float(t) * T) for t in boundaries]
+        steps = allocate_solver_steps(torch.stack(errors), steps, [max(1, idx[k] - idx[k + 1]) for k in range(K)])
+        print("window solve errors per batch", [[float(f"{v:.3g}") for v in e] for e in errors],
+              f"-> teacher steps per window {steps} ({time.process_time() - cal_cpu:.1f} CPU s)", flush=True)
     ww = str(s["window_weights"])
     if ww == "none":
         window_w = None
@@ -213,7 +232,7 @@ def run(args, s: dict) -> None:
         for _ in range(CALIBRATION_BATCHES):
             x_cal, l_cal = draw(cal, int(s["batch_size"]))
             per_batch.append(window_error_gains(denoiser(unet, le, l_cal), torch.randn(x_cal.shape, generator=cal),
-                                                boundaries, schedule, int(s["num_solver_steps"]), teacher_type, clip))
+                                                boundaries, schedule, steps, teacher_type, clip))
         window_w = window_weights_from_gains(torch.stack(per_batch))
         print("window error gains per batch", [[round(float(v), 2) for v in g] for g in per_batch],
               f"({time.process_time() - cal_cpu:.1f} CPU s)", flush=True)
@@ -242,13 +261,13 @@ def run(args, s: dict) -> None:
 
     def evaluate(step: int) -> None:
         row = dict(teacher=args.teacher, tag=args.tag, step=step, train_s=round(train_time, 1), cpu_s=round(train_cpu, 1),
-                   settings=s, baselines=base)
-        for steps in (4, 8):
+                   settings=s, baselines=base, solver_steps=steps)
+        for evals in (4, 8):
             with torch.no_grad():
                 out = sample(denoiser(ema, le, data["labels"]), PeRFlowScheduler.from_config(scheduler.config),
-                             data["noise"].clone(), steps).samples
-            row[f"mse@{steps}"] = metrics.paired_mse(out, data["ref"])
-            row[f"swd@{steps}"] = metrics.sliced_wasserstein(out.flatten(1), data["ref"].flatten(1))
+                             data["noise"].clone(), evals).samples
+            row[f"mse@{evals}"] = metrics.paired_mse(out, data["ref"])
+            row[f"swd@{evals}"] = metrics.sliced_wasserstein(out.flatten(1), data["ref"].flatten(1))
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k not in ("settings", "baselines")}), flush=True)
         if args.out:
             with open(args.out, "a") as fh:
@@ -260,7 +279,7 @@ def run(args, s: dict) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         x0, labels = draw(gen, int(s["batch_size"]))
         teach = denoiser(unet, le, labels)
-        ex = reflow_example(teach, x0, boundaries, schedule, int(s["num_solver_steps"]), s["prediction_type"],
+        ex = reflow_example(teach, x0, boundaries, schedule, steps, s["prediction_type"],
                             teacher_type, generator=gen, time_sampler=time_sampler, model_output_type=mot,
                             clip_sample=clip, start_from_noise=str(s["start_from_noise"]).lower() == "true")
         sw = None

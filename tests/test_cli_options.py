@@ -55,3 +55,30 @@ def test_an_unknown_lr_scheduler_is_refused_with_the_valid_names():
 
     with pytest.raises(ValueError, match="training.lr_scheduler 'foo' is not one of .*'cosine'"):
         make_config(None, {"training.lr_scheduler": "foo"})
+
+
+def test_prompts_file_lines_and_mistyped_paths(tmp_path):
+    """``--prompts FILE``: the file's lines; a missing ``.txt`` path was sampled as the prompt itself."""
+    from perflow.cli.options import read_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_text("\ufeffa cat\n\n a dog \n", encoding="utf-8")
+    assert read_prompts([str(f)]) == ["a cat", "a dog"]
+    assert read_prompts(["a cat", "a dog"]) == ["a cat", "a dog"]
+    assert read_prompts(["a cat"]) == ["a cat"] and read_prompts(None) is None
+    with pytest.raises(ValueError, match="--prompts: no file .*missing.txt"):
+        read_prompts([str(tmp_path / "missing.txt")])
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        read_prompts([str(tmp_path / "empty.txt")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps: expected an integer >= 1, got '0'"),
+    (["--guidance-scale", "nan"], "--guidance-scale: expected a finite number, got 'nan'"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1, got '0'"),
+])
+def test_eval_number_options_are_checked_by_argparse(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -47,6 +47,12 @@ def test_schedule_from_config_picks_the_kind_and_refuses_neither():
     assert isinstance(vp, DiscreteVPSchedule)
     with pytest.raises(ValueError, match="neither variance-preserving .* nor flow-matching"):
         schedule_from_config({"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0})
+    from diffusers import EulerDiscreteScheduler
+
+    # called at 0.25 log sigma, not at an index: the discrete teacher solve would feed it wrong timesteps
+    with pytest.raises(ValueError, match="timestep_type 'continuous'"):
+        schedule_from_config(EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction").config)
+    assert isinstance(schedule_from_config(EulerDiscreteScheduler().config), DiscreteVPSchedule)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

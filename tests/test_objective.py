@@ -191,3 +191,94 @@ def test_batch_loss_sample_weight_multiplies_each_example():
     got = batch_loss(lambda zz, ts: zz, ex, weighting="window_end", sample_weight=w)
     expected = (z.square().flatten(1).mean(1) * window_end_weight(t, window) * w).mean()
     torch.testing.assert_close(got, expected)
+
+
+# ----------------------------------------------------------------------------- teacher steps per window
+
+
+def _sd_abar():
+    return alphas_cumprod_from_config({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"})
+
+
+def test_solve_window_with_steps_per_sample_equals_each_rows_own_solve():
+    """``n`` per sample: grouped on ``denoiser.rows`` (a conditional UNet) and, for a plain callable, on the whole
+    batch; both equal solving each row alone with its own ``n``."""
+    from perflow.denoisers import unet_denoiser
+    from perflow.solver import solve_window
+    from perflow.tiny import tiny_class_teacher
+
+    teacher = tiny_class_teacher()
+    cond = teacher.condition({"label": torch.tensor([0, 3, 5, 7, 9])}) if hasattr(teacher, "condition") else None
+    den = unet_denoiser(teacher.unet, cond)
+    assert callable(den.rows)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, teacher.unet.config.in_channels, 8, 8, generator=g)
+    t_s = torch.tensor([1.0, 0.75, 1.0, 0.5, 0.25], dtype=torch.float64)
+    t_e = t_s - 0.25
+    steps = torch.tensor([3, 1, 3, 2, 1])
+    abar = teacher.alphas_cumprod
+    grouped = solve_window(den, z, t_s, t_e, steps, abar)
+    plain = solve_window(lambda x, i: den(x, i), z, t_s, t_e, steps, abar)  # no rows: whole batch per n
+    for b in range(5):
+        one = unet_denoiser(teacher.unet, cond.select(torch.tensor([b])))
+        alone = solve_window(one, z[b:b + 1], t_s[b:b + 1], t_e[b:b + 1], int(steps[b]), abar)
+        torch.testing.assert_close(grouped[b:b + 1], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, grouped, rtol=1e-5, atol=1e-6)
+
+
+def test_reflow_example_uses_each_windows_own_steps():
+    from gaussian_helpers import gaussian_denoiser
+    from perflow.solver import solve_window
+
+    abar = _sd_abar()
+    den = gaussian_denoiser(0.3, 0.5, abar)
+    b = equal_boundaries(4)
+    x0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t = torch.tensor([0.9, 0.6, 0.3, 0.1, 1.0, 0.55], dtype=torch.float64)
+    ex = reflow_example(den, x0, b, abar, [5, 3, 2, 1], "ddim_eps", noise=noise, t=t)
+    for i, n in enumerate([5, 3, 2, 1, 5, 3]):
+        want = solve_window(den, ex.z_s[i:i + 1], ex.t_s[i:i + 1], ex.t_e[i:i + 1], n, abar)
+        torch.testing.assert_close(ex.z_e[i:i + 1], want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one per window \\(4 integers >= 1\\)"):
+        reflow_example(den, x0, b, abar, [5, 3], "ddim_eps", noise=noise, t=t)
+
+
+def test_window_solve_errors_are_first_order_and_find_the_curved_window():
+    """DDIM is first order: a window's measured error ``E_k(n) = |Phi_n - Phi_2n|^2`` falls by a ratio that
+    rises towards 4 as n doubles (2.9, 3.3, 3.6 from n = 4 to 32 on this Gaussian). For narrow data
+    (s = 0.2) the last window, where the clean sample's scale takes over from the noise's, costs the most."""
+    from gaussian_helpers import gaussian_denoiser
+    from perflow.objective import window_solve_errors
+
+    abar = _sd_abar()
+    den = gaussian_denoiser(0.0, 0.2, abar)
+    noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    b = equal_boundaries(4)
+    e = [window_solve_errors(den, noise, b, abar, n) for n in (4, 8, 16, 32, 64)]
+    ratios = torch.stack([e[i] / e[i + 1] for i in range(4)])  # (4 doublings, K)
+    assert (ratios[1:] > ratios[:-1]).all() and (ratios < 4.05).all() and (ratios[-1] > 3.4).all(), ratios
+    assert int(e[1].argmax()) == 3
+
+
+def test_allocate_solver_steps_minimises_the_modelled_error():
+    from perflow.objective import allocate_solver_steps
+
+    assert allocate_solver_steps(torch.ones(4), 8) == [8, 8, 8, 8]
+    assert allocate_solver_steps(torch.zeros(4), 8) == [8, 8, 8, 8]
+    # E_k = c_k^3: n_k proportional to c_k when no bound binds; the total is kept
+    assert allocate_solver_steps(torch.tensor([3.0, 2.0, 2.0, 1.0]) ** 3, 8) == [12, 8, 8, 4]
+    got = allocate_solver_steps(torch.tensor([1.0, 0.0, 0.0, 0.0]), 8)  # floor ceil(n/2)
+    assert got == [20, 4, 4, 4]
+    assert allocate_solver_steps(torch.tensor([1.0, 0.0, 0.0, 0.0]), 8, max_steps=[10, 250, 250, 250]) == [10, 8, 7, 7]
+    assert sum(allocate_solver_steps(torch.tensor([5.0, 1.0, 0.3]), 7)) == 21
+    # the median over batches: one outlier batch does not move it
+    rows = torch.tensor([[1.0, 1, 1, 1], [1.0, 1, 1, 1], [1000.0, 1, 1, 1]])
+    assert allocate_solver_steps(rows, 8) == [8, 8, 8, 8]
+    # no integer split of the same total has a lower modelled error sum_k E_k / n_k^2
+    e = torch.tensor([2.0, 0.7, 0.4, 0.05])
+    best = allocate_solver_steps(e, 6)
+    cost = lambda n: float(sum(ek / nk**2 for ek, nk in zip(e.tolist(), n)))  # noqa: E731
+    import itertools
+    splits = [s for s in itertools.product(range(3, 25), repeat=4) if sum(s) == 24]
+    assert cost(best) <= min(cost(s) for s in splits) * 1.02

@@ -317,6 +317,16 @@ def test_from_ddim_config_and_overrides():
     assert three.num_windows == 3 and three.config.num_time_windows == 3
 
 
+def test_from_config_refuses_a_window_count_its_saved_boundaries_would_override():
+    """A saved scheduler with explicit boundaries: ``from_config(cfg, num_time_windows=5)`` kept its 3 windows."""
+    three = PeRFlowScheduler(prediction_type="ddim_eps", window_boundaries=[1.0, 0.6, 0.3, 0.0])
+    with pytest.raises(ValueError, match=r"num_time_windows=5 disagrees with the config's window_boundaries \(3 windows\)"):
+        PeRFlowScheduler.from_config(three.config, num_time_windows=5)
+    assert PeRFlowScheduler.from_config(three.config, num_time_windows=5, window_boundaries=None).num_windows == 5
+    assert PeRFlowScheduler.from_config(three.config, num_time_windows=3).num_windows == 3  # agrees: accepted
+    assert PeRFlowScheduler.from_config(three.config).num_windows == 3
+
+
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_alphas_cumprod_as_ddim(schedule):
     kw = dict(beta_start=0.0001, beta_end=0.02, beta_schedule=schedule)

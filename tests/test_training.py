@@ -276,6 +276,14 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path):
         torch.testing.assert_close(original[k] + delta[k], v, rtol=0, atol=1e-6)
 
 
+def test_fp16_on_the_cpu_says_it_trains_in_float32(tmp_path, capsys):
+    """accelerate applies no fp16 autocast on the CPU: the run is float32, and says so."""
+    result = train("digits", teacher=tiny_class_teacher(), dataset=_digits(32),
+                   **_fast(tmp_path, max_steps=1, mixed_precision="fp16", ema_decay=0.0))
+    assert result.teacher.dtype == torch.float32
+    assert "mixed_precision fp16 has no effect on the CPU" in capsys.readouterr().out
+
+
 def test_window_end_weight_measures_the_window_end_error():
     from perflow.objective import ReflowExample
     from loose_window_args import window_end_from_output
@@ -482,3 +490,46 @@ def test_window_weights_auto_none_and_explicit(tmp_path):
     for bad in ("1,2", "1,2,0,4", "often"):
         with pytest.raises(ValueError, match="training.window_weights must be 'auto', 'none' or 4 positive numbers"):
             load_config("digits", {"window_weights": bad})
+
+
+def test_solver_step_allocation_auto_spreads_the_same_budget_and_a_resume_reuses_it(tmp_path, monkeypatch, capsys):
+    """``perflow.solver_step_allocation: auto`` measures each window's solve error on the teacher once and spreads the
+    same ``n K`` teacher steps (:func:`perflow.objective.allocate_solver_steps`); the run records them, and a
+    resumed run reads them instead of measuring again; a list of steps is used as given."""
+    import json
+
+    import perflow.objective as objective
+    from perflow.objective import allocate_solver_steps, window_solve_errors
+    from perflow.training.loop import _calibration_batches, solver_steps_of
+
+    teacher = tiny_class_teacher(seed=0)
+    data = _digits(64)
+    cfg = with_parameterization(load_config("digits", _fast(tmp_path, num_solver_steps=4, solver_step_allocation="auto")),
+                                teacher)
+    b = boundaries_of(cfg)
+    steps = solver_steps_of(cfg, teacher, data, b, torch.device("cpu"))
+    assert len(steps) == 4 and sum(steps) == 16 and min(steps) >= 2
+    errors = torch.stack([window_solve_errors(den, noise, b, schedule, 4, teacher.prediction_type, teacher.clip_sample)
+                          for den, noise, schedule in _calibration_batches(cfg, teacher, data, torch.device("cpu"), "", False)])
+    assert steps == allocate_solver_steps(errors, 4, [250, 250, 250, 250])
+    cfg.perflow.solver_step_allocation = "equal"
+    assert solver_steps_of(cfg, teacher, data, b, torch.device("cpu")) == 4
+    cfg.perflow.num_solver_steps = [3, 1, 1, 2]
+    assert solver_steps_of(cfg, teacher, data, b, torch.device("cpu")) == [3, 1, 1, 2]
+
+    run = tmp_path / "run"
+    result = train("digits", teacher=teacher, dataset=data,
+                   **_fast(run, max_steps=2, num_solver_steps=4, solver_step_allocation="auto", checkpoint_every=1))
+    assert f"teacher steps per window (auto, 4 x 4 in all): {steps}" in capsys.readouterr().out
+    assert json.loads((run / "perflow_training.json").read_text())["solver_steps"] == steps
+    assert np.isfinite(result.losses).all()
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("a resumed run measured the window solve errors again")
+
+    monkeypatch.setattr(objective, "window_solve_errors", measured_again)
+    resumed = train("digits", teacher=teacher, dataset=data,
+                    **_fast(run, max_steps=3, num_solver_steps=4, solver_step_allocation="auto", checkpoint_every=1,
+                            resume="latest"))
+    assert resumed.global_step == 3
+    assert json.loads((run / "perflow_training.json").read_text())["solver_steps"] == steps

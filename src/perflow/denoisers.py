@@ -99,6 +99,10 @@ class Condition:
             out[name] = torch.where(m, y.to(x.dtype).expand_as(x), x)
         return type(self)(**out)
 
+    def select(self, rows: torch.Tensor) -> "Condition":
+        """The batch rows ``rows`` (indices ``(R,)``) of every tensor."""
+        return type(self)(**{n: None if x is None else x[rows.to(x.device)] for n, x in self.tensors().items()})
+
     def repeat(self, batch_size: int) -> "Condition":
         """Expand a batch-1 condition (e.g. the null condition) to ``batch_size`` rows."""
         if len(self) != 1:
@@ -116,6 +120,8 @@ def unet_denoiser(
 
     Without ``uncond`` the output is ``unet(z, i, cond)`` (:meth:`Condition.forward`). With it, one batched call evaluates
     ``[cond; uncond]`` and returns ``uncond + w (cond - uncond)``, ``w`` a scalar or per-sample ``(B,)``.
+    ``denoiser.rows(index)`` is the same denoiser on the batch rows ``index`` only (what a window solve with
+    a different number of steps per sample runs, :func:`perflow.solver.solve_window`).
     """
     dtype = next(unet.parameters()).dtype
     device = next(unet.parameters()).device
@@ -135,6 +141,11 @@ def unet_denoiser(
         out_c, out_u = out.float().chunk(2)
         return out_u + expand_like(w, out_c) * (out_c - out_u)
 
+    def rows(index: torch.Tensor) -> Denoiser:
+        return unet_denoiser(unet, cond.select(index), None if uncond is None else uncond.select(index),
+                             w if w.dim() == 0 else w[index.to(w.device)])
+
+    denoiser.rows = rows
     return denoiser
 
 

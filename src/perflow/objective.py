@@ -20,6 +20,7 @@ functions, so there is one implementation of the objective.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -34,12 +35,14 @@ from .parameterization import (
 from .schedule import NoiseSchedule, as_schedule
 from .solver import Denoiser, solve_window
 from .time_sampling import TimeSampler, uniform_times
-from .windows import Window, window_of
+from .windows import Window, window_index, window_of
 
 LOSSES = ("mse", "huber")
 LOSS_WEIGHTINGS = ("none", "window_end")
 WINDOW_WEIGHTS = ("none", "auto")
 """Per-window loss weights: ``none`` (all 1), ``auto`` (:func:`window_error_gains` of the teacher, mean 1)."""
+SOLVER_STEP_ALLOCATIONS = ("equal", "auto")
+"""How ``n K`` teacher steps are spread over the windows: ``equal``, or ``auto`` (:func:`allocate_solver_steps`)."""
 
 
 @dataclass
@@ -78,7 +81,7 @@ def reflow_example(
     x0: torch.Tensor,
     boundaries: torch.Tensor,
     schedule: NoiseSchedule | torch.Tensor,
-    num_solver_steps: int,
+    num_solver_steps: int | Sequence[int],
     prediction_type: str,
     teacher_prediction_type: str = "epsilon",
     noise: torch.Tensor | None = None,
@@ -97,7 +100,8 @@ def reflow_example(
     student's (``diff_eps``, ``ddim_eps`` or ``velocity``); ``model_output_type`` what the student
     network's raw output predicts (:func:`perflow.parameterization.check_model_output_type`), turned
     into the parameterization's output at ``(z_t, t)`` by :meth:`ReflowExample.student_output`;
-    ``clip_sample``: the teacher's x0 clipping range in the window solve
+    ``num_solver_steps``: the teacher's DDIM steps ``n`` in every window, or one ``n_k`` per window
+    (:func:`steps_of_windows`); ``clip_sample``: the teacher's x0 clipping range in the window solve
     (:func:`perflow.solver.solve_window`; ``None``: off), and for a ``ddim_eps`` student in its
     predicted window end too (:func:`perflow.parameterization.clipped_epsilon`).
 
@@ -120,7 +124,10 @@ def reflow_example(
     if start_from_noise:
         first = (window.t_s >= 1.0).view(-1, *([1] * (z_s.dim() - 1)))  # samples in the window starting at t = 1
         z_s = torch.where(first, noise.to(z_s.dtype), z_s)
-    z_e = solve_window(denoiser, z_s, window.t_s, window.t_e, num_solver_steps, schedule, teacher_prediction_type, clip_sample)
+    steps = steps_of_windows(num_solver_steps, boundaries)
+    if steps.numel() > 1:
+        steps = steps[window_index(t, boundaries).cpu()]  # (B,): each sample's window's n_k
+    z_e = solve_window(denoiser, z_s, window.t_s, window.t_e, steps, schedule, teacher_prediction_type, clip_sample)
     work = torch.promote_types(x0.dtype, torch.float32)
     z_s32, z_e32 = z_s.to(work), z_e.to(work)
     target = target_from_window(z_s32, z_e32, window)
@@ -151,13 +158,26 @@ def window_end_weight(t: torch.Tensor, window: Window) -> torch.Tensor:
     return (window.eta * (window.t_e - t) / window_end_denominator(t, window)).square().float()
 
 
+def steps_of_windows(num_solver_steps: int | Sequence[int], boundaries: torch.Tensor) -> torch.Tensor:
+    """The teacher's DDIM steps per window as an int64 tensor: ``(1,)`` for one ``n`` in every window, ``(K,)``
+    for one ``n_k`` per window (first window at ``t = 1``); each at least 1, a list of exactly ``K``."""
+    K = torch.as_tensor(boundaries).numel() - 1
+    if isinstance(num_solver_steps, torch.Tensor):
+        num_solver_steps = num_solver_steps.tolist()
+    values = [num_solver_steps] if isinstance(num_solver_steps, int) else list(num_solver_steps)
+    if len(values) not in (1, K) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ValueError(f"num_solver_steps must be an integer >= 1 or one per window ({K} integers >= 1), "
+                         f"got {num_solver_steps!r}")
+    return torch.tensor(values if len(values) < K or len(set(values)) > 1 else values[:1], dtype=torch.int64)
+
+
 @torch.no_grad()
 def window_error_gains(
     denoiser: Denoiser,
     noise: torch.Tensor,
     boundaries: torch.Tensor,
     schedule: NoiseSchedule | torch.Tensor,
-    num_solver_steps: int,
+    num_solver_steps: int | Sequence[int],
     prediction_type: str = "epsilon",
     clip_sample: float | None = None,
 ) -> torch.Tensor:
@@ -173,8 +193,56 @@ def window_error_gains(
 
     The last window's gain is 1; above 1 the later windows amplify an error at ``t_{k+1}``, below 1
     they contract it. A window whose one-step error vanishes (relative ``1e-12``) gets gain 1.
-    Costs ``n K (K + 1) / 2 + K`` teacher evaluations of the batch.
+    Costs ``n K (K + 1) / 2 + K`` teacher evaluations of the batch. ``num_solver_steps``: ``n``, or one
+    ``n_k`` per window (:func:`steps_of_windows`).
     """
+    b = torch.as_tensor(boundaries, dtype=torch.float64).to(noise.device)
+    K = b.numel() - 1
+    batch = noise.shape[0]
+    n = steps_of_windows(num_solver_steps, b).expand(K).tolist()
+
+    def solve(z: torch.Tensor, k: int, steps: int) -> torch.Tensor:
+        t_s, t_e = b[k].expand(batch), b[k + 1].expand(batch)
+        return solve_window(denoiser, z, t_s, t_e, steps, schedule, prediction_type, clip_sample)
+
+    chain = [noise]
+    for k in range(K):
+        chain.append(solve(chain[-1], k, n[k]))
+    scale = chain[-1].double().square().sum().clamp_min(1e-30)
+    gains = torch.ones(K, dtype=torch.float64)
+    for k in range(K - 1):
+        y = solve(chain[k], k, 1)
+        local = (y.double() - chain[k + 1].double()).square().sum()
+        if local <= 1e-12 * scale:
+            continue
+        for j in range(k + 1, K):
+            y = solve(y, j, n[j])
+        gains[k] = (y.double() - chain[-1].double()).square().sum() / local
+    return gains
+
+
+@torch.no_grad()
+def window_solve_errors(
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    boundaries: torch.Tensor,
+    schedule: NoiseSchedule | torch.Tensor,
+    num_solver_steps: int,
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+) -> torch.Tensor:
+    """What each window's ``n``-step teacher solve costs in the final sample, ``(K,)`` float64.
+
+    The chain of window solves from ``z_0 = noise`` (at ``t = 1``), ``z_{k+1} = Phi_n(z_k, t_k, t_{k+1})``
+    (:func:`perflow.solver.solve_window`), and for each window ``k`` the same chain with that window
+    alone solved at ``2 n`` steps, ``W_k = Phi_n(..Phi_n(Phi_{2n}(z_k))..)``:
+
+        E_k = mean_b ||W_k - z_K||^2 / D   (D: the number of elements of one sample)
+
+    For a first-order solver (DDIM) the window's error is ``A_k / n`` to leading order, so
+    ``E_k = A_k^2 / (4 n^2)``: the error that halving the window's step size removes, measured where it
+    matters, in the final sample (later windows amplify or damp it). Costs ``n K + sum_k (2n + n (K - 1 - k))``
+    teacher evaluations of the batch."""
     b = torch.as_tensor(boundaries, dtype=torch.float64).to(noise.device)
     K = b.numel() - 1
     batch = noise.shape[0]
@@ -186,17 +254,61 @@ def window_error_gains(
     chain = [noise]
     for k in range(K):
         chain.append(solve(chain[-1], k, num_solver_steps))
-    scale = chain[-1].double().square().sum().clamp_min(1e-30)
-    gains = torch.ones(K, dtype=torch.float64)
-    for k in range(K - 1):
-        y = solve(chain[k], k, 1)
-        local = (y.double() - chain[k + 1].double()).square().sum()
-        if local <= 1e-12 * scale:
-            continue
+    errors = torch.zeros(K, dtype=torch.float64)
+    for k in range(K):
+        w = solve(chain[k], k, 2 * num_solver_steps)
         for j in range(k + 1, K):
-            y = solve(y, j, num_solver_steps)
-        gains[k] = (y.double() - chain[-1].double()).square().sum() / local
-    return gains
+            w = solve(w, j, num_solver_steps)
+        errors[k] = (w.double() - chain[-1].double()).square().flatten(1).mean(1).mean()
+    return errors
+
+
+def allocate_solver_steps(errors: torch.Tensor, num_solver_steps: int, max_steps: Sequence[int] | None = None) -> list[int]:
+    """Spread ``n K`` teacher steps over the K windows where they remove the most final error.
+
+    ``errors`` ``(K,)``, or ``(M, K)`` measured on ``M`` batches (their per-window median is used, as for
+    the window weights), from :func:`window_solve_errors` at ``n`` steps per window: window ``k``'s
+    error at ``n_k`` steps is ``A_k^2 / n_k^2`` with ``A_k^2 = 4 n^2 E_k``, and minimising
+    ``sum_k A_k^2 / n_k^2`` subject to ``sum_k n_k = n K`` gives
+
+        n_k = n K E_k^{1/3} / sum_j E_j^{1/3}
+
+    kept within ``[ceil(n / 2), max_steps[k]]`` (the error model is measured between ``n`` and ``2 n``
+    steps, so no window is extrapolated below ``n / 2``; ``max_steps``: a discrete teacher's index span
+    of each window) by fixing the windows outside and sharing the rest again, then rounded to integers
+    with the same sum (largest remainders first). Equal (or all-zero) errors give ``n`` everywhere."""
+    e = errors.double()
+    if e.dim() == 2:
+        e = e.median(0).values
+    K = e.numel()
+    total = num_solver_steps * K
+    lo = [min(-(-num_solver_steps // 2), num_solver_steps)] * K
+    hi = [total] * K if max_steps is None else [max(1, int(c)) for c in max_steps]
+    lo = [min(a, b) for a, b in zip(lo, hi)]
+    root = e.clamp_min(0).pow(1.0 / 3.0).tolist()
+    if not sum(root) > 0:
+        root = [1.0] * K
+    share, fixed = [0.0] * K, [False] * K
+    while True:  # water-filling: windows pushed outside their bounds are fixed there
+        free = [k for k in range(K) if not fixed[k]]
+        left = total - sum(share[k] for k in range(K) if fixed[k])
+        weight = sum(root[k] for k in free)
+        for k in free:
+            share[k] = left * root[k] / weight if weight > 0 else left / len(free)
+        out = [k for k in free if not lo[k] <= share[k] <= hi[k]]
+        if not out:
+            break
+        for k in out:
+            share[k], fixed[k] = min(max(share[k], lo[k]), hi[k]), True
+        if all(fixed):
+            break
+    steps = [max(lo[k], min(hi[k], int(share[k]))) for k in range(K)]
+    order = sorted(range(K), key=lambda k: int(share[k]) - share[k])  # largest remainder first
+    while sum(steps) < total and any(steps[k] < hi[k] for k in range(K)):
+        for k in order:
+            if sum(steps) < total and steps[k] < hi[k]:
+                steps[k] += 1
+    return steps
 
 
 def window_weights_from_gains(gains: torch.Tensor, max_ratio: float = 100.0) -> torch.Tensor:

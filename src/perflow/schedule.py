@@ -415,6 +415,12 @@ def scheduler_kind(config: Mapping[str, Any]) -> str:
     if name in FLOW_MATCH_SCHEDULERS or flow_keys or config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas"):
         return "flow_matching"
     if any(k in config for k in ("beta_start", "beta_end", "beta_schedule", "trained_betas")):
+        if config.get("timestep_type") == "continuous":
+            raise ValueError(
+                f"the teacher's {name or 'scheduler'} has timestep_type 'continuous' (its model is called at 0.25 log "
+                "sigma, not at a timestep index), which perflow's discrete teacher solve does not do; use a teacher "
+                "trained on discrete timesteps (timestep_type 'discrete')"
+            )
         return "discrete_vp"
     raise ValueError(
         f"the teacher's scheduler config ({name or 'no _class_name'}) is neither variance-preserving (beta_start, "

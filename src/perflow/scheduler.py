@@ -196,10 +196,20 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         ``DDPMScheduler()`` that would silently replace its linear 1e-4..0.02 betas (and ``clip_sample``, its
         ``epsilon`` prediction type) by this class's SD defaults. For a config of another scheduler class the
         list is ignored, the schedule's kind is read from the config (:func:`perflow.schedule.scheduler_kind`)
-        and a flow-mode DPM-Solver/UniPC config's ``flow_shift`` is its ``shift``."""
+        and a flow-mode DPM-Solver/UniPC config's ``flow_shift`` is its ``shift``. A ``num_time_windows`` that
+        disagrees with the config's explicit ``window_boundaries`` is refused unless new boundaries (or
+        ``window_boundaries=None``) are given too: the boundaries would otherwise win silently."""
         if config is not None and not isinstance(config, str):
             source = dict(config)
             own = source.get("_class_name") == cls.__name__ or ("num_time_windows" in source and "schedule_kind" in source)
+            saved = source.get("window_boundaries")
+            if saved is not None and kwargs.get("num_time_windows") not in (None, len(saved) - 1) \
+                    and "window_boundaries" not in kwargs:
+                raise ValueError(
+                    f"num_time_windows={kwargs['num_time_windows']} disagrees with the config's window_boundaries "
+                    f"({len(saved) - 1} windows), which would win; pass window_boundaries=None as well for "
+                    f"{kwargs['num_time_windows']} equal windows, or new window_boundaries"
+                )
             if not own:  # a teacher's config (in memory it carries no _class_name)
                 from .schedule import scheduler_kind
 

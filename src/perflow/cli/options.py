@@ -45,3 +45,26 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
+
+
+def read_prompts(values: list[str] | None) -> list[str] | None:
+    """``--prompts``: the prompts as given, or the lines of the one text file given.
+
+    One value ending in ``.txt`` that is not a file is refused (a mistyped path would otherwise be
+    sampled as the prompt ``"prompts.txt"``), as is a file without a prompt."""
+    from pathlib import Path
+
+    if not values or len(values) != 1:
+        return values
+    path = Path(values[0])
+    if path.is_file():
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompts: {str(path)!r} is not UTF-8 text; save it as UTF-8") from None
+        if not lines:
+            raise ValueError(f"--prompts: {str(path)!r} holds no prompt; write one prompt per line")
+        return lines
+    if path.suffix.lower() == ".txt":
+        raise ValueError(f"--prompts: no file {str(path)!r}; give an existing text file (one prompt per line) or the prompts themselves")
+    return values

@@ -64,7 +64,7 @@ def _type_name(tp) -> str:
     if typing.get_origin(tp) is list:
         return f"{_type_name(args[0])},..."
     if args and typing.get_origin(tp) is not None:
-        return _type_name(args[0])
+        return "|".join(_type_name(a) for a in args)  # int | list[int]: INT|INT,...
     return getattr(tp, "__name__", "VALUE").upper()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from perflow.cli.options import add_threads_option, apply_threads, finite_float, positive_int
+from perflow.cli.options import add_threads_option, apply_threads, finite_float, positive_int, read_prompts
 
 REPORT_DESCRIPTION = """\
 Does the delta accelerate this model? Samples target + delta with the PeRFlow scheduler and the target
@@ -62,14 +62,6 @@ def _target_options(p: argparse.ArgumentParser) -> None:
     add_threads_option(p)
 
 
-def _prompts(values):
-    from pathlib import Path
-
-    if values and len(values) == 1 and Path(values[0]).is_file():
-        return [line.strip() for line in Path(values[0]).read_text().splitlines() if line.strip()]
-    return values
-
-
 def run_report(args) -> int:
     apply_threads(args)
     from perflow.evaluation.report import command_line
@@ -80,7 +72,7 @@ def run_report(args) -> int:
         controlnet=args.controlnet, control_images=args.control_images, conditioning_scale=args.conditioning_scale,
         delta_extra=args.delta_extra, delta_scale=args.delta_scale, steps=tuple(args.steps),
         baselines=tuple(args.baselines), spacings=tuple(args.spacings), num_samples=args.num_samples,
-        reference_steps=args.reference_steps, labels=args.labels, prompts=_prompts(args.prompts),
+        reference_steps=args.reference_steps, labels=args.labels, prompts=read_prompts(args.prompts),
         guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size, resolution=args.resolution,
         real_images=args.real_images, classifier=args.classifier, output_dir=args.output_dir,
         command=command_line(args.argv, "perflow"),
@@ -149,7 +141,7 @@ def run_adapt(args) -> int:
                                                   "seed", "batch_size", "resolution")
                    if getattr(args, k) is not None}
     if args.prompts:
-        eval_kwargs["prompts"] = _prompts(args.prompts)
+        eval_kwargs["prompts"] = read_prompts(args.prompts)
     try:
         result = adapt_delta(args.delta, args.target, args.output_dir, config=args.config, budget_steps=args.budget_steps,
                              check_every=args.check_every, num_samples=args.num_samples,

@@ -88,8 +88,14 @@ class PeRFlowConfig:
     """K, the number of time windows (equal windows unless ``window_boundaries`` is given)."""
     window_boundaries: list[float] | None = None
     """Explicit decreasing boundaries ``[1, ..., 0]`` (K + 1 values), overriding equal windows."""
-    num_solver_steps: int = 8
-    """n, DDIM teacher steps per window."""
+    num_solver_steps: int | list[int] = 8
+    """n, the teacher's DDIM steps per window (its solve of each window's ODE), or one per window: K integers,
+    the first window the one at t = 1 (e.g. 20,4,4,4)."""
+    solver_step_allocation: str = "equal"
+    """How an integer num_solver_steps n is spread over the windows: ``equal`` (n in each) or ``auto`` (the same
+    n K steps where they remove the most error from the final sample, measured on the teacher's chain at the
+    start, :func:`perflow.objective.allocate_solver_steps`; printed and recorded in the run). A list of
+    num_solver_steps is used as given."""
     prediction_type: str = "auto"
     """Student parameterization: ``auto`` (``ddim_eps`` for a diffusion teacher: with ``model_output_type: auto``
     the untrained student is the teacher's DDIM over the windows; ``velocity`` for a flow-matching teacher,
@@ -221,7 +227,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise a ``ValueError`` naming the field and the fix for any inconsistent value."""
         from ..denoisers import CFG_MODES
-        from ..objective import LOSS_WEIGHTINGS, LOSSES
+        from ..objective import LOSS_WEIGHTINGS, LOSSES, SOLVER_STEP_ALLOCATIONS
         from ..parameterization import MODEL_OUTPUT_TYPES, check_model_output_type
         from ..time_sampling import TIME_SAMPLINGS
         from ..windows import PREDICTION_TYPES, resolve_boundaries
@@ -241,7 +247,6 @@ class TrainConfig:
         _choice("data.on_bad_image", d.on_bad_image, ("skip", "error"))
         for name, value, low in (
             ("perflow.num_time_windows", p.num_time_windows, 1),
-            ("perflow.num_solver_steps", p.num_solver_steps, 1),
             ("training.max_steps", t.max_steps, 1),
             ("perflow.embedded_guidance", p.embedded_guidance, 0),
             ("training.batch_size", t.batch_size, 1),
@@ -260,6 +265,7 @@ class TrainConfig:
         ):
             if not value >= low:  # also refuses NaN
                 raise ValueError(f"{name} must be >= {low}, got {value}")
+        _choice("perflow.solver_step_allocation", p.solver_step_allocation, SOLVER_STEP_ALLOCATIONS)
         if p.window_boundaries is not None:
             b = resolve_boundaries(window_boundaries=p.window_boundaries)
             if b.numel() - 1 != p.num_time_windows:
@@ -268,6 +274,10 @@ class TrainConfig:
                                      f"perflow.num_time_windows is {p.num_time_windows}; give one of them")
                 p.num_time_windows = b.numel() - 1
         parse_window_weights(t.window_weights, p.num_time_windows)
+        steps = p.num_solver_steps if isinstance(p.num_solver_steps, list) else [p.num_solver_steps]
+        if len(steps) not in (1, p.num_time_windows) or not all(isinstance(n, int) and n >= 1 for n in steps):
+            raise ValueError(f"perflow.num_solver_steps must be an integer >= 1 or {p.num_time_windows} of them (one per "
+                             f"window, e.g. {','.join(['8'] * p.num_time_windows)}), got {p.num_solver_steps}")
         from diffusers.optimization import SchedulerType
 
         names = [v.value for v in SchedulerType]

@@ -58,8 +58,19 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return coerce(name, inner, value)
+        inner = [a for a in args if a is not type(None)]
+        for option in inner[:-1]:  # e.g. ``int | list[int]``: the first type that takes the value
+            try:
+                return coerce(name, option, value)
+            except ValueError:
+                continue
+        try:
+            return coerce(name, inner[-1], value)
+        except ValueError:
+            if len(inner) == 1:
+                raise
+        names = " or ".join(str(getattr(a, "__name__", a)) if typing.get_origin(a) is None else str(a) for a in inner)
+        raise ValueError(f"{name}: expected {names}, got {value!r}")
     if isinstance(value, str) and tp is not str:
         import yaml
 

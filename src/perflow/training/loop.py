@@ -115,9 +115,10 @@ def boundaries_of(cfg: TrainConfig, schedule: NoiseSchedule | torch.Tensor | Non
     """Window boundaries ``[1, ..., 0]`` (float64) from the config (:func:`perflow.windows.resolve_boundaries`),
     checked against the teacher's schedule (or its ``alphas_cumprod``) if given."""
     p = cfg.perflow
+    steps = p.num_solver_steps if isinstance(p.num_solver_steps, int) else max(p.num_solver_steps)
     return resolve_boundaries(
         p.num_time_windows, p.window_boundaries, None if schedule is None else as_schedule(schedule),
-        p.num_solver_steps, p.prediction_type,
+        steps, p.prediction_type,
     )
 
 
@@ -212,6 +213,9 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     tdtype = MP_DTYPES[tr.mixed_precision] if cfg.model.teacher_dtype == "auto" else DTYPES[cfg.model.teacher_dtype]
     if device.type == "cpu" and tdtype == torch.float16:
         tdtype = torch.float32  # fp16 kernels are missing or slow on CPU
+    if device.type == "cpu" and tr.mixed_precision == "fp16" and accelerator.is_main_process:
+        print("note: mixed_precision fp16 has no effect on the CPU (accelerate applies no fp16 autocast there): this "
+              "run trains in float32; use bf16 for reduced precision on the CPU")
     student = copy.deepcopy(teacher_obj.unet).to(device)
     if cfg.model.student_init:
         load_student_init(student, cfg.model.student_init)
@@ -233,6 +237,15 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     boundaries = boundaries_of(cfg, schedule)
     time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a, p.logit_normal_mean, p.logit_normal_std,
                                      p.window_start_prob)
+    solver_steps = solver_steps_of(cfg, teacher_obj, ds, boundaries, device,
+                                   progress=out.progress and accelerator.is_local_main_process,
+                                   resume_from=start.resume_from)
+    if solver_steps != p.num_solver_steps:
+        if accelerator.is_main_process:
+            print(f"teacher steps per window ({p.solver_step_allocation}, {p.num_solver_steps} x {len(solver_steps)} "
+                  f"in all): {solver_steps}")
+        cfg = dataclasses.replace(cfg, perflow=dataclasses.replace(p, num_solver_steps=solver_steps))
+        p = cfg.perflow
     window_weights = window_weights_of(cfg, teacher_obj, ds, boundaries, device,
                                        progress=out.progress and accelerator.is_local_main_process,
                                        resume_from=start.resume_from)
@@ -278,7 +291,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
                                   init_kwargs={"tensorboard": {"purge_step": global_step + 1}})
     scheduler = perflow_scheduler(teacher_obj, p.prediction_type, boundaries, len(boundaries) - 1,
                                   student_output_type(cfg, teacher_obj))
-    evals_per_sample = p.num_solver_steps * (2 if (p.cfg_mode == "fixed" and p.guidance_scale != 1.0) else 1)
+    mean_steps = p.num_solver_steps if isinstance(p.num_solver_steps, int) else sum(p.num_solver_steps) / len(p.num_solver_steps)
+    evals_per_sample = mean_steps * (2 if (p.cfg_mode == "fixed" and p.guidance_scale != 1.0) else 1)
 
     bar = tqdm(total=tr.max_steps, initial=global_step, desc="perflow train", unit="step",
                disable=not (out.progress and accelerator.is_local_main_process))
@@ -299,7 +313,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         epoch, index = sampler.position(micro_step)
         state = {"global_step": global_step, "micro_step": micro_step, "epoch": epoch, "batch_index": index,
                  "dataset_size": len(ds), "losses": losses, "config": saved_config, "run_id": start.run_id,
-                 "num_processes": accelerator.num_processes, "window_weights": recorded_weights, **notes.state()}
+                 "num_processes": accelerator.num_processes, "window_weights": recorded_weights,
+                 "solver_steps": p.num_solver_steps, **notes.state()}
         return save_checkpoint(accelerator, output_dir, global_step, state, ema, param_names, generator,
                                out.keep_checkpoints, start.run_ids)
 
@@ -376,7 +391,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         if accelerator.is_main_process:
             summary = {"global_step": global_step, "final_loss": losses[-1] if losses else None, "seconds": seconds,
                        "samples_per_second": samples_per_second, "teacher_evals_per_sample": evals_per_sample,
-                       "run_id": start.run_id, "window_weights": recorded_weights, **notes.state(),
+                       "run_id": start.run_id, "window_weights": recorded_weights, "solver_steps": p.num_solver_steps, **notes.state(),
                        "config": saved_config}
             files = _export(output_dir, final, teacher_obj, scheduler, cfg, reference, summary)
             for line in notes.report():
@@ -511,6 +526,68 @@ CALIBRATION_BATCHES = 5
 """Batches :func:`window_weights_of` measures the teacher's window error gains on (their median is used)."""
 
 
+def _calibration_batches(cfg: TrainConfig, teacher: Teacher, dataset, device: torch.device, desc: str, progress: bool):
+    """``(teacher denoiser, noise, schedule)`` of each of the first :data:`CALIBRATION_BATCHES` batches of the data
+    in seed order (their conditions, no caption dropout), the noise drawn from ``training.seed``: the same
+    batches and noise on every call and in every process."""
+    from tqdm.auto import tqdm
+
+    from .data import close_loader, make_loader
+
+    tr = cfg.training
+    generator = torch.Generator().manual_seed(tr.seed * 1_000_003 + 104729)
+    loader, _ = make_loader(dataset, tr.batch_size, 1, 0, tr.seed, 0, 0)
+    bar = tqdm(total=CALIBRATION_BATCHES, desc=desc, unit="batch", disable=not progress)
+    try:
+        for i, batch in enumerate(loader):
+            if i == CALIBRATION_BATCHES:
+                break
+            x0, den, _ = _teacher_batch(batch, cfg, teacher, generator, device, dropout=False)
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
+            yield den, noise, teacher.schedule_for(x0)
+            bar.update(1)
+    finally:
+        bar.close()
+        close_loader(loader)
+
+
+def _recorded(resume_from: Path | None, key: str):
+    if resume_from is None:
+        return None
+    from .checkpoint import read_state
+
+    return (read_state(resume_from) or {}).get(key)
+
+
+def solver_steps_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: torch.Tensor,
+                    device: torch.device, progress: bool = False, resume_from: Path | None = None) -> int | list[int]:
+    """The teacher's DDIM steps per window: ``perflow.num_solver_steps`` as given (an integer, or a list), or
+    for ``perflow.solver_step_allocation: auto`` its ``n K`` steps spread by
+    :func:`perflow.objective.allocate_solver_steps` from :func:`perflow.objective.window_solve_errors` on the
+    calibration batches (those of :func:`window_weights_of`). A discrete teacher's window gets at most as many
+    steps as it spans timestep indices. A resumed run reads the steps it recorded (``solver_steps`` in its
+    ``perflow_state.json``)."""
+    from ..objective import allocate_solver_steps, window_solve_errors
+    from ..schedule import DiscreteVPSchedule
+
+    p = cfg.perflow
+    K = boundaries.numel() - 1
+    if not isinstance(p.num_solver_steps, int) or p.solver_step_allocation == "equal" or K == 1:
+        return p.num_solver_steps
+    saved = _recorded(resume_from, "solver_steps")
+    if isinstance(saved, list) and len(saved) == K:
+        return [int(n) for n in saved]
+    errors, caps = [], None
+    for den, noise, schedule in _calibration_batches(cfg, teacher, dataset, device, "teacher steps per window", progress):
+        errors.append(window_solve_errors(den, noise, boundaries, schedule, p.num_solver_steps,
+                                          teacher.prediction_type, teacher.clip_sample))
+        if isinstance(schedule, DiscreteVPSchedule):
+            T = schedule.num_train_timesteps
+            idx = [round(float(t) * T) for t in boundaries]
+            caps = [max(1, idx[k] - idx[k + 1]) for k in range(K)]
+    return allocate_solver_steps(torch.stack(errors), p.num_solver_steps, caps)
+
+
 def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: torch.Tensor,
                       device: torch.device, progress: bool = False,
                       resume_from: Path | None = None) -> torch.Tensor | None:
@@ -523,11 +600,8 @@ def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: t
     Deterministic, so every process computes the same weights; a run resumed from a checkpoint
     (``resume_from``) reads the weights it recorded (``window_weights`` in its ``perflow_state.json``)
     instead of measuring them again. ``progress``: a progress bar over the batches."""
-    from tqdm.auto import tqdm
-
     from ..objective import window_error_gains, window_weights_from_gains
     from .config import parse_window_weights
-    from .data import close_loader, make_loader
 
     tr = cfg.training
     spec = parse_window_weights(tr.window_weights, boundaries.numel() - 1)
@@ -535,28 +609,12 @@ def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: t
         return None
     if spec != "auto":
         return torch.tensor(spec, dtype=torch.float64)
-    if resume_from is not None:
-        from .checkpoint import read_state
-
-        saved = (read_state(resume_from) or {}).get("window_weights")
-        if isinstance(saved, list) and len(saved) == boundaries.numel() - 1:
-            return torch.tensor(saved, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(tr.seed * 1_000_003 + 104729)
-    loader, _ = make_loader(dataset, tr.batch_size, 1, 0, tr.seed, 0, 0)
-    gains = []
-    bar = tqdm(total=CALIBRATION_BATCHES, desc="window loss weights", unit="batch", disable=not progress)
-    try:
-        for i, batch in enumerate(loader):
-            if i == CALIBRATION_BATCHES:
-                break
-            x0, den, _ = _teacher_batch(batch, cfg, teacher, generator, device, dropout=False)
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
-            gains.append(window_error_gains(den, noise, boundaries, teacher.schedule_for(x0),
-                                            cfg.perflow.num_solver_steps, teacher.prediction_type, teacher.clip_sample))
-            bar.update(1)
-    finally:
-        bar.close()
-        close_loader(loader)
+    saved = _recorded(resume_from, "window_weights")
+    if isinstance(saved, list) and len(saved) == boundaries.numel() - 1:
+        return torch.tensor(saved, dtype=torch.float64)
+    gains = [window_error_gains(den, noise, boundaries, schedule, cfg.perflow.num_solver_steps,
+                                teacher.prediction_type, teacher.clip_sample)
+             for den, noise, schedule in _calibration_batches(cfg, teacher, dataset, device, "window loss weights", progress)]
     return window_weights_from_gains(torch.stack(gains))
 
 
@@ -639,4 +697,4 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-__all__ = ["TrainResult", "boundaries_of", "train", "training_loss", "window_weights_of", "with_data"]
+__all__ = ["TrainResult", "boundaries_of", "solver_steps_of", "train", "training_loss", "window_weights_of", "with_data"]

@@ -70,7 +70,7 @@ def trajectory_error(
 ) -> float:
     """Mean squared distance between the student's ``num_steps``-step PeRFlow sample and the teacher's
     own ODE solution from the same noise ``z_1`` (window by window, ``solver_steps`` DDIM steps each,
-    guidance 1 on ``cond``): ``mean |z_0^student - Phi(z_1, 1, 0)|^2``. What piecewise reflow minimises."""
+    guidance 1 on ``cond``, with the teacher's ``clip_sample`` as in training): ``mean |z_0^student - Phi(z_1, 1, 0)|^2``. What piecewise reflow minimises."""
     from ..solver import solve_window
 
     device = next(student.parameters()).device
@@ -84,7 +84,8 @@ def trajectory_error(
     for j in range(b.numel() - 1):
         t_s = torch.full((shape[0],), float(b[j]), dtype=torch.float64)
         t_e = torch.full((shape[0],), float(b[j + 1]), dtype=torch.float64)
-        z = solve_window(den, z, t_s, t_e, solver_steps, teacher.schedule, teacher.prediction_type)
+        z = solve_window(den, z, t_s, t_e, solver_steps, teacher.schedule, teacher.prediction_type,
+                         getattr(teacher, "clip_sample", None))
     return (z_student.float() - z.float()).square().mean().item()
 
 
