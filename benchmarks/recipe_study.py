@@ -202,17 +202,21 @@ def run(args, s: dict) -> None:
         window_boundaries=boundaries.tolist(), model_output_type=mot,
     )
     clip = teacher_clip_sample(config, args.teacher) if s["clip_sample"] == "auto" else None
-    if s["solver_step_allocation"] == "auto" and isinstance(steps, int):  # as the trainer (loop.solver_steps_of)
-        from perflow.objective import allocate_solver_steps, window_solve_errors
+
+    def calibration():
+        """The trainer's calibration batches (perflow.training.loop._calibration_batches): (teacher, noise) x 5."""
         from perflow.training.loop import CALIBRATION_BATCHES
 
         cal = torch.Generator().manual_seed(int(s["seed"]) * 1_000_003 + 104729)
-        cal_cpu = time.process_time()
-        errors = []
         for _ in range(CALIBRATION_BATCHES):
             x_cal, l_cal = draw(cal, int(s["batch_size"]))
-            errors.append(window_solve_errors(denoiser(unet, le, l_cal), torch.randn(x_cal.shape, generator=cal),
-                                              boundaries, schedule, steps, teacher_type, clip))
+            yield denoiser(unet, le, l_cal), torch.randn(x_cal.shape, generator=cal)
+
+    if s["solver_step_allocation"] == "auto" and isinstance(steps, int):  # as the trainer (loop.solver_steps_of)
+        from perflow.objective import allocate_solver_steps, window_solve_errors
+
+        cal_cpu = time.process_time()
+        errors = [window_solve_errors(den, noise, boundaries, schedule, steps, teacher_type, clip) for den, noise in calibration()]
         T = schedule.num_train_timesteps
         idx = [round(float(t) * T) for t in boundaries]
         steps = allocate_solver_steps(torch.stack(errors), steps, [max(1, idx[k] - idx[k + 1]) for k in range(K)])
@@ -221,18 +225,11 @@ def run(args, s: dict) -> None:
     ww = str(s["window_weights"])
     if ww == "none":
         window_w = None
-    elif ww == "auto":  # as the trainer does (perflow.training.loop.window_weights_of): first batch's conditions
+    elif ww == "auto":  # as the trainer does (perflow.training.loop.window_weights_of)
         from perflow.objective import window_error_gains, window_weights_from_gains
 
-        from perflow.training.loop import CALIBRATION_BATCHES
-
-        cal = torch.Generator().manual_seed(int(s["seed"]) * 1_000_003 + 104729)
         cal_cpu = time.process_time()
-        per_batch = []
-        for _ in range(CALIBRATION_BATCHES):
-            x_cal, l_cal = draw(cal, int(s["batch_size"]))
-            per_batch.append(window_error_gains(denoiser(unet, le, l_cal), torch.randn(x_cal.shape, generator=cal),
-                                                boundaries, schedule, steps, teacher_type, clip))
+        per_batch = [window_error_gains(den, noise, boundaries, schedule, steps, teacher_type, clip) for den, noise in calibration()]
         window_w = window_weights_from_gains(torch.stack(per_batch))
         print("window error gains per batch", [[round(float(v), 2) for v in g] for g in per_batch],
               f"({time.process_time() - cal_cpu:.1f} CPU s)", flush=True)

@@ -282,3 +282,24 @@ def test_allocate_solver_steps_minimises_the_modelled_error():
     import itertools
     splits = [s for s in itertools.product(range(3, 25), repeat=4) if sum(s) == 24]
     assert cost(best) <= min(cost(s) for s in splits) * 1.02
+
+
+def test_steps_per_sample_on_a_shifted_flow_matching_grid():
+    """Per-sample n on a flow-matching teacher's shifted grid: each row is its own n-step Euler solve."""
+    from perflow.schedule import FlowMatchSchedule
+    from perflow.solver import solve_window
+
+    schedule = FlowMatchSchedule.from_config({"shift": 3.0, "use_dynamic_shifting": False})
+
+    def velocity(z, timestep):  # any smooth field of (z, sigma)
+        sigma = (timestep.double() / 1000).view(-1, 1)
+        return (torch.sin(3 * sigma) * z + sigma).to(z.dtype)
+
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    t_s = torch.tensor([1.0, 1.0, 0.6, 0.6], dtype=torch.float64)
+    t_e = torch.tensor([0.6, 0.6, 0.0, 0.0], dtype=torch.float64)
+    steps = torch.tensor([5, 2, 1, 3])
+    got = solve_window(velocity, z, t_s, t_e, steps, schedule, "flow_prediction")
+    for b in range(4):
+        alone = solve_window(velocity, z[b:b + 1], t_s[b:b + 1], t_e[b:b + 1], int(steps[b]), schedule, "flow_prediction")
+        torch.testing.assert_close(got[b:b + 1], alone, rtol=0, atol=1e-12)

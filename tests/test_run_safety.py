@@ -490,3 +490,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and err.startswith("perflow train: error: non-finite loss") and "\n" not in err
     assert main(common + ["--output_dir", str(tmp_path / "x"), "--log_every", "0"]) == 2
     assert capsys.readouterr().err.strip() == "perflow train: error: output.log_every must be >= 1, got 0"
+
+
+@pytest.mark.parametrize("checkpoint_every, advice", [
+    (0, "run it again with --overwrite true (this run kept no checkpoints: checkpoint_every 0)"),
+    (1, "rerun with --resume latest (the checkpoints are intact)"),
+])
+def test_a_full_disk_at_export_gives_advice_that_works(tmp_path, monkeypatch, checkpoint_every, advice):
+    """Without checkpoints, "--resume latest (the checkpoints are intact)" could not work."""
+    import perflow.training.export as export
+    from perflow.training.outdir import OutputDirError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "export_student", full)
+    with pytest.raises(OutputDirError) as err:
+        _run(tmp_path / "run", max_steps=1, checkpoint_every=checkpoint_every)
+    message = str(err.value)
+    assert message.endswith("free space and " + advice) and message.count("free") == 1

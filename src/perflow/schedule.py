@@ -372,16 +372,18 @@ class FlowMatchSchedule(NoiseSchedule):
         """``sigma T`` in ``t``'s dtype (the denoiser casts it to the model's)."""
         return t * self.num_train_timesteps
 
-    def solver_time(self, t_s: torch.Tensor, t_e: torch.Tensor, j: int, n: int) -> torch.Tensor:
+    def solver_time(self, t_s: torch.Tensor, t_e: torch.Tensor, j: int, n: int | torch.Tensor) -> torch.Tensor:
         """``sigma_j = shift(u_s + (u_e - u_s) j / n)`` with ``u = unshift(t)``: the window's part of the
-        teacher's own shifted grid (:func:`shift_sigma`). The ends are ``t_s`` and ``t_e`` exactly."""
+        teacher's own shifted grid (:func:`shift_sigma`). The ends are ``t_s`` and ``t_e`` exactly
+        (``n`` may be per sample, ``(B,)``)."""
         if j == 0:
             return t_s
-        if j == n:
+        if not isinstance(n, torch.Tensor) and j == n:
             return t_e
         s = self.effective_shift
         u_s, u_e = unshift_sigma(t_s, s), unshift_sigma(t_e, s)
-        return shift_sigma(u_s + (u_e - u_s) * (j / n), s)
+        inner = shift_sigma(u_s + (u_e - u_s) * (j / n), s)
+        return torch.where(n == j, t_e, inner) if isinstance(n, torch.Tensor) else inner
 
     def epsilon_coefficients(
         self, t_s: torch.Tensor, t_e: torch.Tensor, prediction_type: str

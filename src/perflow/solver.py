@@ -85,9 +85,10 @@ def solve_window(
     model's own ``eps``. ``None`` (default): no clipping.
 
     ``num_steps`` may differ per sample (an integer tensor ``(B,)``, e.g. each window's own ``n_k``,
-    ``perflow.num_solver_steps`` as a list): the samples with the same ``n`` are solved together, on
-    ``denoiser.rows(index)`` (:func:`perflow.denoisers.unet_denoiser`) when the denoiser has it, else
-    on the whole batch, keeping those rows (the same result, at more teacher evaluations).
+    ``perflow.num_solver_steps`` as a list): the rows advance in lockstep, step ``j`` evaluating those
+    with ``n_b > j`` in one call on ``denoiser.rows(index)`` (:func:`perflow.denoisers.unet_denoiser`)
+    when the denoiser has it, else on the whole batch, keeping those rows (the same result, at more
+    teacher evaluations).
     """
     if isinstance(num_steps, torch.Tensor) and num_steps.dim() > 0:
         return _solve_by_steps(denoiser, z_s, t_s, t_e, num_steps, schedule, prediction_type, clip_sample)
@@ -115,25 +116,45 @@ def solve_window(
 
 
 def _solve_by_steps(denoiser, z_s, t_s, t_e, num_steps, schedule, prediction_type, clip_sample) -> torch.Tensor:
-    """:func:`solve_window` with ``n`` per sample ``(B,)``: one solve per distinct ``n``."""
+    """:func:`solve_window` with ``n`` per sample ``(B,)``, in lockstep: step ``j`` evaluates the rows with
+    ``n_b > j`` in one call (``denoiser.rows``; a denoiser without it is called on the whole batch and the
+    finished rows are kept), each on its own grid ``schedule.solver_time(t_s, t_e, j, n_b)``. The teacher
+    evaluations are ``sum_b n_b`` in ``max_b n_b`` calls; each row's result is its own ``n_b``-step solve."""
     batch = z_s.shape[0]
     steps = num_steps.to("cpu", torch.long).expand(batch)
     values = steps.unique().tolist()
     if len(values) == 1:
         return solve_window(denoiser, z_s, t_s, t_e, values[0], schedule, prediction_type, clip_sample)
-    t_s = torch.as_tensor(t_s, dtype=torch.float64).expand(batch)
-    t_e = torch.as_tensor(t_e, dtype=torch.float64).expand(batch)
+    if min(values) < 1:
+        raise ValueError(f"the teacher solver needs num_steps >= 1, got {min(values)}")
+    if prediction_type not in TEACHER_PREDICTION_TYPES:
+        raise ValueError(
+            f"unknown teacher prediction_type {prediction_type!r}; expected one of {TEACHER_PREDICTION_TYPES}"
+        )
+    work_dtype = torch.promote_types(z_s.dtype, torch.float32)
+    z = z_s.to(work_dtype).clone()
+    t_s = torch.as_tensor(t_s, device=z.device, dtype=torch.float64).expand(batch)
+    t_e = torch.as_tensor(t_e, device=z.device, dtype=torch.float64).expand(batch)
+    n = steps.to(device=z.device, dtype=torch.float64)
+    schedule = as_schedule(schedule).to(device=z.device, dtype=work_dtype)
     rows_of = getattr(denoiser, "rows", None)
-    out = torch.empty_like(z_s)
-    for n in values:
-        index = (steps == n).nonzero().squeeze(1)
-        on_z = index.to(z_s.device)
+    for j in range(max(values)):
+        active = (steps > j).nonzero().squeeze(1)
+        on_z = active.to(z.device)
+        ts, te, nb = t_s[on_z], t_e[on_z], n[on_z]
+        t_a, t_b = schedule.solver_time(ts, te, j, nb), schedule.solver_time(ts, te, j + 1, nb)
+        za = z[on_z]
         if rows_of is not None:
-            out[on_z] = solve_window(rows_of(index), z_s[on_z], t_s[index.to(t_s.device)], t_e[index.to(t_e.device)],
-                                     n, schedule, prediction_type, clip_sample)
+            out = rows_of(active)(za, schedule.timestep(t_a)).to(work_dtype)
         else:
-            out[on_z] = solve_window(denoiser, z_s, t_s, t_e, n, schedule, prediction_type, clip_sample)[on_z]
-    return out
+            every = torch.zeros(batch, dtype=t_a.dtype, device=z.device)
+            every[on_z] = t_a
+            out = denoiser(z, schedule.timestep(every)).to(work_dtype)[on_z]
+        x0, eps = x0_eps_from_output(out, za, *schedule.alpha_sigma(t_a, za), prediction_type)
+        if clip_sample is not None:
+            x0 = x0.clamp(-clip_sample, clip_sample)
+        z[on_z] = schedule.marginal(x0, eps, t_b)
+    return z.to(z_s.dtype)
 
 
 __all__ = ["Denoiser", "TEACHER_PREDICTION_TYPES", "solve_window", "x0_eps_from_output"]

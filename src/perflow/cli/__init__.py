@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno is None and err.filename is None:
             raise  # not an operating-system error about a file: a bug, keep its traceback
         return _fail(prog, os_error_line(err))
+    except KeyboardInterrupt as err:  # Ctrl-C where the command has no handler of its own: one line, the shell's 130
+        print(f"{prog}: {err if str(err) else 'interrupted'}", file=sys.stderr)
+        return int(getattr(err, "exit_code", 130))
     return int(result or 0)
 
 

@@ -134,7 +134,7 @@ def _overrides(items: list[str]) -> dict:
 def run_adapt(args) -> int:
     apply_threads(args)
     from perflow.training.adapt import adapt_delta
-    from perflow.training.safety import TrainingInterrupted
+    from perflow.training.safety import StopSignals, TrainingInterrupted
 
     eval_kwargs = {k: getattr(args, k) for k in ("base", "lora", "lora_scale", "controlnet", "control_images",
                                                   "conditioning_scale", "delta_extra", "delta_scale", "labels", "guidance_scale",
@@ -142,14 +142,25 @@ def run_adapt(args) -> int:
                    if getattr(args, k) is not None}
     if args.prompts:
         eval_kwargs["prompts"] = read_prompts(args.prompts)
+    again = "the same command plus --resume"  # adapt's --resume is a flag: it continues from the newest checkpoint
+    overrides = _overrides(args.set)
     try:
-        result = adapt_delta(args.delta, args.target, args.output_dir, config=args.config, budget_steps=args.budget_steps,
-                             check_every=args.check_every, num_samples=args.num_samples,
-                             reference_steps=args.reference_steps, resume=args.resume, eval_kwargs=eval_kwargs,
-                             **_overrides(args.set))
+        # outside a training chunk (the baseline, the fidelity checks) SIGINT/SIGTERM stop at once, as one line;
+        # inside one, the trainer's own handlers save a checkpoint at the end of the step
+        with StopSignals():
+            result = adapt_delta(args.delta, args.target, args.output_dir, config=args.config, budget_steps=args.budget_steps,
+                                 check_every=args.check_every, num_samples=args.num_samples,
+                                 reference_steps=args.reference_steps, resume=args.resume, eval_kwargs=eval_kwargs,
+                                 **overrides)
     except TrainingInterrupted as stop:
-        print(f"perflow delta adapt: {stop}; continue with the same command and --resume", file=sys.stderr)
+        line = stop.describe(again)
+        if stop.checkpoint is None:
+            line += f"; continue with {again}"
+        print(f"perflow delta adapt: {line}", file=sys.stderr)
         return stop.exit_code
+    except KeyboardInterrupt:  # a handler other than StopSignals' (e.g. not the main thread)
+        print(f"perflow delta adapt: interrupted; continue with {again}", file=sys.stderr)
+        return 130
     last = result.checks[-1]
     verdict = "beats" if result.reached else "does NOT beat"
     print(f"perflow delta adapt: after {result.steps} steps the 4-step paired MSE {last['paired_mse']:.4g} {verdict} the "

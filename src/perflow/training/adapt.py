@@ -113,10 +113,10 @@ def adapt_delta(
     check_delta_fits(tensors, meta, tgt.teacher.unet, tgt.base)
     started = time.perf_counter()
     if state is None:
-        out.mkdir(parents=True, exist_ok=True)
         report_kw = {k: v for k, v in eval_kwargs.items() if k not in _TARGET_KEYS and k != "delta_extra"}
         first = transfer_report(TransferConfig(delta=(tensors, meta), target=tgt, steps=(4,), num_samples=num_samples,
                                                reference_steps=reference_steps, **report_kw), progress=progress)
+        out.mkdir(parents=True, exist_ok=True)  # after the baseline: settings it refuses leave no empty folder
         best = next(c for c in first.meta["comparisons"] if c["steps"] == 4 and c["metric"] == "paired_mse")
         state = {"settings": settings, "baseline": {"solver": best["best_solver"], "paired_mse": best["best_solver_value"]},
                  "checks": [{"step": 0, "paired_mse": best["delta"], "beats": best["delta_wins"]}], "seconds": 0.0}
@@ -152,11 +152,44 @@ _EVAL_KEYS = ("labels", "prompts", "guidance_scale", "seed", "batch_size", "reso
 
 
 def _read_state(path: Path) -> dict | None:
+    """``adapt.json``, or None when there is none; a damaged one is a ``ValueError`` naming it and what to do."""
     if not path.is_file():
         return None
-    from perflow.io import read_json
+    try:
+        state = json.loads(path.read_text())
+    except ValueError as err:  # not UTF-8, not JSON
+        state, problem = None, f"not valid JSON: {err}"
+    else:
+        problem = _state_problem(state) if isinstance(state, dict) else f"a JSON {type(state).__name__}, not an object"
+    if problem:
+        raise ValueError(f"{str(path)!r} is damaged ({problem}); {_FRESH.format(out=str(path.parent))}")
+    return state
 
-    return read_json(path)
+
+_FRESH = ("the adaptation cannot continue without it: start it afresh in another --output-dir (or delete {out!r} "
+          "and run the command again)")
+
+
+def _state_problem(state: dict) -> str | None:
+    """What ``adapt.json`` lacks (the settings, the baseline, the checks made), or None."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(state.get("settings"), dict):
+        return "no settings"
+    base = state.get("baseline")
+    if not isinstance(base, dict) or not number(base.get("paired_mse")) or not isinstance(base.get("solver"), str):
+        return "no baseline solver and paired_mse"
+    checks = state.get("checks")
+    if not isinstance(checks, list) or not checks:
+        return "no checks"
+    for c in checks:
+        if not (isinstance(c, dict) and isinstance(c.get("step"), int) and not isinstance(c["step"], bool)
+                and c["step"] >= 0 and number(c.get("paired_mse")) and isinstance(c.get("beats"), bool)):
+            return f"a check is not a step, paired_mse and beats: {str(c)[:60]}"
+    if not number(state.get("seconds", 0.0)):
+        return "seconds is not a number"
+    return None
 
 
 def _describe(thing: Any) -> str:

@@ -208,6 +208,12 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     if dataset is None and accelerator.is_main_process and (given.source == "auto" or given.resolution is None):
         print(f"data: {dc.source}" + (f" {dc.path}" if dc.path else " (built-in; give data.path for your images)")
               + f" at {dc.resolution} px" + (" (the teacher's own resolution)" if given.resolution is None else ""))
+    if accelerator.is_main_process and accelerator.num_processes > 1:
+        print(f"{accelerator.num_processes} processes x batch {tr.batch_size} x {tr.gradient_accumulation_steps} accumulation "
+              f"= global batch {tr.batch_size * accelerator.num_processes * tr.gradient_accumulation_steps}")
+    elif os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") and "WORLD_SIZE" not in os.environ:
+        print("note: one process (`accelerate launch --cpu` starts one whatever --num_processes says; for several "
+              "CPU processes use `accelerate launch --multi_gpu --num_processes N` or torchrun, docs/training.md)")
     teacher_obj.check_training(cfg)
     teacher_obj.configure(cfg)
     tdtype = MP_DTYPES[tr.mixed_precision] if cfg.model.teacher_dtype == "auto" else DTYPES[cfg.model.teacher_dtype]
@@ -239,7 +245,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
                                      p.window_start_prob)
     solver_steps = solver_steps_of(cfg, teacher_obj, ds, boundaries, device,
                                    progress=out.progress and accelerator.is_local_main_process,
-                                   resume_from=start.resume_from)
+                                   resume_from=start.resume_from, num_processes=accelerator.num_processes)
     if solver_steps != p.num_solver_steps:
         if accelerator.is_main_process:
             print(f"teacher steps per window ({p.solver_step_allocation}, {p.num_solver_steps} x {len(solver_steps)} "
@@ -248,7 +254,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         p = cfg.perflow
     window_weights = window_weights_of(cfg, teacher_obj, ds, boundaries, device,
                                        progress=out.progress and accelerator.is_local_main_process,
-                                       resume_from=start.resume_from)
+                                       resume_from=start.resume_from, num_processes=accelerator.num_processes)
     if window_weights is not None and accelerator.is_main_process:
         print(f"window loss weights ({tr.window_weights}): {[round(float(w), 3) for w in window_weights]}")
     recorded_weights = None if window_weights is None else [float(w) for w in window_weights]
@@ -424,9 +430,13 @@ def _export(output_dir: Path, final, teacher: Teacher, scheduler, cfg: TrainConf
         write_text(output_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
         files["summary"] = output_dir / SUMMARY_FILE
     except WRITE_ERRORS as err:
+        text = " ".join(str(err).split())
+        if out.checkpoint_every > 0:  # the last step was checkpointed before the export
+            then = "rerun with --resume latest (the checkpoints are intact)"
+        else:
+            then = "run it again with --overwrite true (this run kept no checkpoints: checkpoint_every 0)"
         raise OutputDirError(
-            f"could not write the final outputs to {output_dir}: {' '.join(str(err).split())}; free space and "
-            "rerun with --resume latest (the checkpoints are intact)"
+            f"could not write the final outputs to {output_dir}: {text}; {then if 'free' in text.lower() else 'free space and ' + then}"
         ) from err
     return files
 
@@ -526,17 +536,20 @@ CALIBRATION_BATCHES = 5
 """Batches :func:`window_weights_of` measures the teacher's window error gains on (their median is used)."""
 
 
-def _calibration_batches(cfg: TrainConfig, teacher: Teacher, dataset, device: torch.device, desc: str, progress: bool):
+def _calibration_batches(cfg: TrainConfig, teacher: Teacher, dataset, device: torch.device, desc: str, progress: bool,
+                         num_processes: int = 1):
     """``(teacher denoiser, noise, schedule)`` of each of the first :data:`CALIBRATION_BATCHES` batches of the data
     in seed order (their conditions, no caption dropout), the noise drawn from ``training.seed``: the same
-    batches and noise on every call and in every process."""
+    batches and noise on every call and in every process. A batch is the run's global batch
+    (``batch_size x num_processes x gradient_accumulation_steps``), so the measurement does not depend on how
+    a run splits it."""
     from tqdm.auto import tqdm
 
     from .data import close_loader, make_loader
 
     tr = cfg.training
     generator = torch.Generator().manual_seed(tr.seed * 1_000_003 + 104729)
-    loader, _ = make_loader(dataset, tr.batch_size, 1, 0, tr.seed, 0, 0)
+    loader, _ = make_loader(dataset, tr.batch_size * num_processes * tr.gradient_accumulation_steps, 1, 0, tr.seed, 0, 0)
     bar = tqdm(total=CALIBRATION_BATCHES, desc=desc, unit="batch", disable=not progress)
     try:
         for i, batch in enumerate(loader):
@@ -560,7 +573,8 @@ def _recorded(resume_from: Path | None, key: str):
 
 
 def solver_steps_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: torch.Tensor,
-                    device: torch.device, progress: bool = False, resume_from: Path | None = None) -> int | list[int]:
+                    device: torch.device, progress: bool = False, resume_from: Path | None = None,
+                    num_processes: int = 1) -> int | list[int]:
     """The teacher's DDIM steps per window: ``perflow.num_solver_steps`` as given (an integer, or a list), or
     for ``perflow.solver_step_allocation: auto`` its ``n K`` steps spread by
     :func:`perflow.objective.allocate_solver_steps` from :func:`perflow.objective.window_solve_errors` on the
@@ -578,7 +592,8 @@ def solver_steps_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: tor
     if isinstance(saved, list) and len(saved) == K:
         return [int(n) for n in saved]
     errors, caps = [], None
-    for den, noise, schedule in _calibration_batches(cfg, teacher, dataset, device, "teacher steps per window", progress):
+    for den, noise, schedule in _calibration_batches(cfg, teacher, dataset, device, "teacher steps per window", progress,
+                                                     num_processes):
         errors.append(window_solve_errors(den, noise, boundaries, schedule, p.num_solver_steps,
                                           teacher.prediction_type, teacher.clip_sample))
         if isinstance(schedule, DiscreteVPSchedule):
@@ -590,7 +605,7 @@ def solver_steps_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: tor
 
 def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: torch.Tensor,
                       device: torch.device, progress: bool = False,
-                      resume_from: Path | None = None) -> torch.Tensor | None:
+                      resume_from: Path | None = None, num_processes: int = 1) -> torch.Tensor | None:
     """The per-window loss weights ``(K,)`` of ``training.window_weights`` (``None`` for ``none``).
 
     ``auto``: :func:`perflow.objective.window_error_gains` of the teacher on each of the first
@@ -614,7 +629,8 @@ def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: t
         return torch.tensor(saved, dtype=torch.float64)
     gains = [window_error_gains(den, noise, boundaries, schedule, cfg.perflow.num_solver_steps,
                                 teacher.prediction_type, teacher.clip_sample)
-             for den, noise, schedule in _calibration_batches(cfg, teacher, dataset, device, "window loss weights", progress)]
+             for den, noise, schedule in _calibration_batches(cfg, teacher, dataset, device, "window loss weights", progress,
+                                                                      num_processes)]
     return window_weights_from_gains(torch.stack(gains))
 
 

@@ -59,8 +59,10 @@ def open_run(cfg: TrainConfig, locks: list[OutputLock]) -> RunStart:
             )
         run_id = state.get("run_id") or new_run_id()
         run_ids = (run_id,) if state.get("run_id") else (run_id, None)
+        # another run's checkpoints; one whose perflow_state.json is unreadable (passed over as damaged by
+        # --resume latest) names no run: it is not counted, and this run replaces it when it reaches its step
         found = [p.relative_to(output_dir).as_posix() for p in checkpoint_dirs(output_dir)
-                 if (read_state(p) or {}).get("run_id", None) not in run_ids]
+                 if (other := read_state(p)) is not None and other.get("run_id", None) not in run_ids]
     if found and not out.overwrite and resume_from is None and out.resume:
         raise OutputDirError(
             f"output.output_dir {str(output_dir)!r} holds a run's files ({', '.join(found[:4])}) but no checkpoint to "

@@ -34,9 +34,14 @@ class TrainingInterrupted(KeyboardInterrupt):
         return 128 + int(self.signum)
 
     def __str__(self) -> str:
+        return self.describe()
+
+    def describe(self, continue_with: str = "--resume latest") -> str:
+        """One line: what stopped the run, where its work was saved and, when saved, how to continue
+        (``continue_with``: the option that continues it, ``--resume latest`` for ``perflow train``)."""
         name = signal.Signals(self.signum).name
         if self.checkpoint is not None:
-            return f"stopped by {name} after step {self.step}; checkpoint saved in {self.checkpoint}; continue with --resume latest"
+            return f"stopped by {name} after step {self.step}; checkpoint saved in {self.checkpoint}; continue with {continue_with}"
         why = "a second signal: stopped at once" if self.at_once and self.step is not None else "stopped"
         return f"{why} by {name} without saving (the newest checkpoint, if any, is intact)"
 
