@@ -14,6 +14,7 @@ the method's DDIM: does a higher-order window solve give the student a closer ta
 
     python benchmarks/boundary_scan.py --teacher faces
     python benchmarks/boundary_scan.py --teacher faces --powers 1 --window-solver dpmsolver++
+    python benchmarks/boundary_scan.py --teacher faces --powers 1 --solver-steps 17,4,5,6   # n per window
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main() -> None:
     ap = study_parser(__doc__)
     ap.add_argument("--powers", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.6, 0.8, 1.0, 1.25, 1.5, 2.0])
     ap.add_argument("--num-windows", type=int, default=4)
-    ap.add_argument("--solver-steps", type=int, default=8, help="n teacher DDIM steps per window")
+    ap.add_argument("--solver-steps", type=lambda v: [int(x) for x in v.split(",")], default=[8],
+                    help="n teacher DDIM steps per window, or one per window (comma list, the first window at t = 1)")
     ap.add_argument("--window-solver", choices=("ddim", "dpmsolver++"), default="ddim",
                     help="the chain's solver inside each window (the method's is DDIM)")
     args = ap.parse_args()
@@ -66,11 +68,12 @@ def main() -> None:
     teacher = denoiser(unet, le, data["labels"])
     K = args.num_windows
 
-    def chain(bounds: list[float], n: int) -> torch.Tensor:
-        solve = solve_window_2m if args.window_solver == "dpmsolver++" and n > 1 else solve_window
+    def chain(bounds: list[float], n: list[int]) -> torch.Tensor:
         z = data["noise"].clone()
         for k in range(K):
-            z = solve(teacher, z, torch.tensor(bounds[k]), torch.tensor(bounds[k + 1]), n, schedule, teacher_type, clip)
+            n_k = n[k] if len(n) == K else n[0]
+            solve = solve_window_2m if args.window_solver == "dpmsolver++" and n_k > 1 else solve_window
+            z = solve(teacher, z, torch.tensor(bounds[k]), torch.tensor(bounds[k + 1]), n_k, schedule, teacher_type, clip)
         return z
 
     placements = {f"power {p:g}": [(1 - i / K) ** p for i in range(K + 1)] for p in args.powers}
@@ -78,10 +81,11 @@ def main() -> None:
     best4 = best_baseline(data["baselines"], 4, "mse")[1]["mse"]
     print(f"{args.teacher}: best 4-step training-free solver MSE {best4:.5f}")
     for name, bounds in placements.items():
-        b = resolve_boundaries(K, bounds, schedule, args.solver_steps, "ddim_eps").tolist()
+        b = resolve_boundaries(K, bounds, schedule, max(args.solver_steps), "ddim_eps").tolist()
+        n = ",".join(map(str, args.solver_steps))
         with torch.no_grad():
-            one, floor = paired_mse(chain(b, 1), data["ref"]), paired_mse(chain(b, args.solver_steps), data["ref"])
-        print(f"{name:10s} boundaries {[round(x, 3) for x in b]}: ddim {one:.5f}, chain (n={args.solver_steps}, {args.window_solver}) {floor:.5f}",
+            one, floor = paired_mse(chain(b, [1]), data["ref"]), paired_mse(chain(b, args.solver_steps), data["ref"])
+        print(f"{name:10s} boundaries {[round(x, 3) for x in b]}: ddim {one:.5f}, chain (n={n}, {args.window_solver}) {floor:.5f}",
               flush=True)
 
 

@@ -549,3 +549,23 @@ def test_calibration_measures_the_global_batch_whatever_its_split(tmp_path):
     torch.testing.assert_close(window_weights_of(two, teacher, data, b, torch.device("cpu"), num_processes=2), whole,
                                rtol=0, atol=0)
     assert not torch.equal(window_weights_of(two, teacher, data, b, torch.device("cpu")), whole)
+
+
+def test_lr_warmup_steps_warm_up_the_constant_scheduler(tmp_path):
+    """diffusers' ``constant`` ignores ``num_warmup_steps``: the recipes' warm-up did nothing."""
+    from perflow.training.loop import lr_scheduler_name
+    from diffusers.optimization import get_scheduler
+
+    cfg = load_config("digits", _fast(tmp_path, lr_warmup_steps=10))
+    assert lr_scheduler_name(cfg.training) == "constant_with_warmup"
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler(lr_scheduler_name(cfg.training), opt, num_warmup_steps=10, num_training_steps=100)
+    assert opt.param_groups[0]["lr"] == 0.0
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    cfg.training.lr_warmup_steps = 0
+    assert lr_scheduler_name(cfg.training) == "constant"
+    cfg.training.lr_scheduler, cfg.training.lr_warmup_steps = "cosine", 10
+    assert lr_scheduler_name(cfg.training) == "cosine"

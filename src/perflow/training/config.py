@@ -139,9 +139,10 @@ class OptimConfig:
     """AdamW learning rate (after warm-up). 3e-5: at 1e-4 and above the photos teacher's student drifts away from
     the teacher after a few hundred steps (docs/study.md)."""
     lr_scheduler: str = "constant"
-    """A diffusers scheduler name: constant, linear, cosine, ... (all with warm-up)."""
+    """A diffusers scheduler name: constant, linear, cosine, ... (all with warm-up; constant with lr_warmup_steps is
+    diffusers' constant_with_warmup)."""
     lr_warmup_steps: int = 0
-    """Linear warm-up steps of the learning rate."""
+    """Linear warm-up steps of the learning rate (0: none)."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.999
@@ -161,7 +162,7 @@ class OptimConfig:
     window_weights: str = "auto"
     """Per-window loss weights on top of ``loss_weighting``: ``auto`` measures, once at the start, how much the
     teacher's own flow amplifies an error made at each window's end on the way to the final sample
-    (:func:`perflow.objective.window_error_gains`, on the first batch's conditions) and weights each window by it
+    (:func:`perflow.objective.window_error_gains`, the per-window median over the first 5 batches) and weights each window by it
     (mean 1); ``none`` weights all windows alike; or ``K`` comma-separated positive numbers."""
     mixed_precision: str = "no"
     """``no``, ``fp16`` or ``bf16``; the student's master weights stay float32."""

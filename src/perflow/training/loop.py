@@ -122,6 +122,12 @@ def boundaries_of(cfg: TrainConfig, schedule: NoiseSchedule | torch.Tensor | Non
     )
 
 
+def lr_scheduler_name(tr) -> str:
+    """The diffusers scheduler to build: ``constant`` with ``lr_warmup_steps > 0`` is ``constant_with_warmup``
+    (diffusers' ``constant`` ignores the warm-up, which then silently did nothing)."""
+    return "constant_with_warmup" if tr.lr_scheduler == "constant" and tr.lr_warmup_steps > 0 else tr.lr_scheduler
+
+
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -264,7 +270,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         weight_decay=tr.weight_decay, eps=tr.adam_epsilon,
     )
     lr_sched = get_scheduler(
-        tr.lr_scheduler, opt, num_warmup_steps=tr.lr_warmup_steps * accelerator.num_processes,
+        lr_scheduler_name(tr), opt, num_warmup_steps=tr.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=tr.max_steps * accelerator.num_processes,
     )
     student, opt, lr_sched = accelerator.prepare(student, opt, lr_sched)
