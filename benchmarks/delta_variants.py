@@ -8,7 +8,7 @@ and the delta at another scale (``perflow delta merge --scale s``). For the teac
 (``perflow delta report``) of each delta variant: target + delta at 4 and 8 steps against the target's
 best training-free solver, all against the target's own 100-step DDIM output from the same noise.
 
-    perflow train --config digits --max_steps 600 --window_weights none --output_dir runs/digits_default_600
+    perflow train --config digits --max_steps 600 --window_weights none --solver_step_allocation equal --output_dir runs/digits_default_600
     python benchmarks/delta_variants.py --perflow-run runs/digits_default_600 --lora-ranks 4 --ranks 4,16 \\
         --scales 0.75,1.25 --out benchmarks/results/delta_variants
 """

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(the digits recipe's default); none: plain MSE on the parameterization's target")
     p.add_argument("--window-weights", default="none",
                    help="training.window_weights (default none: what the committed results used; the trainer's default is auto)")
+    p.add_argument("--solver-step-allocation", choices=("equal", "auto"), default="equal",
+                   help="perflow.solver_step_allocation (default equal: what the committed results used; the trainer's default is auto)")
     p.add_argument("--window-start-prob", type=float, default=0.0,
                    help="fraction of training times moved to their window's start (0: what the committed results used; "
                         "the default recipe uses 0.5, docs/study.md)")
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         learning_rate=args.learning_rate, seed=args.seed, time_sampling=args.time_sampling,
         loss_weighting=args.loss_weighting, prediction_type=args.prediction_type,
         window_start_prob=args.window_start_prob, window_weights=args.window_weights,
+        solver_step_allocation=args.solver_step_allocation,
     )
     for name, k in (("perflow_k4", 4), ("reflow_k1", 1)):
         if args.skip_training or (args.train_only and args.train_only != name):
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_training:
         flags = f"--max-steps {args.max_steps} --batch-size {args.batch_size} --num-solver-steps {args.num_solver_steps} " \
                 f"--learning-rate {args.learning_rate} --time-sampling {args.time_sampling} --loss-weighting {args.loss_weighting} " \
-                f"--prediction-type {args.prediction_type} --window-start-prob {args.window_start_prob} --window-weights {args.window_weights} --seed {args.seed} " \
+                f"--prediction-type {args.prediction_type} --window-start-prob {args.window_start_prob} --window-weights {args.window_weights} --solver-step-allocation {args.solver_step_allocation} --seed {args.seed} " \
                 f"--work-dir {args.work_dir}"
         result.meta["notes"].append(
             "The students were trained beforehand, in two parallel processes, by "

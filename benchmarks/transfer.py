@@ -16,7 +16,8 @@ noise and labels; then :func:`perflow.training.adapt.adapt_delta` (``perflow del
 report is also written for the 400-step thick-stroke variant (the one of ``plug_and_play.py``) before
 and after adaptation.
 
-    perflow train --config digits --max_steps 600 --output_dir runs/perflow_digits_600 --tracker none
+    perflow train --config digits --max_steps 600 --window_weights none --solver_step_allocation equal \
+        --output_dir runs/perflow_digits_600 --tracker none
     python benchmarks/transfer.py --perflow-run runs/perflow_digits_600 --threads 1
 """
 
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "delta": {"run": str(run), "steps": budget, "metadata": {k: meta.get(k) for k in ("num_time_windows", "prediction_type", "cfg_mode")},
-                  "train_seconds": summary.get("seconds"), "recipe": recipe["training"]},
+                  "train_seconds": summary.get("seconds"),
+                  "recipe": {**recipe["training"], "solver_step_allocation": recipe["perflow"].get("solver_step_allocation", "equal")}},
         "num_samples": args.num_samples, "adapt_budget_steps": None if args.no_adapt else adapt_steps,
         "check_every": args.check_every,
         "adapt_samples": args.adapt_samples, "threads": args.threads,
@@ -263,7 +265,8 @@ def markdown(r: dict) -> str:
         "# Transfer benchmark: the digits PeRFlow delta on models derived from the teacher", "",
         f"Command: `{r['command']}`", "",
         f"Delta: `perflow train --config digits --max_steps {r['delta']['steps']} --window_weights "
-        f"{r['delta'].get('recipe', {}).get('window_weights', 'none')}` ({r['delta']['run']}, "
+        f"{r['delta'].get('recipe', {}).get('window_weights', 'none')} --solver_step_allocation "
+        f"{r['delta'].get('recipe', {}).get('solver_step_allocation', 'equal')}` ({r['delta']['run']}, "
         f"{r['delta']['metadata']}). Each row: `perflow delta report` on the variant ({r['num_samples']} samples, "
         "labels 0-9 cycled (the ControlNet: the held-out digits' labels with their 4x4 versions as control images), "
         "reference: the variant's own 100-step DDIM from the same noise)"

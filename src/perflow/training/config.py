@@ -91,11 +91,11 @@ class PeRFlowConfig:
     num_solver_steps: int | list[int] = 8
     """n, the teacher's DDIM steps per window (its solve of each window's ODE), or one per window: K integers,
     the first window the one at t = 1 (e.g. 20,4,4,4)."""
-    solver_step_allocation: str = "equal"
-    """How an integer num_solver_steps n is spread over the windows: ``equal`` (n in each) or ``auto`` (the same
-    n K steps where they remove the most error from the final sample, measured on the teacher's chain at the
-    start, :func:`perflow.objective.allocate_solver_steps`; printed and recorded in the run). A list of
-    num_solver_steps is used as given."""
+    solver_step_allocation: str = "auto"
+    """How an integer num_solver_steps n is spread over the windows: ``auto`` (the same n K teacher steps where they
+    remove the most error from the final sample, measured on the teacher's chain at the start,
+    :func:`perflow.objective.allocate_solver_steps`; printed and recorded in the run; docs/study.md, fifth round)
+    or ``equal`` (n in each). A list of num_solver_steps is used as given."""
     prediction_type: str = "auto"
     """Student parameterization: ``auto`` (``ddim_eps`` for a diffusion teacher: with ``model_output_type: auto``
     the untrained student is the teacher's DDIM over the windows; ``velocity`` for a flow-matching teacher,
