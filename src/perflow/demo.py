@@ -39,7 +39,7 @@ STEPS = (1, 2, 4, 8)
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo. The defaults take about 5 minutes on 2 CPU cores; ``quick()`` well under one."""
+    """Sizes of the demo. The defaults take 7.5 CPU minutes at one thread (docs/demo.md); ``quick()`` well under one."""
 
     output_dir: str = "perflow-demo"
     teacher: str = "digits"

@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
         "demo",
         help="train PeRFlow on the built-in digits teacher, compare it with DDIM/DPM-Solver++/UniPC, draw pictures",
         description=(
-            "Offline, CPU-sized demonstration (about 5 minutes on 2 cores): PeRFlow (K=4) and a whole-range "
+            "Offline, CPU-sized demonstration (7.5 CPU minutes at --threads 1, docs/demo.md): PeRFlow (K=4) and a whole-range "
             "reflow baseline (K=1) are trained from the built-in digits teacher with the project's trainer, then "
             "compared with the teacher's diffusers solvers at 1, 2, 4 and 8 model evaluations (reference: the "
             "teacher's 100-step DDIM output from the same noise). Also trains 2-D students on an exact "
@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher", default="digits", help="a class-conditional pixel-space teacher folder (default: the built-in digits teacher)")
     p.add_argument("--flow", action="store_true",
                    help="also run PeRFlow on the built-in flow-matching teacher (flow_digits, an SD3 transformer) against "
-                        "its Euler / DPM-Solver++ / UniPC flow-mode solvers (about 4 more minutes)")
+                        "its Euler / DPM-Solver++ / UniPC flow-mode solvers (about 2.5 more CPU minutes)")
     p.add_argument("--flow-max-steps", type=int, default=None, help="training steps on the flow-matching teacher (default 150; --quick: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the evaluation noise (default 0)")
     add_threads_option(p)
