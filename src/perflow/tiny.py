@@ -13,8 +13,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the annotation only; tiny.py imports the trainer lazily
+    from .training.teachers import ClassConditionalTeacher
 
 _WORDS = ["a", "photo", "of", "cat", "dog", "digit", "zero", "one", "two", "red", "blue", "painting"]
 
