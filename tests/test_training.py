@@ -569,3 +569,16 @@ def test_lr_warmup_steps_warm_up_the_constant_scheduler(tmp_path):
     assert lr_scheduler_name(cfg.training) == "constant"
     cfg.training.lr_scheduler, cfg.training.lr_warmup_steps = "cosine", 10
     assert lr_scheduler_name(cfg.training) == "cosine"
+
+
+def test_calibration_on_a_data_set_smaller_than_the_global_batch(tmp_path):
+    """With gradient accumulation the global batch can exceed a small data set: calibration takes all of it."""
+    from perflow.training.loop import solver_steps_of, window_weights_of
+
+    teacher = tiny_class_teacher(seed=0)
+    data = _digits(12)
+    cfg = with_parameterization(load_config("digits", _fast(tmp_path, batch_size=8, gradient_accumulation_steps=2,
+                                                            num_solver_steps=2)), teacher)
+    b = boundaries_of(cfg)
+    assert window_weights_of(cfg, teacher, data, b, torch.device("cpu")).shape == (4,)
+    assert sum(solver_steps_of(cfg, teacher, data, b, torch.device("cpu"))) == 8

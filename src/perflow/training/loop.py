@@ -555,7 +555,8 @@ def _calibration_batches(cfg: TrainConfig, teacher: Teacher, dataset, device: to
 
     tr = cfg.training
     generator = torch.Generator().manual_seed(tr.seed * 1_000_003 + 104729)
-    loader, _ = make_loader(dataset, tr.batch_size * num_processes * tr.gradient_accumulation_steps, 1, 0, tr.seed, 0, 0)
+    size = tr.batch_size * num_processes * tr.gradient_accumulation_steps
+    loader, _ = make_loader(dataset, max(1, min(size, len(dataset))), 1, 0, tr.seed, 0, 0)  # a data set smaller than it: one batch
     bar = tqdm(total=CALIBRATION_BATCHES, desc=desc, unit="batch", disable=not progress)
     try:
         for i, batch in enumerate(loader):
