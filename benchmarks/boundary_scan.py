@@ -81,7 +81,8 @@ def main() -> None:
     best4 = best_baseline(data["baselines"], 4, "mse")[1]["mse"]
     print(f"{args.teacher}: best 4-step training-free solver MSE {best4:.5f}")
     for name, bounds in placements.items():
-        b = resolve_boundaries(K, bounds, schedule, max(args.solver_steps), "ddim_eps").tolist()
+        b = resolve_boundaries(K, bounds, schedule, args.solver_steps if len(args.solver_steps) == K else args.solver_steps[0],
+                               "ddim_eps").tolist()
         n = ",".join(map(str, args.solver_steps))
         with torch.no_grad():
             one, floor = paired_mse(chain(b, [1]), data["ref"]), paired_mse(chain(b, args.solver_steps), data["ref"])

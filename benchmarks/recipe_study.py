@@ -194,7 +194,7 @@ def run(args, s: dict) -> None:
         bounds = [float(v) for v in str(s["boundaries"]).split(",")]
     steps = [int(v) for v in str(s["num_solver_steps"]).split(",")]
     steps = steps[0] if len(steps) == 1 else steps
-    boundaries = resolve_boundaries(K, bounds, schedule, steps if isinstance(steps, int) else max(steps), s["prediction_type"])
+    boundaries = resolve_boundaries(K, bounds, schedule, steps, s["prediction_type"])
     mot = resolve_model_output_type(s["model_output_type"], s["prediction_type"], teacher_type)
     sched_cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     scheduler = PeRFlowScheduler.from_config(
@@ -214,12 +214,11 @@ def run(args, s: dict) -> None:
 
     if s["solver_step_allocation"] == "auto" and isinstance(steps, int):  # as the trainer (loop.solver_steps_of)
         from perflow.objective import allocate_solver_steps, window_solve_errors
+        from perflow.schedule import window_index_spans
 
         cal_cpu = time.process_time()
         errors = [window_solve_errors(den, noise, boundaries, schedule, steps, teacher_type, clip) for den, noise in calibration()]
-        T = schedule.num_train_timesteps
-        idx = [round(float(t) * T) for t in boundaries]
-        steps = allocate_solver_steps(torch.stack(errors), steps, [max(1, idx[k] - idx[k + 1]) for k in range(K)])
+        steps = allocate_solver_steps(torch.stack(errors), steps, window_index_spans(boundaries, schedule.num_train_timesteps))
         print("window solve errors per batch", [[float(f"{v:.3g}") for v in e] for e in errors],
               f"-> teacher steps per window {steps} ({time.process_time() - cal_cpu:.1f} CPU s)", flush=True)
     ww = str(s["window_weights"])

@@ -124,7 +124,7 @@ def reflow_example(
     if start_from_noise:
         first = (window.t_s >= 1.0).view(-1, *([1] * (z_s.dim() - 1)))  # samples in the window starting at t = 1
         z_s = torch.where(first, noise.to(z_s.dtype), z_s)
-    steps = steps_of_windows(num_solver_steps, boundaries)
+    steps = steps_of_windows(num_solver_steps, torch.as_tensor(boundaries).numel() - 1)
     if steps.numel() > 1:
         steps = steps[window_index(t, boundaries).cpu()]  # (B,): each sample's window's n_k
     z_e = solve_window(denoiser, z_s, window.t_s, window.t_e, steps, schedule, teacher_prediction_type, clip_sample)
@@ -158,10 +158,10 @@ def window_end_weight(t: torch.Tensor, window: Window) -> torch.Tensor:
     return (window.eta * (window.t_e - t) / window_end_denominator(t, window)).square().float()
 
 
-def steps_of_windows(num_solver_steps: int | Sequence[int], boundaries: torch.Tensor) -> torch.Tensor:
+def steps_of_windows(num_solver_steps: int | Sequence[int], num_windows: int) -> torch.Tensor:
     """The teacher's DDIM steps per window as an int64 tensor: ``(1,)`` for one ``n`` in every window, ``(K,)``
     for one ``n_k`` per window (first window at ``t = 1``); each at least 1, a list of exactly ``K``."""
-    K = torch.as_tensor(boundaries).numel() - 1
+    K = num_windows
     if isinstance(num_solver_steps, torch.Tensor):
         num_solver_steps = num_solver_steps.tolist()
     values = [num_solver_steps] if isinstance(num_solver_steps, int) else list(num_solver_steps)
@@ -169,6 +169,22 @@ def steps_of_windows(num_solver_steps: int | Sequence[int], boundaries: torch.Te
         raise ValueError(f"num_solver_steps must be an integer >= 1 or one per window ({K} integers >= 1), "
                          f"got {num_solver_steps!r}")
     return torch.tensor(values if len(values) < K or len(set(values)) > 1 else values[:1], dtype=torch.int64)
+
+
+def _window_chain(denoiser, noise, boundaries, schedule, steps: list[int], prediction_type, clip_sample):
+    """``(solve, chain)``: ``solve(z, k, n)`` solves window ``k`` for the whole batch with ``n`` teacher steps, and
+    ``chain = [z_0 = noise, z_1, ..., z_K]`` is the teacher's chain of window solves at ``steps[k]`` each."""
+    b = torch.as_tensor(boundaries, dtype=torch.float64).to(noise.device)
+    batch = noise.shape[0]
+
+    def solve(z: torch.Tensor, k: int, n: int) -> torch.Tensor:
+        return solve_window(denoiser, z, b[k].expand(batch), b[k + 1].expand(batch), n, schedule, prediction_type,
+                            clip_sample)
+
+    chain = [noise]
+    for k, n in enumerate(steps):
+        chain.append(solve(chain[-1], k, n))
+    return solve, chain
 
 
 @torch.no_grad()
@@ -196,18 +212,9 @@ def window_error_gains(
     Costs ``n K (K + 1) / 2 + K`` teacher evaluations of the batch. ``num_solver_steps``: ``n``, or one
     ``n_k`` per window (:func:`steps_of_windows`).
     """
-    b = torch.as_tensor(boundaries, dtype=torch.float64).to(noise.device)
-    K = b.numel() - 1
-    batch = noise.shape[0]
-    n = steps_of_windows(num_solver_steps, b).expand(K).tolist()
-
-    def solve(z: torch.Tensor, k: int, steps: int) -> torch.Tensor:
-        t_s, t_e = b[k].expand(batch), b[k + 1].expand(batch)
-        return solve_window(denoiser, z, t_s, t_e, steps, schedule, prediction_type, clip_sample)
-
-    chain = [noise]
-    for k in range(K):
-        chain.append(solve(chain[-1], k, n[k]))
+    K = torch.as_tensor(boundaries).numel() - 1
+    n = steps_of_windows(num_solver_steps, K).expand(K).tolist()
+    solve, chain = _window_chain(denoiser, noise, boundaries, schedule, n, prediction_type, clip_sample)
     scale = chain[-1].double().square().sum().clamp_min(1e-30)
     gains = torch.ones(K, dtype=torch.float64)
     for k in range(K - 1):
@@ -243,17 +250,8 @@ def window_solve_errors(
     ``E_k = A_k^2 / (4 n^2)``: the error that halving the window's step size removes, measured where it
     matters, in the final sample (later windows amplify or damp it). Costs ``n K + sum_k (2n + n (K - 1 - k))``
     teacher evaluations of the batch."""
-    b = torch.as_tensor(boundaries, dtype=torch.float64).to(noise.device)
-    K = b.numel() - 1
-    batch = noise.shape[0]
-
-    def solve(z: torch.Tensor, k: int, steps: int) -> torch.Tensor:
-        t_s, t_e = b[k].expand(batch), b[k + 1].expand(batch)
-        return solve_window(denoiser, z, t_s, t_e, steps, schedule, prediction_type, clip_sample)
-
-    chain = [noise]
-    for k in range(K):
-        chain.append(solve(chain[-1], k, num_solver_steps))
+    K = torch.as_tensor(boundaries).numel() - 1
+    solve, chain = _window_chain(denoiser, noise, boundaries, schedule, [num_solver_steps] * K, prediction_type, clip_sample)
     errors = torch.zeros(K, dtype=torch.float64)
     for k in range(K):
         w = solve(chain[k], k, 2 * num_solver_steps)
@@ -282,7 +280,7 @@ def allocate_solver_steps(errors: torch.Tensor, num_solver_steps: int, max_steps
         e = e.median(0).values
     K = e.numel()
     total = num_solver_steps * K
-    lo = [min(-(-num_solver_steps // 2), num_solver_steps)] * K
+    lo = [-(-num_solver_steps // 2)] * K  # ceil(n / 2)
     hi = [total] * K if max_steps is None else [max(1, int(c)) for c in max_steps]
     lo = [min(a, b) for a, b in zip(lo, hi)]
     root = e.clamp_min(0).pow(1.0 / 3.0).tolist()

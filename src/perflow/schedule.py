@@ -34,7 +34,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -93,21 +93,31 @@ def abar_at(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return torch.take(ac, timestep_index(t, ac.numel()))
 
 
+def window_index_spans(boundaries: torch.Tensor, num_train_timesteps: int) -> list[int]:
+    """How many teacher timestep indices ``i(t) = clamp(round(t T) - 1, 0, T - 1)`` each window spans,
+    ``i(t_s) - i(t_e)``: the most DDIM steps of a window solve that do not start and end at one index."""
+    idx = timestep_index(torch.as_tensor(boundaries, dtype=torch.float64), num_train_timesteps).tolist()  # (K + 1,)
+    return [idx[j] - idx[j + 1] for j in range(len(idx) - 1)]
+
+
 def check_index_spacing(
-    boundaries: torch.Tensor, num_train_timesteps: int, num_solver_steps: int | None = None
+    boundaries: torch.Tensor, num_train_timesteps: int, num_solver_steps: int | Sequence[int] | None = None
 ) -> None:
     """Refuse windows whose two ends share a teacher timestep index ``i(t) = clamp(round(t T) - 1, 0, T - 1)``.
 
     ``boundaries`` are valid ones (:func:`perflow.windows.check_boundaries`), float64. Such a window
     (e.g. ``[1, 0.9995, 0]`` with ``T = 1000``: both ends at index 999) has ``abar(t_s) = abar(t_e)``,
     so the teacher's solve is the identity, ``eta = 0`` and the epsilon-type targets are infinite.
-    With ``num_solver_steps = n``, a window spanning fewer than ``n`` indices is accepted with a
-    warning (some of its DDIM steps start and end at the same index and do nothing).
+    With ``num_solver_steps = n`` (or one ``n_k`` per window), a window spanning fewer than ``n``
+    indices (:func:`window_index_spans`) is accepted with a warning (some of its DDIM steps start and
+    end at the same index and do nothing).
     """
     b = boundaries
     idx = timestep_index(b, num_train_timesteps).tolist()  # (K + 1,)
-    for j in range(len(idx) - 1):
-        t_s, t_e, span = b[j].item(), b[j + 1].item(), idx[j] - idx[j + 1]
+    spans = window_index_spans(b, num_train_timesteps)
+    per_window = num_solver_steps if isinstance(num_solver_steps, (list, tuple)) else [num_solver_steps] * len(spans)
+    for j, (span, n) in enumerate(zip(spans, per_window)):
+        t_s, t_e = b[j].item(), b[j + 1].item()
         if span < 1:
             raise ValueError(
                 f"window ({t_s:g}, {t_e:g}) starts and ends at the same teacher timestep index {idx[j]} "
@@ -115,10 +125,10 @@ def check_index_spacing(
                 f"infinite; move its boundaries apart so that round(t*T) differs "
                 f"(at least 1/T = {1 / num_train_timesteps:g} apart, ideally n/T)"
             )
-        if num_solver_steps is not None and span < num_solver_steps:
+        if n is not None and span < n:
             warnings.warn(
                 f"window ({t_s:g}, {t_e:g}) spans {span} teacher timestep(s) but the teacher solver takes "
-                f"n={num_solver_steps} steps, some of which start and end at the same index and do nothing; "
+                f"n={n} steps, some of which start and end at the same index and do nothing; "
                 "widen the window or lower num_solver_steps",
                 stacklevel=3,
             )
@@ -175,7 +185,7 @@ class NoiseSchedule(ABC):
         """``(lam, eta)`` of an epsilon-type parameterization for windows ``(t_s, t_e)``: ``z_e = lam z_s + eta eps``."""
 
     @abstractmethod
-    def check_windows(self, boundaries: torch.Tensor, num_solver_steps: int | None = None) -> None:
+    def check_windows(self, boundaries: torch.Tensor, num_solver_steps: int | Sequence[int] | None = None) -> None:
         """Refuse (``ValueError``) or warn about valid boundaries the schedule cannot resolve."""
 
     @abstractmethod
@@ -244,7 +254,7 @@ class DiscreteVPSchedule(NoiseSchedule):
         """:func:`vp_epsilon_coefficients` on this schedule's ``abar``."""
         return vp_epsilon_coefficients(t_s, t_e, self.alphas_cumprod, prediction_type)
 
-    def check_windows(self, boundaries: torch.Tensor, num_solver_steps: int | None = None) -> None:
+    def check_windows(self, boundaries: torch.Tensor, num_solver_steps: int | Sequence[int] | None = None) -> None:
         """Each window's ends at distinct teacher indices (:func:`check_index_spacing`)."""
         check_index_spacing(boundaries, self.num_train_timesteps, num_solver_steps)
 
@@ -395,7 +405,7 @@ class FlowMatchSchedule(NoiseSchedule):
             "exactly at the teacher's own velocity output"
         )
 
-    def check_windows(self, boundaries: torch.Tensor, num_solver_steps: int | None = None) -> None:
+    def check_windows(self, boundaries: torch.Tensor, num_solver_steps: int | Sequence[int] | None = None) -> None:
         """Continuous time: any valid boundaries."""
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FlowMatchSchedule":
@@ -463,6 +473,7 @@ __all__ = [
     "alphas_cumprod_from_config",
     "as_schedule",
     "check_index_spacing",
+    "window_index_spans",
     "dynamic_shift_mu",
     "schedule_from_config",
     "scheduler_kind",

@@ -85,75 +85,49 @@ def solve_window(
     model's own ``eps``. ``None`` (default): no clipping.
 
     ``num_steps`` may differ per sample (an integer tensor ``(B,)``, e.g. each window's own ``n_k``,
-    ``perflow.num_solver_steps`` as a list): the rows advance in lockstep, step ``j`` evaluating those
-    with ``n_b > j`` in one call on ``denoiser.rows(index)`` (:func:`perflow.denoisers.unet_denoiser`)
-    when the denoiser has it, else on the whole batch, keeping those rows (the same result, at more
-    teacher evaluations).
+    ``perflow.num_solver_steps`` as a list): the rows advance in lockstep on their own grids
+    ``solver_time(t_s, t_e, j, n_b)``, step ``j`` evaluating those with ``n_b > j`` in one call on
+    ``denoiser.rows(index)`` (:func:`perflow.denoisers.unet_denoiser`) when the denoiser has it, else on
+    the whole batch, keeping those rows (the same result, at more teacher evaluations): ``sum_b n_b``
+    evaluations in ``max_b n_b`` calls.
     """
+    batch = z_s.shape[0]
+    per_sample = None  # (B,) int64 on the CPU when the rows' n differ
     if isinstance(num_steps, torch.Tensor) and num_steps.dim() > 0:
-        return _solve_by_steps(denoiser, z_s, t_s, t_e, num_steps, schedule, prediction_type, clip_sample)
-    num_steps = int(num_steps)
-    if num_steps < 1:
-        raise ValueError(f"the teacher solver needs num_steps >= 1, got {num_steps}")
+        per_sample = num_steps.to("cpu", torch.long).expand(batch)
+        if bool((per_sample == per_sample[0]).all()):
+            num_steps, per_sample = int(per_sample[0]), None
+    fewest, most = (int(num_steps),) * 2 if per_sample is None else (int(per_sample.min()), int(per_sample.max()))
+    if fewest < 1:
+        raise ValueError(f"the teacher solver needs num_steps >= 1, got {fewest}")
     if prediction_type not in TEACHER_PREDICTION_TYPES:
         raise ValueError(
             f"unknown teacher prediction_type {prediction_type!r}; expected one of {TEACHER_PREDICTION_TYPES}"
         )
     work_dtype = torch.promote_types(z_s.dtype, torch.float32)
     z = z_s.to(work_dtype)
-    t_s = torch.as_tensor(t_s, device=z.device, dtype=torch.float64).expand(z.shape[0])
-    t_e = torch.as_tensor(t_e, device=z.device, dtype=torch.float64).expand(z.shape[0])
-    schedule = as_schedule(schedule).to(device=z.device, dtype=work_dtype)
-    for j in range(num_steps):
-        t_a = schedule.solver_time(t_s, t_e, j, num_steps)
-        t_b = schedule.solver_time(t_s, t_e, j + 1, num_steps)
-        out = denoiser(z, schedule.timestep(t_a)).to(work_dtype)
-        x0, eps = x0_eps_from_output(out, z, *schedule.alpha_sigma(t_a, z), prediction_type)
-        if clip_sample is not None:
-            x0 = x0.clamp(-clip_sample, clip_sample)
-        z = schedule.marginal(x0, eps, t_b)
-    return z.to(z_s.dtype)
-
-
-def _solve_by_steps(denoiser, z_s, t_s, t_e, num_steps, schedule, prediction_type, clip_sample) -> torch.Tensor:
-    """:func:`solve_window` with ``n`` per sample ``(B,)``, in lockstep: step ``j`` evaluates the rows with
-    ``n_b > j`` in one call (``denoiser.rows``; a denoiser without it is called on the whole batch and the
-    finished rows are kept), each on its own grid ``schedule.solver_time(t_s, t_e, j, n_b)``. The teacher
-    evaluations are ``sum_b n_b`` in ``max_b n_b`` calls; each row's result is its own ``n_b``-step solve."""
-    batch = z_s.shape[0]
-    steps = num_steps.to("cpu", torch.long).expand(batch)
-    values = steps.unique().tolist()
-    if len(values) == 1:
-        return solve_window(denoiser, z_s, t_s, t_e, values[0], schedule, prediction_type, clip_sample)
-    if min(values) < 1:
-        raise ValueError(f"the teacher solver needs num_steps >= 1, got {min(values)}")
-    if prediction_type not in TEACHER_PREDICTION_TYPES:
-        raise ValueError(
-            f"unknown teacher prediction_type {prediction_type!r}; expected one of {TEACHER_PREDICTION_TYPES}"
-        )
-    work_dtype = torch.promote_types(z_s.dtype, torch.float32)
-    z = z_s.to(work_dtype).clone()
     t_s = torch.as_tensor(t_s, device=z.device, dtype=torch.float64).expand(batch)
     t_e = torch.as_tensor(t_e, device=z.device, dtype=torch.float64).expand(batch)
-    n = steps.to(device=z.device, dtype=torch.float64)
+    n = most if per_sample is None else per_sample.to(device=z.device, dtype=torch.float64)
     schedule = as_schedule(schedule).to(device=z.device, dtype=work_dtype)
     rows_of = getattr(denoiser, "rows", None)
-    for j in range(max(values)):
-        active = (steps > j).nonzero().squeeze(1)
-        on_z = active.to(z.device)
-        ts, te, nb = t_s[on_z], t_e[on_z], n[on_z]
+    for j in range(most):
+        # the rows still solving (None: all of them); with n per sample, rows whose n_b <= j are done
+        active = None if per_sample is None or fewest > j else (per_sample > j).nonzero().squeeze(1).to(z.device)
+        ts, te, nb, za = (t_s, t_e, n, z) if active is None else (t_s[active], t_e[active], n[active], z[active])
         t_a, t_b = schedule.solver_time(ts, te, j, nb), schedule.solver_time(ts, te, j + 1, nb)
-        za = z[on_z]
-        if rows_of is not None:
-            out = rows_of(active)(za, schedule.timestep(t_a)).to(work_dtype)
-        else:
-            every = torch.zeros(batch, dtype=t_a.dtype, device=z.device)
-            every[on_z] = t_a
-            out = denoiser(z, schedule.timestep(every)).to(work_dtype)[on_z]
-        x0, eps = x0_eps_from_output(out, za, *schedule.alpha_sigma(t_a, za), prediction_type)
+        if active is None:
+            out = denoiser(za, schedule.timestep(t_a))
+        elif rows_of is not None:
+            out = rows_of(active)(za, schedule.timestep(t_a))
+        else:  # the whole batch (the finished rows at t = 0), keeping the active rows
+            every = torch.zeros(batch, dtype=t_a.dtype, device=z.device).index_copy(0, active, t_a)
+            out = denoiser(z, schedule.timestep(every))[active]
+        x0, eps = x0_eps_from_output(out.to(work_dtype), za, *schedule.alpha_sigma(t_a, za), prediction_type)
         if clip_sample is not None:
             x0 = x0.clamp(-clip_sample, clip_sample)
-        z[on_z] = schedule.marginal(x0, eps, t_b)
+        z_b = schedule.marginal(x0, eps, t_b)
+        z = z_b if active is None else z.index_put((active,), z_b)
     return z.to(z_s.dtype)
 
 

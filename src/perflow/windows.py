@@ -72,7 +72,7 @@ def check_boundaries(boundaries: Sequence[float] | torch.Tensor) -> torch.Tensor
 
 
 def check_window_spacing(
-    boundaries: Sequence[float] | torch.Tensor, num_train_timesteps: int, num_solver_steps: int | None = None
+    boundaries: Sequence[float] | torch.Tensor, num_train_timesteps: int, num_solver_steps: int | Sequence[int] | None = None
 ) -> torch.Tensor:
     """Validate ``boundaries`` (:func:`check_boundaries`) and refuse windows whose two ends share a
     teacher timestep index ``i(t) = clamp(round(t T) - 1, 0, T - 1)`` (:func:`perflow.schedule.check_index_spacing`).
@@ -123,7 +123,7 @@ def resolve_boundaries(
     num_time_windows: int | None = None,
     window_boundaries: Sequence[float] | torch.Tensor | None = None,
     schedule: NoiseSchedule | None = None,
-    num_solver_steps: int | None = None,
+    num_solver_steps: int | Sequence[int] | None = None,
     prediction_type: str | None = None,
     t_noise: float = 1.0,
     t_clean: float = 0.0,
@@ -135,7 +135,7 @@ def resolve_boundaries(
     ``t_noise`` and ``t_clean`` (:func:`equal_boundaries`). With the teacher's ``schedule`` the
     windows are checked against it (:meth:`~perflow.schedule.NoiseSchedule.check_windows`: for a
     discrete teacher, distinct timestep indices at each window's ends, a warning below
-    ``num_solver_steps`` indices) and, with ``prediction_type`` (the student's, or a teacher's
+    ``num_solver_steps`` indices, one ``n`` or one per window) and, with ``prediction_type`` (the student's, or a teacher's
     ``epsilon``), for a division by ``abar = 0`` (:func:`check_nonzero_abar`).
     """
     if window_boundaries is not None:

@@ -173,8 +173,7 @@ _FRESH = ("the adaptation cannot continue without it: start it afresh in another
 
 def _state_problem(state: dict) -> str | None:
     """What ``adapt.json`` lacks (the settings, the baseline, the checks made), or None."""
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    from .checkpoint import _is_count as count, _is_number as number
 
     if not isinstance(state.get("settings"), dict):
         return "no settings"
@@ -185,8 +184,7 @@ def _state_problem(state: dict) -> str | None:
     if not isinstance(checks, list) or not checks:
         return "no checks"
     for c in checks:
-        if not (isinstance(c, dict) and isinstance(c.get("step"), int) and not isinstance(c["step"], bool)
-                and c["step"] >= 0 and number(c.get("paired_mse")) and isinstance(c.get("beats"), bool)):
+        if not (isinstance(c, dict) and count(c.get("step")) and number(c.get("paired_mse")) and isinstance(c.get("beats"), bool)):
             return f"a check is not a step, paired_mse and beats: {str(c)[:60]}"
     if not number(state.get("seconds", 0.0)):
         return "seconds is not a number"

@@ -228,7 +228,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise a ``ValueError`` naming the field and the fix for any inconsistent value."""
         from ..denoisers import CFG_MODES
-        from ..objective import LOSS_WEIGHTINGS, LOSSES, SOLVER_STEP_ALLOCATIONS
+        from ..objective import LOSS_WEIGHTINGS, LOSSES, SOLVER_STEP_ALLOCATIONS, steps_of_windows
         from ..parameterization import MODEL_OUTPUT_TYPES, check_model_output_type
         from ..time_sampling import TIME_SAMPLINGS
         from ..windows import PREDICTION_TYPES, resolve_boundaries
@@ -275,10 +275,10 @@ class TrainConfig:
                                      f"perflow.num_time_windows is {p.num_time_windows}; give one of them")
                 p.num_time_windows = b.numel() - 1
         parse_window_weights(t.window_weights, p.num_time_windows)
-        steps = p.num_solver_steps if isinstance(p.num_solver_steps, list) else [p.num_solver_steps]
-        if len(steps) not in (1, p.num_time_windows) or not all(isinstance(n, int) and n >= 1 for n in steps):
-            raise ValueError(f"perflow.num_solver_steps must be an integer >= 1 or {p.num_time_windows} of them (one per "
-                             f"window, e.g. {','.join(['8'] * p.num_time_windows)}), got {p.num_solver_steps}")
+        try:
+            steps_of_windows(p.num_solver_steps, p.num_time_windows)
+        except ValueError as err:
+            raise ValueError(f"perflow.{err}") from None
         from diffusers.optimization import SchedulerType
 
         names = [v.value for v in SchedulerType]

@@ -115,10 +115,9 @@ def boundaries_of(cfg: TrainConfig, schedule: NoiseSchedule | torch.Tensor | Non
     """Window boundaries ``[1, ..., 0]`` (float64) from the config (:func:`perflow.windows.resolve_boundaries`),
     checked against the teacher's schedule (or its ``alphas_cumprod``) if given."""
     p = cfg.perflow
-    steps = p.num_solver_steps if isinstance(p.num_solver_steps, int) else max(p.num_solver_steps)
     return resolve_boundaries(
         p.num_time_windows, p.window_boundaries, None if schedule is None else as_schedule(schedule),
-        steps, p.prediction_type,
+        p.num_solver_steps, p.prediction_type,
     )
 
 
@@ -589,7 +588,7 @@ def solver_steps_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: tor
     steps as it spans timestep indices. A resumed run reads the steps it recorded (``solver_steps`` in its
     ``perflow_state.json``)."""
     from ..objective import allocate_solver_steps, window_solve_errors
-    from ..schedule import DiscreteVPSchedule
+    from ..schedule import DiscreteVPSchedule, window_index_spans
 
     p = cfg.perflow
     K = boundaries.numel() - 1
@@ -598,15 +597,12 @@ def solver_steps_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: tor
     saved = _recorded(resume_from, "solver_steps")
     if isinstance(saved, list) and len(saved) == K:
         return [int(n) for n in saved]
-    errors, caps = [], None
-    for den, noise, schedule in _calibration_batches(cfg, teacher, dataset, device, "teacher steps per window", progress,
-                                                     num_processes):
-        errors.append(window_solve_errors(den, noise, boundaries, schedule, p.num_solver_steps,
-                                          teacher.prediction_type, teacher.clip_sample))
-        if isinstance(schedule, DiscreteVPSchedule):
-            T = schedule.num_train_timesteps
-            idx = [round(float(t) * T) for t in boundaries]
-            caps = [max(1, idx[k] - idx[k + 1]) for k in range(K)]
+    errors = [window_solve_errors(den, noise, boundaries, schedule, p.num_solver_steps, teacher.prediction_type,
+                                  teacher.clip_sample)
+              for den, noise, schedule in _calibration_batches(cfg, teacher, dataset, device, "teacher steps per window",
+                                                               progress, num_processes)]
+    caps = window_index_spans(boundaries, teacher.schedule.num_train_timesteps) \
+        if isinstance(teacher.schedule, DiscreteVPSchedule) else None
     return allocate_solver_steps(torch.stack(errors), p.num_solver_steps, caps)
 
 
