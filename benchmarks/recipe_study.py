@@ -39,6 +39,7 @@ DEFAULTS = dict(
     loss_weighting="window_end",
     time_sampling="uniform",
     window_start_prob=0.5,
+    batch_windows="mixed",  # mixed (each sample its own window) | single (one window per batch; the trainer's perflow.batch_windows)
     learning_rate=3e-5,
     lr_warmup_steps=0,
     ema_decay=0.99,
@@ -240,7 +241,8 @@ def run(args, s: dict) -> None:
         window_w = window_w / window_w.mean()
     if window_w is not None:
         print("window weights", [round(float(v), 3) for v in window_w], flush=True)
-    time_sampler = make_time_sampler(s["time_sampling"], boundaries, window_start_prob=float(s["window_start_prob"]))
+    time_sampler = make_time_sampler(s["time_sampling"], boundaries, window_start_prob=float(s["window_start_prob"]),
+                                     batch_windows=s.get("batch_windows", "mixed"))
     start = copy.deepcopy(unet)
     if args.init:  # a saved student (--save of an earlier run): the next stage of progressive reflow
         start.load_state_dict(torch.load(args.init, weights_only=True))

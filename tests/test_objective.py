@@ -105,6 +105,35 @@ def test_window_start_prob_moves_that_fraction_of_times_to_their_window_starts()
         with_window_starts(uniform_times, b, 1.5)
 
 
+def test_one_window_per_batch_keeps_positions_and_the_uniform_marginal():
+    """one_window_per_batch: every batch lies in one window; each time keeps its relative position in its own
+    window (a window start stays a start); on windows of unequal length the batch's window is drawn with the
+    probability of its length (4000 batches: each window's frequency within 5 binomial sigma), so with the
+    positions kept the marginal of t stays U[0, 1)."""
+    from perflow.time_sampling import make_time_sampler, one_window_per_batch, uniform_times
+    from perflow.windows import window_bounds, window_index
+
+    b = torch.tensor([1.0, 0.7, 0.35, 0.1, 0.0], dtype=torch.float64)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    t = uniform_times(32, g1, torch.device("cpu"))
+    moved = one_window_per_batch(uniform_times, b)(32, g2, torch.device("cpu"))
+    j = window_index(moved, b)
+    assert torch.all(j == window_index(t[:1], b))
+    (s, e), (s2, e2) = window_bounds(t, b), window_bounds(moved, b)
+    torch.testing.assert_close((moved - e2) / (s2 - e2), (t - e) / (s - e), rtol=0, atol=1e-12)
+    starts = make_time_sampler("uniform", b, window_start_prob=1.0, batch_windows="single")
+    for _ in range(5):
+        x = starts(16, g2, torch.device("cpu"))
+        assert torch.isin(x, b[:-1]).all() and (x == x[0]).all()
+    single = make_time_sampler("uniform", b, batch_windows="single")
+    windows = torch.stack([window_index(single(4, g2, torch.device("cpu"))[:1], b)[0] for _ in range(4000)])
+    freq = torch.bincount(windows, minlength=4).double() / 4000
+    lengths = b[:-1] - b[1:]
+    assert torch.all((freq - lengths).abs() < 5 * (lengths * (1 - lengths) / 4000).sqrt())
+    with pytest.raises(ValueError, match="batch_windows"):
+        make_time_sampler("uniform", b, batch_windows="grouped")
+
+
 # ---------------------------------------------------------------------------- per-window weights
 
 

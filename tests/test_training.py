@@ -104,6 +104,32 @@ def test_data_source_auto_follows_the_path(tmp_path):
     assert resolve_source("auto", str(shards)) == "imagefolder"
 
 
+def test_batch_windows_single_puts_each_training_batch_in_one_window(tmp_path, monkeypatch):
+    """``perflow.batch_windows: single`` reaches the trainer: every batch's times lie in one window, and over
+    the run more than one window is trained; ``mixed`` (the default) mixes windows inside a batch."""
+    import perflow.training.loop as loop
+    from perflow.windows import window_index
+
+    seen = []
+    real = loop.reflow_example
+
+    def spy(*args, **kwargs):
+        ex = real(*args, **kwargs)
+        seen.append(window_index(ex.t, ex.t.new_tensor([1.0, 0.75, 0.5, 0.25, 0.0])))
+        return ex
+
+    monkeypatch.setattr(loop, "reflow_example", spy)
+    for mode in ("single", "mixed"):
+        seen.clear()
+        train("digits", teacher=tiny_class_teacher(), dataset=_digits(64), window_weights="none",
+              solver_step_allocation="equal", batch_windows=mode, **_fast(tmp_path / mode, max_steps=8))
+        one_window = [bool((j == j[0]).all()) for j in seen]
+        if mode == "single":
+            assert all(one_window) and len({int(j[0]) for j in seen}) > 1
+        else:
+            assert not all(one_window)
+
+
 def test_resume_reproduces_the_uninterrupted_run_bit_exactly(tmp_path, monkeypatch):
     """A run cut after a checkpoint and resumed matches the uninterrupted one bit for bit; with
     ``window_weights: auto`` the resumed run reads the weights its checkpoint recorded (measuring them

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .windows import window_bounds
+from .windows import window_bounds, window_index
 
 TimeSampler = Callable[[int, torch.Generator | None, torch.device], torch.Tensor]
 """``sampler(batch_size, generator, device) -> t (B,)`` float64 in ``[0, 1]``."""
@@ -90,12 +90,40 @@ def with_window_starts(sampler: TimeSampler, boundaries: torch.Tensor, prob: flo
     return sample
 
 
+def one_window_per_batch(sampler: TimeSampler, boundaries: torch.Tensor) -> TimeSampler:
+    """``sampler``'s times moved into one window per batch: the window ``k`` of the batch's first time, and
+    each time at its own relative position ``u = (t - t_e) / (t_s - t_e)`` in ``(0, 1]`` of its window,
+    ``t' = t_e^k + u (t_s^k - t_e^k)`` (a window start stays a window start).
+
+    The batch's window is drawn as ``sampler`` draws windows, so the marginal of ``t`` is unchanged when the
+    positions inside a window are distributed alike in every window (``uniform`` on equal windows,
+    ``u_shaped``). What it changes is the cost of the teacher's solve when the windows have different step
+    counts ``n_k``: a mixed batch needs ``max_k n_k`` sequential teacher calls, a one-window batch ``n_k``.
+    """
+    b = boundaries.to(torch.float64).cpu()
+
+    def sample(batch_size: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        t = sampler(batch_size, generator, torch.device("cpu")).to(torch.float64)
+        t_s, t_e = window_bounds(t, b)
+        u = (t - t_e) / (t_s - t_e)
+        k = window_index(t[:1], b)
+        s_k, e_k = b[k], b[k + 1]
+        moved = torch.where(u >= 1.0, s_k, e_k + u * (s_k - e_k))
+        return moved.to(device)
+
+    return sample
+
+
+BATCH_WINDOWS = ("mixed", "single")
+
+
 def make_time_sampler(
     name: str, boundaries: torch.Tensor, a: float = 4.0, mean: float = 0.0, std: float = 1.0,
-    window_start_prob: float = 0.0,
+    window_start_prob: float = 0.0, batch_windows: str = "mixed",
 ) -> TimeSampler:
     """``uniform``, ``u_shaped`` (parameter ``a``) or ``logit_normal`` (``mean``, ``std``), then
-    :func:`with_window_starts` with ``window_start_prob``; see the module docstring."""
+    :func:`with_window_starts` with ``window_start_prob``, then with ``batch_windows="single"``
+    :func:`one_window_per_batch`; see the module docstring."""
     if name == "uniform":
         base = uniform_times
     elif name == "u_shaped":
@@ -104,10 +132,17 @@ def make_time_sampler(
         base = logit_normal_times(mean, std)
     else:
         raise ValueError(f"unknown time_sampling {name!r}; expected one of {TIME_SAMPLINGS}")
-    return with_window_starts(base, boundaries, window_start_prob)
+    sampler = with_window_starts(base, boundaries, window_start_prob)
+    if batch_windows == "single":
+        return one_window_per_batch(sampler, boundaries)
+    if batch_windows != "mixed":
+        raise ValueError(f"unknown batch_windows {batch_windows!r}; expected one of {BATCH_WINDOWS}")
+    return sampler
 
 
 __all__ = [
+    "BATCH_WINDOWS",
+    "one_window_per_batch",
     "TIME_SAMPLINGS",
     "TimeSampler",
     "logit_normal_times",

@@ -123,6 +123,10 @@ class PeRFlowConfig:
     window_start_prob: float = 0.5
     """Probability that a training time is moved to its window's start, where a K-step sampler
     evaluates the student and the target is deterministic (:func:`perflow.time_sampling.with_window_starts`)."""
+    batch_windows: str = "mixed"
+    """``mixed`` (each sample of a batch in its own window) or ``single`` (one window per batch, drawn as the time
+    sampling draws windows; :func:`perflow.time_sampling.one_window_per_batch`). With different teacher steps per
+    window a mixed batch's solve takes ``max n_k`` sequential teacher calls, a single-window batch ``n_k``."""
 
 
 @dataclass
@@ -230,7 +234,7 @@ class TrainConfig:
         from ..denoisers import CFG_MODES
         from ..objective import LOSS_WEIGHTINGS, LOSSES, SOLVER_STEP_ALLOCATIONS, steps_of_windows
         from ..parameterization import MODEL_OUTPUT_TYPES, check_model_output_type
-        from ..time_sampling import TIME_SAMPLINGS
+        from ..time_sampling import BATCH_WINDOWS, TIME_SAMPLINGS
         from ..windows import PREDICTION_TYPES, resolve_boundaries
 
         p, t, d, o = self.perflow, self.training, self.data, self.output
@@ -240,6 +244,7 @@ class TrainConfig:
             check_model_output_type(p.model_output_type, p.prediction_type)
         _choice("perflow.cfg_mode", p.cfg_mode, CFG_MODES)
         _choice("perflow.time_sampling", p.time_sampling, TIME_SAMPLINGS)
+        _choice("perflow.batch_windows", p.batch_windows, BATCH_WINDOWS)
         _choice("training.loss", t.loss, LOSSES)
         _choice("training.loss_weighting", t.loss_weighting, LOSS_WEIGHTINGS)
         _choice("training.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))

@@ -247,7 +247,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     schedule = teacher_obj.schedule
     boundaries = boundaries_of(cfg, schedule)
     time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a, p.logit_normal_mean, p.logit_normal_std,
-                                     p.window_start_prob)
+                                     p.window_start_prob, p.batch_windows)
     solver_steps = solver_steps_of(cfg, teacher_obj, ds, boundaries, device,
                                    progress=out.progress and accelerator.is_local_main_process,
                                    resume_from=start.resume_from, num_processes=accelerator.num_processes)
