@@ -130,6 +130,25 @@ def test_batch_windows_single_puts_each_training_batch_in_one_window(tmp_path, m
             assert not all(one_window)
 
 
+def test_last_window_fraction_places_the_windows_the_student_is_trained_and_sampled_on(tmp_path):
+    """``perflow.last_window_fraction`` reaches the trainer (its boundaries) and the exported scheduler; explicit
+    ``window_boundaries`` win over it; a value outside (0, 1] is refused before anything loads."""
+    from perflow.scheduler import PeRFlowScheduler
+
+    cfg = TrainConfig()
+    assert boundaries_of(cfg).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]  # the default: equal windows
+    cfg.perflow.last_window_fraction = 0.6
+    assert boundaries_of(cfg).tolist() == [1.0, 0.75, 0.5, 0.15, 0.0]
+    cfg.perflow.window_boundaries = [1.0, 0.5, 0.2, 0.1, 0.0]
+    assert boundaries_of(cfg).tolist() == [1.0, 0.5, 0.2, 0.1, 0.0]
+    train("digits", teacher=tiny_class_teacher(), dataset=_digits(32), window_weights="none", last_window_fraction=0.6,
+          **_fast(tmp_path / "run", max_steps=1))
+    assert PeRFlowScheduler.from_pretrained(tmp_path / "run" / "scheduler").boundaries.tolist() == [1.0, 0.75, 0.5, 0.15, 0.0]
+    with pytest.raises(ValueError, match="last_window_fraction"):
+        train("digits", teacher=tiny_class_teacher(), dataset=_digits(32), last_window_fraction=0.0,
+              **_fast(tmp_path / "bad", max_steps=1))
+
+
 def test_resume_reproduces_the_uninterrupted_run_bit_exactly(tmp_path, monkeypatch):
     """A run cut after a checkpoint and resumed matches the uninterrupted one bit for bit; with
     ``window_weights: auto`` the resumed run reads the weights its checkpoint recorded (measuring them

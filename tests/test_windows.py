@@ -217,3 +217,16 @@ def test_inference_times_method_examples():
 def test_inference_times_reject_bad_n(n):
     with pytest.raises(ValueError, match="num_inference_steps"):
         inference_times(n, equal_boundaries(4))
+
+
+def test_short_last_boundaries_shorten_only_the_last_window():
+    """``t_1 = fraction / K``, the other boundaries equal; fraction 1 is equal windows; K = 1 has no inner boundary."""
+    from perflow.windows import equal_boundaries, short_last_boundaries
+
+    assert short_last_boundaries(4, 0.6).tolist() == [1.0, 0.75, 0.5, 0.15, 0.0]
+    assert short_last_boundaries(2, 0.5).tolist() == [1.0, 0.25, 0.0]
+    assert torch.equal(short_last_boundaries(5, 1.0), equal_boundaries(5))
+    assert short_last_boundaries(1, 0.3).tolist() == [1.0, 0.0]
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="last_window_fraction"):
+            short_last_boundaries(4, bad)

@@ -49,6 +49,22 @@ def equal_boundaries(num_windows: int, t_noise: float = 1.0, t_clean: float = 0.
     return t_clean + (t_noise - t_clean) * k / num_windows
 
 
+def short_last_boundaries(num_windows: int, fraction: float) -> torch.Tensor:
+    """``K`` equal windows on ``[1, 0]`` with the last one shortened to ``fraction`` of its width, the window
+    before it taking the rest: ``t_k = k / K`` for ``k >= 2``, ``t_1 = fraction / K``, ``t_0 = 0``.
+
+    ``fraction = 1`` gives :func:`equal_boundaries`; ``K = 4, fraction = 0.6`` gives ``[1, 0.75, 0.5, 0.15, 0]``.
+    The last window's one step ends at the clean sample, and it is the window a student learns slowest
+    (docs/study.md, sixth round).
+    """
+    b = equal_boundaries(num_windows)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"last_window_fraction must be in (0, 1], got {fraction!r}")
+    if num_windows >= 2:
+        b[num_windows - 1] = fraction / num_windows
+    return b
+
+
 def check_boundaries(boundaries: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Validate explicit window boundaries and return them as a float64 tensor.
 

@@ -36,7 +36,7 @@ from ..denoisers import guided_teacher_denoiser
 from ..objective import batch_loss, reflow_example
 from ..parameterization import resolve_model_output_type
 from ..schedule import NoiseSchedule, as_schedule
-from ..windows import resolve_boundaries
+from ..windows import resolve_boundaries, short_last_boundaries
 from .config import TrainConfig
 from .config_io import make_config
 from .data import BadImageError
@@ -115,8 +115,11 @@ def boundaries_of(cfg: TrainConfig, schedule: NoiseSchedule | torch.Tensor | Non
     """Window boundaries ``[1, ..., 0]`` (float64) from the config (:func:`perflow.windows.resolve_boundaries`),
     checked against the teacher's schedule (or its ``alphas_cumprod``) if given."""
     p = cfg.perflow
+    explicit = p.window_boundaries
+    if explicit is None and p.last_window_fraction != 1.0:
+        explicit = short_last_boundaries(p.num_time_windows, p.last_window_fraction)
     return resolve_boundaries(
-        p.num_time_windows, p.window_boundaries, None if schedule is None else as_schedule(schedule),
+        p.num_time_windows, explicit, None if schedule is None else as_schedule(schedule),
         p.num_solver_steps, p.prediction_type,
     )
 
