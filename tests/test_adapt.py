@@ -91,6 +91,28 @@ def test_adapt_starts_from_target_plus_delta(tmp_path):
     assert all(torch.equal(half[k], (base[k].double() + 0.5 * delta[k].double()).float()) for k in delta)
 
 
+def test_adaptation_trains_on_the_deltas_own_windows_and_parameterization(tmp_path):
+    """The recipe's windows are not the delta's: the adaptation takes the delta's boundaries (explicit, or K equal
+    windows even where the recipe would shorten the last one) and prediction type, so the adapted student's
+    scheduler samples the windows it was trained on."""
+    from perflow.scheduler import PeRFlowScheduler
+    from perflow.training.adapt import adapt_delta, delta_windows
+
+    assert delta_windows({"num_time_windows": 4, "prediction_type": "diff_eps"}) == dict(
+        num_time_windows=4, window_boundaries=None, last_window_fraction=1.0, prediction_type="diff_eps")
+    delta, meta = _delta()
+    for name, meta_windows, expected in (
+        ("explicit", {"window_boundaries": [1.0, 0.6, 0.3, 0.1, 0.0]}, [1.0, 0.6, 0.3, 0.1, 0.0]),
+        ("equal", {}, [1.0, 0.75, 0.5, 0.25, 0.0]),
+    ):
+        adapt_delta((delta, {**meta, **meta_windows}), Target(teacher=tiny_class_teacher(seed=1), name="t"),
+                    tmp_path / name, config="digits", budget_steps=1, check_every=1, num_samples=20, reference_steps=8,
+                    dataset=_digits(64), eval_kwargs=EVAL, progress=False,
+                    **{**TRAIN, "last_window_fraction": 0.6, "num_solver_steps": 1})
+        sched = PeRFlowScheduler.from_pretrained(tmp_path / name / "run" / "scheduler")
+        assert sched.boundaries.tolist() == expected and sched.config.prediction_type == "diff_eps"
+
+
 def test_a_budget_that_is_not_a_multiple_of_the_checks_can_be_extended(tmp_path):
     """The run checkpoints at its last step, so a larger budget continues from there instead of retraining."""
     short = _adapt(tmp_path / "a", budget_steps=3)

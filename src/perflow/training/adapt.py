@@ -7,7 +7,8 @@ chunk the exported student is sampled at 4 steps and its paired MSE to the targe
 (DDIM, DPM-Solver++, UniPC, each at its best timestep spacing), measured once at the start by
 :func:`perflow.evaluation.transfer.transfer_report`. It stops when the student wins, or at
 ``budget_steps``. The result is the trainer's ``delta.safetensors``: ``student - target``, a delta for
-that target.
+that target. The run trains on the delta's own windows and parameterization (its recorded boundaries, or K
+equal windows, and prediction type; :func:`delta_windows`), whatever the recipe's placement.
 
 Files in ``output_dir``: ``adapt.json`` (settings, the baseline, every check), ``init/`` (target +
 delta, the student's start) and ``run/`` (the trainer's output folder: checkpoints, ``unet/``,
@@ -123,13 +124,19 @@ def adapt_delta(
                  "checks": [{"step": 0, "paired_mse": best["delta"], "beats": best["delta_wins"]}], "seconds": 0.0}
         _save_init(tgt, tensors, meta, out / "init", settings["delta_scale"])
         write_text(state_path, json.dumps(state, indent=1))
+    own = delta_windows(meta)  # the delta's windows and parameterization: what its scheduler samples
+    replaced = sorted(k for k in own if k in overrides and overrides[k] != own[k])
+    if replaced:
+        print(f"adapting on the delta's own {', '.join(f'{k}={own[k]!r}' for k in replaced)} "
+              f"(not {', '.join(f'{k}={overrides[k]!r}' for k in replaced)}): its scheduler samples those windows")
+    train_overrides = {**overrides, **own}
     checks = state["checks"]
     while not checks[-1]["beats"] and checks[-1]["step"] < budget_steps:
         step = min(checks[-1]["step"] + check_every, budget_steps)
         run_dir = out / "run"
         resume_run = "latest" if (run_dir / "checkpoints").is_dir() else None
         train(config, teacher=tgt.teacher, dataset=dataset, callback=callback, **{
-            **overrides, "max_steps": step, "output_dir": str(run_dir), "resume": resume_run,
+            **train_overrides, "max_steps": step, "output_dir": str(run_dir), "resume": resume_run,
             "student_init": str(out / "init"), "checkpoint_every": check_every, "save_pipeline": False,
             "save_delta": True, "validation_every": 0, "progress": progress,
         })
@@ -146,6 +153,20 @@ def adapt_delta(
     return AdaptResult(output_dir=out, delta=(out / "run" / "delta.safetensors") if steps else None, steps=steps,
                        reached=checks[-1]["beats"], baseline=state["baseline"], checks=checks,
                        seconds=state.get("seconds", 0.0))
+
+
+def delta_windows(meta: dict) -> dict:
+    """The training settings that make an adaptation's windows and parameterization the delta's own (its
+    metadata): explicit ``window_boundaries``, or ``num_time_windows`` equal windows; and ``prediction_type``.
+    A recipe's other placement would train the student on windows its scheduler does not sample."""
+    out: dict = {}
+    if meta.get("window_boundaries"):
+        out["window_boundaries"] = [float(v) for v in meta["window_boundaries"]]
+    elif meta.get("num_time_windows"):
+        out.update(num_time_windows=int(meta["num_time_windows"]), window_boundaries=None, last_window_fraction=1.0)
+    if meta.get("prediction_type"):
+        out["prediction_type"] = str(meta["prediction_type"])
+    return out
 
 
 _TARGET_KEYS = ("base", "lora", "lora_scale", "controlnet", "control_images", "conditioning_scale")
