@@ -59,7 +59,7 @@ def short_last_boundaries(num_windows: int, fraction: float) -> torch.Tensor:
     """
     b = equal_boundaries(num_windows)
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"last_window_fraction must be in (0, 1], got {fraction!r}")
+        raise ValueError(f"last_window_fraction must be in (0, 1] (1: equal windows), got {fraction!r}")
     if num_windows >= 2:
         b[num_windows - 1] = fraction / num_windows
     return b

@@ -241,7 +241,7 @@ class TrainConfig:
         from ..objective import LOSS_WEIGHTINGS, LOSSES, SOLVER_STEP_ALLOCATIONS, steps_of_windows
         from ..parameterization import MODEL_OUTPUT_TYPES, check_model_output_type
         from ..time_sampling import BATCH_WINDOWS, TIME_SAMPLINGS
-        from ..windows import PREDICTION_TYPES, resolve_boundaries
+        from ..windows import PREDICTION_TYPES, resolve_boundaries, short_last_boundaries
 
         p, t, d, o = self.perflow, self.training, self.data, self.output
         _choice("perflow.prediction_type", p.prediction_type, ("auto",) + PREDICTION_TYPES)
@@ -288,6 +288,7 @@ class TrainConfig:
         parse_window_weights(t.window_weights, p.num_time_windows)
         try:
             steps_of_windows(p.num_solver_steps, p.num_time_windows)
+            short_last_boundaries(p.num_time_windows, p.last_window_fraction)
         except ValueError as err:
             raise ValueError(f"perflow.{err}") from None
         from diffusers.optimization import SchedulerType
@@ -295,8 +296,6 @@ class TrainConfig:
         names = [v.value for v in SchedulerType]
         if t.lr_scheduler not in names:
             raise ValueError(f"training.lr_scheduler {t.lr_scheduler!r} is not one of diffusers' schedulers {names}")
-        if not 0.0 < p.last_window_fraction <= 1.0:
-            raise ValueError(f"perflow.last_window_fraction must be in (0, 1] (1: equal windows), got {p.last_window_fraction}")
         if not 0.0 <= p.window_start_prob <= 1.0:
             raise ValueError(f"perflow.window_start_prob must be in [0, 1], got {p.window_start_prob}")
         if not 0.0 <= d.caption_dropout < 1.0:
