@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "delta": {"run": str(run), "steps": budget, "metadata": {k: meta.get(k) for k in ("num_time_windows", "prediction_type", "cfg_mode")},
                   "train_seconds": summary.get("seconds"),
                   "recipe": {**recipe["training"], "solver_step_allocation": recipe["perflow"].get("solver_step_allocation", "equal")}},
-        "num_samples": args.num_samples, "adapt_budget_steps": None if args.no_adapt else adapt_steps,
+        "out": args.out, "num_samples": args.num_samples, "adapt_budget_steps": None if args.no_adapt else adapt_steps,
         "check_every": args.check_every,
         "adapt_samples": args.adapt_samples, "threads": args.threads,
         "torch": torch.__version__, "seconds": round(time.time() - t_start, 1), "variants": records,
@@ -312,9 +312,10 @@ def markdown(r: dict) -> str:
                          + ", ".join(f"{c['step']}: {c['paired_mse']:.4f}" for c in a["checks"]) + f" ({a['seconds']} s)")
     thick = next((v for v in r["variants"] if "after" in v), None)
     if thick:
+        grid = Path(r["out"]).name if r.get("out") else "transfer"   # the files main() wrote: OUT_thick_*.png
         lines += ["", f"## The thick-stroke variant ({thick['name']}) before and after adaptation", "",
                   f"Before: {thick['verdict']}", "", f"After: {thick['after']['verdict']}", "",
-                  "Sample grids: `transfer_thick_before.png`, `transfer_thick_after.png` (rows: the variant's reference, "
+                  f"Sample grids: `{grid}_thick_before.png`, `{grid}_thick_after.png` (rows: the variant's reference, "
                   "variant + delta at 4 and 8 steps, the variant's best solver at 4 and 8)."]
     lines += ["", f"Time: {r['seconds']} s on {r['threads']} thread(s), torch {r['torch']}.", ""]
     return "\n".join(lines)
