@@ -42,6 +42,7 @@ DEFAULTS = dict(
     batch_windows="mixed",  # mixed (each sample its own window) | single (one window per batch; the trainer's perflow.batch_windows)
     learning_rate=3e-5,
     lr_warmup_steps=0,
+    lr_scheduler="constant",  # a diffusers scheduler name over the run's --steps (the trainer's training.lr_scheduler)
     ema_decay=0.99,
     batch_size=32,
     weight_decay=0.0,
@@ -250,7 +251,12 @@ def run(args, s: dict) -> None:
     ema = copy.deepcopy(start).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=float(s["learning_rate"]), weight_decay=float(s["weight_decay"]))
     warm = int(s["lr_warmup_steps"])
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
+    if s.get("lr_scheduler", "constant") == "constant":   # rows before lr_scheduler existed: this exact schedule
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
+    else:
+        from diffusers.optimization import get_scheduler
+
+        lr_sched = get_scheduler(s["lr_scheduler"], opt, num_warmup_steps=warm, num_training_steps=args.steps)
     gen = torch.Generator().manual_seed(int(s["seed"]))
     decay = float(s["ema_decay"])
     train_time = 0.0  # wall-clock seconds of the training steps (inflated when other jobs share the CPU)
