@@ -94,7 +94,7 @@ def main() -> None:
             step = solve(fn, chain[k], k, 1)
             local, final = paired_mse(step, chain[k + 1]), paired_mse(to_end(step, k), chain[-1])
             on_data = paired_mse(solve(dfn, z_data, k, 1), exact_data)
-            row.append(f"{name}: local {local:.5f} final {final:.5f} local on data {on_data:.5f}")
+            row.append(f"{name}: local {local:.3g} final {final:.3g} local on data {on_data:.3g}")
             if name == "ddim":
                 row.append(f"gain {final / max(local, 1e-12):.2f}")
         print(" | ".join(row), flush=True)
