@@ -537,3 +537,33 @@ def test_merging_into_an_already_merged_pipeline_is_refused(world, tmp_path, cap
     merge_delta(pipe, world["delta"])
     with pytest.warns(UserWarning, match="adds a second one"):
         merge_delta(pipe, world["delta"])
+
+
+def test_a_whole_model_given_as_the_delta_is_refused(world, tmp_path, capsys):
+    """Merging a model's weights as if they were student - teacher would double the target: refused, one line."""
+    from perflow.delta import merge_into_path
+    from perflow.delta.merge import delta_model_similarity
+    from perflow.delta.keys import plan_merge
+
+    teacher_sd = world["teacher"].state_dict()
+    mapping = plan_merge(teacher_sd, teacher_sd)[0]
+    size, cos = delta_model_similarity(teacher_sd, teacher_sd, mapping)
+    assert size == pytest.approx(1.0, abs=1e-12) and cos == pytest.approx(1.0, abs=1e-12)
+    size, cos = delta_model_similarity(teacher_sd, world["delta_tensors"], mapping)
+    assert size < 0.1 and abs(cos) < 0.5  # a real weight difference (here 2 %): small and not along the weights
+    for target in (teacher_sd, tiny_sd15_unet(0)):
+        with pytest.raises(ValueError, match="whole model"):
+            merge_delta(target, world["student"].state_dict())
+    student_folder = tmp_path / "student"
+    world["student"].save_pretrained(student_folder)
+    single_file = student_folder / "diffusion_pytorch_model.safetensors"
+    for i, given in enumerate((student_folder, single_file)):  # a model folder and a model file, each taken for a delta
+        out = tmp_path / f"out-{i}"
+        rc, _, err = cli(["delta", "merge", "--delta", given, "--into", world["unet"], "-o", out], capsys)
+        line = error_line(err)
+        assert rc == 2 and "whole model" in line and "perflow delta extract" in line and not out.exists()
+        with pytest.raises(ValueError, match="whole model"):
+            merge_into_path(world["unet"], given, tmp_path / "lib-out")
+        assert not (tmp_path / "lib-out").exists()
+    merged = merge_delta(teacher_sd, world["delta_tensors"], scale=2.0)  # a real delta, even scaled, merges
+    assert torch.equal(merged["conv_in.weight"], teacher_sd["conv_in.weight"] + 2.0 * world["delta_tensors"]["conv_in.weight"])

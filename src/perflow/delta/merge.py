@@ -4,8 +4,9 @@
     merged[name] = cast_to_model_dtype(fp32(target[name]) + scale * delta[name])
 
 A merge checks before it writes: the delta's keys and shapes against the model's
-(:func:`perflow.delta.keys.plan_merge`), a finite ``scale``, finite delta values and the model's
-config against the teacher config the delta records. A pipeline also gets the PeRFlow
+(:func:`perflow.delta.keys.plan_merge`), a finite ``scale``, finite delta values, that the delta is not
+a whole model (:func:`delta_model_similarity`) and the model's config against the teacher config the
+delta records. A pipeline also gets the PeRFlow
 scheduler the delta's metadata names (:func:`perflow_scheduler_from_metadata`).
 
 Bit-exactness, for a student weight ``s`` and teacher weight ``t`` (both fp32):
@@ -132,6 +133,39 @@ def _check_finite(delta: StateDict, keys: Any) -> None:
         )
 
 
+def delta_model_similarity(model_sd: StateDict, delta: StateDict, mapping: Mapping[str, str]) -> tuple[float, float]:
+    """``(||d|| / ||w||, cos(d, w))`` over the matched weight matrices and kernels (dim >= 2), in fp64.
+
+    A weight difference ``d = student - teacher`` of a fine-tuned model is small beside the weights
+    and not aligned with them; the weights of a whole model of the same base are the size of the
+    model's own and nearly parallel to them (``cos`` near 1). ``(0, 0)`` when nothing is matched.
+    """
+    dd = ww = dw = 0.0
+    for dk, mk in mapping.items():
+        d, w = delta[dk], model_sd[mk]
+        if d.dim() < 2 or not d.is_floating_point():
+            continue
+        d64, w64 = d.detach().to("cpu", torch.float64), w.detach().to("cpu", torch.float64)
+        dd += float(d64.square().sum())
+        ww += float(w64.square().sum())
+        dw += float((d64 * w64).sum())
+    if dd == 0.0 or ww == 0.0:
+        return 0.0, 0.0
+    return math.sqrt(dd / ww), dw / math.sqrt(dd * ww)
+
+
+def _check_not_a_model(model_sd: StateDict, delta: StateDict, mapping: Mapping[str, str]) -> None:
+    """Refuse a whole model given as the delta: merging it would double the target's weights."""
+    size, cos = delta_model_similarity(model_sd, delta, mapping)
+    if size > 0.5 and cos > 0.5:
+        raise ValueError(
+            f"the delta looks like a whole model, not a weight difference: its weights are {size:.0%} the size of the "
+            f"model's and point along them (cosine {cos:.2f}), so merging would roughly double the model; a delta is "
+            "student - teacher: make one with `perflow delta extract --student STUDENT --teacher TEACHER -o delta.safetensors` "
+            "(Python: extract_delta), or use the PeRFlow model itself"
+        )
+
+
 def merge_state_dict(
     model_sd: StateDict, delta: StateDict, scale: float = 1.0, strict: bool = True, partial: bool = False
 ) -> tuple[dict[str, torch.Tensor], MergeReport]:
@@ -140,6 +174,7 @@ def merge_state_dict(
     mapping, report, addons, uncovered = plan_merge(model_sd, delta, partial)
     _check_plan(report, strict)
     _check_finite(delta, mapping)
+    _check_not_a_model(model_sd, delta, mapping)
     out = dict(model_sd)
     for dk, mk in mapping.items():
         w = model_sd[mk]
@@ -164,6 +199,7 @@ def merge_into_module(
     mapping, report, addons, uncovered = plan_merge(sd, delta, partial)
     _check_plan(report, strict)
     _check_finite(delta, mapping)
+    _check_not_a_model(sd, delta, mapping)
     with torch.no_grad():
         for dk, mk in mapping.items():
             p = sd[mk]
