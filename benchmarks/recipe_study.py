@@ -243,7 +243,7 @@ def run(args, s: dict) -> None:
     if window_w is not None:
         print("window weights", [round(float(v), 3) for v in window_w], flush=True)
     time_sampler = make_time_sampler(s["time_sampling"], boundaries, window_start_prob=float(s["window_start_prob"]),
-                                     batch_windows=s.get("batch_windows", "mixed"))
+                                     batch_windows=s["batch_windows"])
     start = copy.deepcopy(unet)
     if args.init:  # a saved student (--save of an earlier run): the next stage of progressive reflow
         start.load_state_dict(torch.load(args.init, weights_only=True))
@@ -251,7 +251,7 @@ def run(args, s: dict) -> None:
     ema = copy.deepcopy(start).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=float(s["learning_rate"]), weight_decay=float(s["weight_decay"]))
     warm = int(s["lr_warmup_steps"])
-    if s.get("lr_scheduler", "constant") == "constant":   # rows before lr_scheduler existed: this exact schedule
+    if s["lr_scheduler"] == "constant":   # as before lr_scheduler existed: this exact schedule, so old rows repeat
         lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
     else:
         from diffusers.optimization import get_scheduler

@@ -112,7 +112,7 @@ def _check_plan(report: KeyReport, strict: bool) -> None:
             "to skip the mismatched tensors on purpose pass strict=False (CLI: --allow-partial)."
         )
     if report:
-        warnings.warn("partial merge (strict=False), skipped: " + report.describe("delta", "model"), stacklevel=3)
+        warnings.warn("partial merge (strict=False), skipped: " + report.describe("delta", "model"), stacklevel=4)
 
 
 def check_scale(scale: float) -> float:
@@ -166,20 +166,29 @@ def _check_not_a_model(model_sd: StateDict, delta: StateDict, mapping: Mapping[s
         )
 
 
-def merge_state_dict(
-    model_sd: StateDict, delta: StateDict, scale: float = 1.0, strict: bool = True, partial: bool = False
-) -> tuple[dict[str, torch.Tensor], MergeReport]:
-    """``merged = cast(fp32(model) + scale * delta)`` for every matched tensor; others copied unchanged."""
+def _checked_plan(
+    model_sd: StateDict, delta: StateDict, scale: float, strict: bool, partial: bool
+) -> tuple[dict[str, str], MergeReport]:
+    """Every check a merge makes before it writes (the module docstring), then the delta key -> model key
+    mapping and the merge's report."""
     check_scale(scale)
     mapping, report, addons, uncovered = plan_merge(model_sd, delta, partial)
     _check_plan(report, strict)
     _check_finite(delta, mapping)
     _check_not_a_model(model_sd, delta, mapping)
+    return mapping, MergeReport(len(mapping), report, addons, uncovered)
+
+
+def merge_state_dict(
+    model_sd: StateDict, delta: StateDict, scale: float = 1.0, strict: bool = True, partial: bool = False
+) -> tuple[dict[str, torch.Tensor], MergeReport]:
+    """``merged = cast(fp32(model) + scale * delta)`` for every matched tensor; others copied unchanged."""
+    mapping, merge_report = _checked_plan(model_sd, delta, scale, strict, partial)
     out = dict(model_sd)
     for dk, mk in mapping.items():
         w = model_sd[mk]
         out[mk] = _add(w, delta[dk], scale)
-    return out, MergeReport(len(mapping), report, addons, uncovered)
+    return out, merge_report
 
 
 def _add(w: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
@@ -194,17 +203,13 @@ def merge_into_module(
     module: nn.Module, delta: StateDict, scale: float = 1.0, strict: bool = True, partial: bool = False
 ) -> MergeReport:
     """Add ``scale * delta`` to ``module``'s parameters and buffers in place (fp32 sum, cast back)."""
-    check_scale(scale)
     sd = module.state_dict(keep_vars=True)
-    mapping, report, addons, uncovered = plan_merge(sd, delta, partial)
-    _check_plan(report, strict)
-    _check_finite(delta, mapping)
-    _check_not_a_model(sd, delta, mapping)
+    mapping, merge_report = _checked_plan(sd, delta, scale, strict, partial)
     with torch.no_grad():
         for dk, mk in mapping.items():
             p = sd[mk]
             p.copy_(_add(p.detach(), delta[dk], scale))
-    return MergeReport(len(mapping), report, addons, uncovered)
+    return merge_report
 
 
 def merge_delta(
