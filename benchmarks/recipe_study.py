@@ -51,6 +51,8 @@ DEFAULTS = dict(
     clip_sample="auto",  # auto: the teacher's scheduler config (clip_sample, clip_sample_range); off
     start_from_noise="false",  # true: the first window starts from pure noise (the sampler's start)
     aligned_weight=0.0,  # ProReflow's aligned velocity loss (arXiv 2503.04824): + lambda mean_b (1 - cos(v_hat, v))
+    student_starts=0.0,  # fraction of examples whose window starts at the EMA student's own K-step sampling state
+    x0_loss="off",  # on: the loss is |x0_T(z_e_hat, t_e) - x0_T(z_e, t_e)|^2, the window ends seen through the teacher's x0 prediction
     window_weights="auto",  # auto (the teacher's error gains, the trainer's default) | none | inv_abar (1 / abar(t_e)) | comma list
 )
 SPACINGS = ("leading", "trailing", "linspace")
@@ -174,6 +176,35 @@ def logsnr_boundaries(alphas_cumprod: torch.Tensor, K: int) -> list[float]:
 # ----------------------------------------------------------------------------- training
 
 
+def x0_space_loss(teach, ex, raw, schedule, teacher_type, sample_weight):
+    """``mean_b w_b mean_i (x0_T(z_e_hat, t_e) - x0_T(z_e, t_e))^2``: the student's predicted window end and the
+    teacher's, each through the teacher's clean-sample prediction at the window end (the identity at ``t_e = 0``);
+    gradients flow through the teacher's network into ``z_e_hat`` (the teacher's weights stay frozen)."""
+    from perflow.parameterization import window_end_from_output
+    from perflow.solver import x0_eps_from_output
+
+    z_hat = window_end_from_output(ex.student_output(raw).float(), ex.z_t, ex.t, ex.window)
+    z_e = ex.z_e.float()
+    d = (z_hat - z_e).square().flatten(1).mean(1)
+    inner = (ex.t_e > 0).nonzero().flatten()
+    if inner.numel():
+        sch = schedule.to(dtype=torch.float32)
+        te = ex.t_e[inner]
+        rows_of = getattr(teach, "rows", None)  # a conditional teacher on these rows' conditions
+        f = rows_of(inner) if rows_of is not None else teach
+        a, sg = sch.alpha_sigma(te, z_hat[inner])
+
+        def x0_of(z):
+            return x0_eps_from_output(f(z, sch.timestep(te)).float(), z, a, sg, teacher_type)[0]
+
+        with torch.no_grad():
+            ref = x0_of(z_e[inner])
+        d = d.index_put((inner,), (x0_of(z_hat[inner]) - ref).square().flatten(1).mean(1))
+    if sample_weight is not None:
+        d = d * sample_weight
+    return d.mean()
+
+
 def run(args, s: dict) -> None:
     from perflow.evaluation import metrics
     from perflow.evaluation.samplers import sample
@@ -259,6 +290,8 @@ def run(args, s: dict) -> None:
         lr_sched = get_scheduler(s["lr_scheduler"], opt, num_warmup_steps=warm, num_training_steps=args.steps)
     gen = torch.Generator().manual_seed(int(s["seed"]))
     decay = float(s["ema_decay"])
+    p_starts = float(s["student_starts"])
+    gen_starts = torch.Generator().manual_seed(int(s["seed"]) + 7919)
     train_time = 0.0  # wall-clock seconds of the training steps (inflated when other jobs share the CPU)
     train_cpu = 0.0  # CPU seconds of this process in the training steps (robust to a shared CPU at --threads 1)
     base = {k: dict(mse=round(v["mse"], 6), swd=round(v["swd"], 5), spacing=v["spacing"]) for k, v in data["baselines"].items()}
@@ -283,9 +316,29 @@ def run(args, s: dict) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         x0, labels = draw(gen, int(s["batch_size"]))
         teach = denoiser(unet, le, labels)
+        extra = {}
+        if p_starts:  # draw t and noise as reflow_example would, then replace some window starts
+            from perflow.objective import sampler_window_starts
+            from perflow.windows import window_index
+
+            t = time_sampler(x0.shape[0], gen, x0.device)
+            noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+            mask = torch.rand(x0.shape[0], generator=gen_starts) < p_starts
+            k = torch.where(mask, window_index(t.double(), boundaries), 0)
+            chain = PeRFlowScheduler.from_config(scheduler.config)
+            chain.set_timesteps(K)
+
+            def window_step(z, j, rows):
+                ts = chain.timesteps[j]
+                with torch.no_grad():
+                    out = denoiser(ema, le, labels[rows] if labels is not None else None)(z, ts.expand(z.shape[0]))
+                return chain.step(out, ts, z).prev_sample
+
+            with torch.no_grad():
+                extra = dict(t=t, noise=noise, starts=sampler_window_starts(window_step, noise, k), starts_mask=mask)
         ex = reflow_example(teach, x0, boundaries, schedule, steps, s["prediction_type"],
                             teacher_type, generator=gen, time_sampler=time_sampler, model_output_type=mot,
-                            clip_sample=clip, start_from_noise=str(s["start_from_noise"]).lower() == "true")
+                            clip_sample=clip, start_from_noise=str(s["start_from_noise"]).lower() == "true", **extra)
         sw = None
         if window_w is not None:
             from perflow.windows import window_index
@@ -294,6 +347,8 @@ def run(args, s: dict) -> None:
         raw = denoiser(student, le, labels)(ex.z_t, ex.timestep)  # one student evaluation for both terms
         loss = batch_loss(lambda z, ts: raw, ex, s["loss"], float(s["huber_c"]), weighting=s["loss_weighting"],
                           sample_weight=sw)
+        if str(s["x0_loss"]) == "on":  # replaces the window-end loss: errors weighted by how the teacher reads them
+            loss = x0_space_loss(teach, ex, raw, schedule, teacher_type, sw)
         lam = float(s["aligned_weight"])
         if lam:
             from perflow.parameterization import velocity_from_output

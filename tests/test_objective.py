@@ -332,3 +332,41 @@ def test_steps_per_sample_on_a_shifted_flow_matching_grid():
     for b in range(4):
         alone = solve_window(velocity, z[b:b + 1], t_s[b:b + 1], t_e[b:b + 1], int(steps[b]), schedule, "flow_prediction")
         torch.testing.assert_close(got[b:b + 1], alone, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- window starts from the sampler
+
+
+def test_sampler_window_starts_steps_each_row_through_its_own_windows():
+    """Row b is stepped through windows 0..k_b - 1 in order, only the rows that need window j reach its step."""
+    from perflow.objective import sampler_window_starts
+
+    calls = []
+
+    def window_step(z, j, rows):
+        calls.append((j, rows.tolist()))
+        return z * 10 + (j + 1)  # the digits record the windows crossed, in order
+
+    noise = torch.zeros(5, 2)
+    out = sampler_window_starts(window_step, noise, torch.tensor([0, 3, 1, 2, 0]))
+    assert out[:, 0].tolist() == [0, 123, 1, 12, 0]
+    assert calls == [(0, [1, 2, 3]), (1, [1, 3]), (2, [1])]
+    assert torch.equal(sampler_window_starts(window_step, noise, torch.zeros(5, dtype=torch.long)), noise)
+
+
+def test_reflow_example_starts_replace_the_marginal_where_masked():
+    """``starts`` take the place of the forward marginal on the masked rows, and the teacher solves from them."""
+    from gaussian_helpers import gaussian_denoiser
+    from perflow.solver import solve_window
+
+    abar = _sd_abar()
+    den = gaussian_denoiser(0.3, 0.5, abar)
+    b = equal_boundaries(4)
+    g = torch.Generator().manual_seed(3)
+    x0, noise, starts = (torch.randn(4, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0.9, 0.6, 0.3, 0.1], dtype=torch.float64)
+    mask = torch.tensor([True, False, True, False])
+    plain = reflow_example(den, x0, b, abar, 4, "ddim_eps", noise=noise, t=t)
+    ex = reflow_example(den, x0, b, abar, 4, "ddim_eps", noise=noise, t=t, starts=starts, starts_mask=mask)
+    assert torch.equal(ex.z_s[mask], starts[mask]) and torch.equal(ex.z_s[~mask], plain.z_s[~mask])
+    torch.testing.assert_close(ex.z_e, solve_window(den, ex.z_s, ex.t_s, ex.t_e, 4, abar), rtol=0, atol=0)

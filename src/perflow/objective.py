@@ -91,6 +91,8 @@ def reflow_example(
     model_output_type: str = "epsilon",
     clip_sample: float | None = None,
     start_from_noise: bool = False,
+    starts: torch.Tensor | None = None,
+    starts_mask: torch.Tensor | None = None,
 ) -> ReflowExample:
     """Build one piecewise-reflow batch from clean samples ``x0`` (B, ...) and a teacher denoiser.
 
@@ -110,6 +112,11 @@ def reflow_example(
     when the teacher's schedule keeps signal at ``t = 1`` (SD's ``abar(1) = 0.0047``: 6.8 % of ``x0``), which
     the student can learn to read in training but never sees when sampling; for a zero-terminal-SNR or
     flow-matching teacher they are the same.
+
+    ``starts`` (B, ...) and ``starts_mask`` (B,) bool: where the mask is true, the window starts at
+    ``z_s = starts`` (e.g. the state the student's own K-step sampler reaches at that window's start,
+    :func:`sampler_window_starts`) instead of the forward marginal; the target is the teacher's solve
+    from there.
     """
     check_model_output_type(model_output_type, prediction_type)
     schedule = as_schedule(schedule)
@@ -124,6 +131,9 @@ def reflow_example(
     if start_from_noise:
         first = (window.t_s >= 1.0).view(-1, *([1] * (z_s.dim() - 1)))  # samples in the window starting at t = 1
         z_s = torch.where(first, noise.to(z_s.dtype), z_s)
+    if starts is not None:
+        mask = starts_mask.to(z_s.device).view(-1, *([1] * (z_s.dim() - 1)))
+        z_s = torch.where(mask, starts.to(device=z_s.device, dtype=z_s.dtype), z_s)
     steps = steps_of_windows(num_solver_steps, torch.as_tensor(boundaries).numel() - 1)
     if steps.numel() > 1:
         steps = steps[window_index(t, boundaries).cpu()]  # (B,): each sample's window's n_k
@@ -143,6 +153,21 @@ def reflow_example(
         window=window, model_output_type=model_output_type, alpha_t=alpha_t, sigma_t=sigma_t,
         clip_sample=student_clip, alpha_e=alpha_e,
     )
+
+
+def sampler_window_starts(window_step, noise: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The state a K-step sampler reaches at the start of window ``k_b`` from ``noise_b`` (B, ...).
+
+    ``z^0 = noise``, ``z^(j+1) = window_step(z^j, j, rows)``: the sampler's step across window ``j``
+    for the batch rows ``rows`` (an index tensor; the step needs it to pick their conditions). Row
+    ``b`` gets ``z^(k_b)``; only the rows that need window ``j`` are stepped through it.
+    """
+    k = k.to(noise.device)
+    out = noise.clone()
+    for j in range(int(k.max()) if k.numel() else 0):
+        rows = torch.nonzero(k > j).flatten()
+        out[rows] = window_step(out[rows], j, rows).to(out.dtype)
+    return out
 
 
 def window_end_weight(t: torch.Tensor, window: Window) -> torch.Tensor:
@@ -374,6 +399,7 @@ __all__ = [
     "batch_loss",
     "reflow_example",
     "reflow_loss",
+    "sampler_window_starts",
     "WINDOW_WEIGHTS",
     "window_end_weight",
     "window_error_gains",
