@@ -405,3 +405,21 @@ def test_resume_refuses_data_that_changed(tmp_path, capsys, one_thread):
         f.rename(grey / f"new-{f.name}")
     err = one_line_error(capsys, train_args(teacher, grey, out, *args, "--resume", "latest", "--max_steps", "3"))
     assert "the training data changed since checkpoint-2: 4 items then, 6 now" in err
+
+
+def test_a_data_set_smaller_than_a_batch_is_refused_before_the_calibration(tmp_path, one_thread, capsys, monkeypatch):
+    """The size check comes before the minutes the default recipe spends measuring the teacher (step allocation,
+    window weights), not after them."""
+    import perflow.training.loop as loop
+
+    def calibration(*args, **kwargs):
+        raise AssertionError("the calibration ran before the data set's size was checked")
+
+    monkeypatch.setattr(loop, "solver_steps_of", calibration)
+    monkeypatch.setattr(loop, "window_weights_of", calibration)
+    teacher = ddpm_folder(tmp_path / "teacher")
+    images = write_images(tmp_path / "images", n=3)
+    argv = ["train", "--model.teacher", str(teacher), "--data.path", str(images), "--max_steps", "1", "--batch_size", "4",
+            "--output_dir", str(tmp_path / "out"), "--tracker", "none", "--progress", "false"]
+    line = one_line_error(capsys, argv)
+    assert "the dataset has 3 items, fewer than one global batch of 4" in line and "lower training.batch_size" in line

@@ -462,6 +462,16 @@ def check_channels(ds: Dataset, channels: int) -> None:
             )
 
 
+def check_dataset_size(num_items: int, batch_size: int, num_replicas: int = 1) -> None:
+    """Refuse a data set smaller than one global batch (``batch_size x num_replicas``): the epoch would be empty."""
+    global_batch = batch_size * num_replicas
+    if num_items < global_batch:
+        raise ValueError(
+            f"the dataset has {num_items} items, fewer than one global batch of {global_batch} "
+            f"(batch_size {batch_size} x {num_replicas} processes); lower training.batch_size"
+        )
+
+
 class ResumableBatchSampler:
     """Infinite, seeded batches for one rank, starting at micro-step ``start``.
 
@@ -471,13 +481,8 @@ class ResumableBatchSampler:
     """
 
     def __init__(self, num_items: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, start: int = 0):
-        global_batch = batch_size * num_replicas
-        self.batches_per_epoch = num_items // global_batch
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"the dataset has {num_items} items, fewer than one global batch of {global_batch} "
-                f"(batch_size {batch_size} x {num_replicas} processes); lower training.batch_size"
-            )
+        check_dataset_size(num_items, batch_size, num_replicas)
+        self.batches_per_epoch = num_items // (batch_size * num_replicas)
         self.batch_size, self.num_replicas, self.rank, self.seed, self.start = batch_size, num_replicas, rank, seed, start
         self.num_items = num_items
 

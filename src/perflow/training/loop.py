@@ -197,7 +197,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
 
     from ..time_sampling import make_time_sampler
     from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from .data import build_dataset, check_channels, close_loader, make_loader, teacher_labels
+    from .data import build_dataset, check_channels, check_dataset_size, close_loader, make_loader, teacher_labels
     from .export import perflow_scheduler
 
     p, tr, out, dc = cfg.perflow, cfg.training, cfg.output, cfg.data
@@ -247,6 +247,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     channels = image_channels(teacher_obj)
     ds = dataset if dataset is not None else build_dataset(dc, tr.seed, channels, teacher_labels(teacher_obj, dc))
     check_channels(ds, channels)
+    check_dataset_size(len(ds), tr.batch_size, accelerator.num_processes)  # before minutes of calibration
     schedule = teacher_obj.schedule
     boundaries = boundaries_of(cfg, schedule)
     time_sampler = make_time_sampler(p.time_sampling, boundaries, p.u_shape_a, p.logit_normal_mean, p.logit_normal_std,
