@@ -370,3 +370,5 @@ def test_reflow_example_starts_replace_the_marginal_where_masked():
     ex = reflow_example(den, x0, b, abar, 4, "ddim_eps", noise=noise, t=t, starts=starts, starts_mask=mask)
     assert torch.equal(ex.z_s[mask], starts[mask]) and torch.equal(ex.z_s[~mask], plain.z_s[~mask])
     torch.testing.assert_close(ex.z_e, solve_window(den, ex.z_s, ex.t_s, ex.t_e, 4, abar), rtol=0, atol=0)
+    every = reflow_example(den, x0, b, abar, 4, "ddim_eps", noise=noise, t=t, starts=starts)  # no mask: every row
+    assert torch.equal(every.z_s, starts)

@@ -113,7 +113,7 @@ def reflow_example(
     the student can learn to read in training but never sees when sampling; for a zero-terminal-SNR or
     flow-matching teacher they are the same.
 
-    ``starts`` (B, ...) and ``starts_mask`` (B,) bool: where the mask is true, the window starts at
+    ``starts`` (B, ...) and ``starts_mask`` (B,) bool (default: every row): where the mask is true, the window starts at
     ``z_s = starts`` (e.g. the state the student's own K-step sampler reaches at that window's start,
     :func:`sampler_window_starts`) instead of the forward marginal; the target is the teacher's solve
     from there.
@@ -132,7 +132,8 @@ def reflow_example(
         first = (window.t_s >= 1.0).view(-1, *([1] * (z_s.dim() - 1)))  # samples in the window starting at t = 1
         z_s = torch.where(first, noise.to(z_s.dtype), z_s)
     if starts is not None:
-        mask = starts_mask.to(z_s.device).view(-1, *([1] * (z_s.dim() - 1)))
+        mask = torch.ones(batch, dtype=torch.bool) if starts_mask is None else starts_mask
+        mask = mask.to(z_s.device).view(-1, *([1] * (z_s.dim() - 1)))
         z_s = torch.where(mask, starts.to(device=z_s.device, dtype=z_s.dtype), z_s)
     steps = steps_of_windows(num_solver_steps, torch.as_tensor(boundaries).numel() - 1)
     if steps.numel() > 1:
