@@ -208,13 +208,13 @@ def x0_space_loss(teach, ex, raw, schedule, teacher_type, sample_weight):
 def run(args, s: dict) -> None:
     from perflow.evaluation import metrics
     from perflow.evaluation.samplers import sample
-    from perflow.objective import batch_loss, reflow_example
+    from perflow.objective import batch_loss, reflow_example, sampler_window_starts
     from perflow.parameterization import resolve_model_output_type
     from perflow.schedule import DiscreteVPSchedule
     from perflow.scheduler import PeRFlowScheduler
     from perflow.time_sampling import make_time_sampler
     from perflow.training.teachers import teacher_clip_sample
-    from perflow.windows import resolve_boundaries
+    from perflow.windows import resolve_boundaries, window_index
 
     unet, le, config, teacher_type, draw, data = open_study(args)
     schedule = DiscreteVPSchedule.from_config(config)
@@ -292,6 +292,10 @@ def run(args, s: dict) -> None:
     decay = float(s["ema_decay"])
     p_starts = float(s["student_starts"])
     gen_starts = torch.Generator().manual_seed(int(s["seed"]) + 7919)
+    chain = PeRFlowScheduler.from_config(scheduler.config)  # the student's own K-step sampler (student_starts)
+    chain.set_timesteps(K)
+    if s["x0_loss"] not in ("on", "off"):
+        raise SystemExit(f"x0_loss must be on or off, got {s['x0_loss']!r}")
     train_time = 0.0  # wall-clock seconds of the training steps (inflated when other jobs share the CPU)
     train_cpu = 0.0  # CPU seconds of this process in the training steps (robust to a shared CPU at --threads 1)
     base = {k: dict(mse=round(v["mse"], 6), swd=round(v["swd"], 5), spacing=v["spacing"]) for k, v in data["baselines"].items()}
@@ -318,15 +322,10 @@ def run(args, s: dict) -> None:
         teach = denoiser(unet, le, labels)
         extra = {}
         if p_starts:  # draw t and noise as reflow_example would, then replace some window starts
-            from perflow.objective import sampler_window_starts
-            from perflow.windows import window_index
-
             t = time_sampler(x0.shape[0], gen, x0.device)
             noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
             mask = torch.rand(x0.shape[0], generator=gen_starts) < p_starts
             k = torch.where(mask, window_index(t.double(), boundaries), 0)
-            chain = PeRFlowScheduler.from_config(scheduler.config)
-            chain.set_timesteps(K)
 
             def window_step(z, j, rows):
                 ts = chain.timesteps[j]
@@ -341,14 +340,13 @@ def run(args, s: dict) -> None:
                             clip_sample=clip, start_from_noise=str(s["start_from_noise"]).lower() == "true", **extra)
         sw = None
         if window_w is not None:
-            from perflow.windows import window_index
-
             sw = window_w[window_index(ex.t, boundaries)].float()
         raw = denoiser(student, le, labels)(ex.z_t, ex.timestep)  # one student evaluation for both terms
-        loss = batch_loss(lambda z, ts: raw, ex, s["loss"], float(s["huber_c"]), weighting=s["loss_weighting"],
-                          sample_weight=sw)
-        if str(s["x0_loss"]) == "on":  # replaces the window-end loss: errors weighted by how the teacher reads them
+        if s["x0_loss"] == "on":  # instead of the window-end loss: errors weighted by how the teacher reads them
             loss = x0_space_loss(teach, ex, raw, schedule, teacher_type, sw)
+        else:
+            loss = batch_loss(lambda z, ts: raw, ex, s["loss"], float(s["huber_c"]), weighting=s["loss_weighting"],
+                              sample_weight=sw)
         lam = float(s["aligned_weight"])
         if lam:
             from perflow.parameterization import velocity_from_output
