@@ -54,6 +54,7 @@ DEFAULTS = dict(
     student_starts=0.0,  # fraction of examples whose window starts at the EMA student's own K-step sampling state
     x0_loss="off",  # on: the loss is |x0_T(z_e_hat, t_e) - x0_T(z_e, t_e)|^2, the window ends seen through the teacher's x0 prediction
     window_weights="auto",  # auto (the teacher's error gains, the trainer's default) | none | inv_abar (1 / abar(t_e)) | comma list
+    keep_best=0,  # N > 0: every N steps the EMA student's K-step error to the teacher's window chain on the calibration batches; the best student is the one evaluated
 )
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -208,7 +209,7 @@ def x0_space_loss(teach, ex, raw, schedule, teacher_type, sample_weight):
 def run(args, s: dict) -> None:
     from perflow.evaluation import metrics
     from perflow.evaluation.samplers import sample
-    from perflow.objective import batch_loss, reflow_example, sampler_window_starts
+    from perflow.objective import batch_loss, reflow_example, sampler_window_starts, teacher_chain_end
     from perflow.parameterization import resolve_model_output_type
     from perflow.schedule import DiscreteVPSchedule
     from perflow.scheduler import PeRFlowScheduler
@@ -237,20 +238,20 @@ def run(args, s: dict) -> None:
     clip = teacher_clip_sample(config, args.teacher) if s["clip_sample"] == "auto" else None
 
     def calibration():
-        """The trainer's calibration batches (perflow.training.loop._calibration_batches): (teacher, noise) x 5."""
+        """The trainer's calibration batches (perflow.training.loop._calibration_batches): (teacher, noise, labels) x 5."""
         from perflow.training.loop import CALIBRATION_BATCHES
 
         cal = torch.Generator().manual_seed(int(s["seed"]) * 1_000_003 + 104729)
         for _ in range(CALIBRATION_BATCHES):
             x_cal, l_cal = draw(cal, int(s["batch_size"]))
-            yield denoiser(unet, le, l_cal), torch.randn(x_cal.shape, generator=cal)
+            yield denoiser(unet, le, l_cal), torch.randn(x_cal.shape, generator=cal), l_cal
 
     if s["solver_step_allocation"] == "auto" and isinstance(steps, int):  # as the trainer (loop.solver_steps_of)
         from perflow.objective import allocate_solver_steps, window_solve_errors
         from perflow.schedule import window_index_spans
 
         cal_cpu = time.process_time()
-        errors = [window_solve_errors(den, noise, boundaries, schedule, steps, teacher_type, clip) for den, noise in calibration()]
+        errors = [window_solve_errors(den, noise, boundaries, schedule, steps, teacher_type, clip) for den, noise, _ in calibration()]
         steps = allocate_solver_steps(torch.stack(errors), steps, window_index_spans(boundaries, schedule.num_train_timesteps))
         print("window solve errors per batch", [[float(f"{v:.3g}") for v in e] for e in errors],
               f"-> teacher steps per window {steps} ({time.process_time() - cal_cpu:.1f} CPU s)", flush=True)
@@ -261,7 +262,7 @@ def run(args, s: dict) -> None:
         from perflow.objective import window_error_gains, window_weights_from_gains
 
         cal_cpu = time.process_time()
-        per_batch = [window_error_gains(den, noise, boundaries, schedule, steps, teacher_type, clip) for den, noise in calibration()]
+        per_batch = [window_error_gains(den, noise, boundaries, schedule, steps, teacher_type, clip) for den, noise, _ in calibration()]
         window_w = window_weights_from_gains(torch.stack(per_batch))
         print("window error gains per batch", [[round(float(v), 2) for v in g] for g in per_batch],
               f"({time.process_time() - cal_cpu:.1f} CPU s)", flush=True)
@@ -294,6 +295,32 @@ def run(args, s: dict) -> None:
     gen_starts = torch.Generator().manual_seed(int(s["seed"]) + 7919)
     chain = PeRFlowScheduler.from_config(scheduler.config)  # the student's own K-step sampler (student_starts)
     chain.set_timesteps(K)
+
+    def student_step(model, labels):
+        """The student's PeRFlow step across window j for the batch rows ``rows`` (sampler_window_starts)."""
+        def window_step(z, j, rows):
+            ts = chain.timesteps[j]
+            with torch.no_grad():
+                out = denoiser(model, le, labels[rows] if labels is not None else None)(z, ts.expand(z.shape[0]))
+            return chain.step(out, ts, z).prev_sample
+        return window_step
+
+    check_every = int(s["keep_best"])
+    check_set, best = [], None  # best: (check error, step, EMA state dict)
+    if check_every:
+        cal_cpu = time.process_time()
+        check_set = [(noise, labels, teacher_chain_end(den, noise, boundaries, schedule, steps, teacher_type, clip))
+                     for den, noise, labels in calibration()]
+        print(f"keep_best: the teacher's chain on {len(check_set)} calibration batches ({time.process_time() - cal_cpu:.1f} CPU s)", flush=True)
+
+    def check_error(model) -> float:
+        """Mean squared error of the model's K-step sample to the teacher's window chain on the calibration batches."""
+        errs = []
+        for noise, labels, ref in check_set:
+            k = torch.full((noise.shape[0],), K)
+            errs.append((sampler_window_starts(student_step(model, labels), noise, k) - ref).square().mean().item())
+        return sum(errs) / len(errs)
+
     if s["x0_loss"] not in ("on", "off"):
         raise SystemExit(f"x0_loss must be on or off, got {s['x0_loss']!r}")
     train_time = 0.0  # wall-clock seconds of the training steps (inflated when other jobs share the CPU)
@@ -303,9 +330,14 @@ def run(args, s: dict) -> None:
     def evaluate(step: int) -> None:
         row = dict(teacher=args.teacher, tag=args.tag, step=step, train_s=round(train_time, 1), cpu_s=round(train_cpu, 1),
                    settings=s, baselines=base, solver_steps=steps)
+        model = ema
+        if best is not None:  # keep_best: the best checked student is what the run would export
+            model = copy.deepcopy(ema)
+            model.load_state_dict(best[2])
+            row.update(best_step=best[1], check=round(best[0], 7))
         for evals in (4, 8):
             with torch.no_grad():
-                out = sample(denoiser(ema, le, data["labels"]), PeRFlowScheduler.from_config(scheduler.config),
+                out = sample(denoiser(model, le, data["labels"]), PeRFlowScheduler.from_config(scheduler.config),
                              data["noise"].clone(), evals).samples
             row[f"mse@{evals}"] = metrics.paired_mse(out, data["ref"])
             row[f"swd@{evals}"] = metrics.sliced_wasserstein(out.flatten(1), data["ref"].flatten(1))
@@ -327,14 +359,8 @@ def run(args, s: dict) -> None:
             mask = torch.rand(x0.shape[0], generator=gen_starts) < p_starts
             k = torch.where(mask, window_index(t.double(), boundaries), 0)
 
-            def window_step(z, j, rows):
-                ts = chain.timesteps[j]
-                with torch.no_grad():
-                    out = denoiser(ema, le, labels[rows] if labels is not None else None)(z, ts.expand(z.shape[0]))
-                return chain.step(out, ts, z).prev_sample
-
             with torch.no_grad():
-                extra = dict(t=t, noise=noise, starts=sampler_window_starts(window_step, noise, k), starts_mask=mask)
+                extra = dict(t=t, noise=noise, starts=sampler_window_starts(student_step(ema, labels), noise, k), starts_mask=mask)
         ex = reflow_example(teach, x0, boundaries, schedule, steps, s["prediction_type"],
                             teacher_type, generator=gen, time_sampler=time_sampler, model_output_type=mot,
                             clip_sample=clip, start_from_noise=str(s["start_from_noise"]).lower() == "true", **extra)
@@ -365,6 +391,11 @@ def run(args, s: dict) -> None:
         with torch.no_grad():
             for pe, ps in zip(ema.parameters(), student.parameters()):
                 pe.lerp_(ps, 1.0 - decay)
+        if check_every and step % check_every == 0:  # part of the training cost: counted in its time
+            err = check_error(ema)
+            if best is None or err < best[0]:
+                best = (err, step, {k: v.detach().clone() for k, v in ema.state_dict().items()})
+            print(f"step {step}: check {err:.6g} (best {best[0]:.6g} at step {best[1]})", flush=True)
         train_time += time.perf_counter() - t0
         train_cpu += time.process_time() - c0
         if not math.isfinite(loss.item()):
@@ -372,7 +403,7 @@ def run(args, s: dict) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             evaluate(step)
     if args.save:
-        torch.save(ema.state_dict(), args.save)
+        torch.save(best[2] if best is not None else ema.state_dict(), args.save)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ report is also written for the 400-step thick-stroke variant (the one of ``plug_
 and after adaptation.
 
     perflow train --config digits --max_steps 600 --window_weights none --solver_step_allocation equal \
+        --learning_rate 3e-5 --last_window_fraction 1 --student_starts 0 --fidelity_check_every 0 \
         --output_dir runs/perflow_digits_600 --tracker none
     python benchmarks/transfer.py --perflow-run runs/perflow_digits_600 --threads 1
 """
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "delta": {"run": str(run), "steps": budget, "metadata": {k: meta.get(k) for k in ("num_time_windows", "prediction_type", "cfg_mode")},
                   "train_seconds": summary.get("seconds"),
-                  "recipe": {**recipe["training"], "solver_step_allocation": recipe["perflow"].get("solver_step_allocation", "equal")}},
+                  "recipe": {**recipe["training"], **{k: recipe["perflow"].get(k, RECIPE_FLAGS[k]) for k in
+                                                      ("solver_step_allocation", "last_window_fraction", "student_starts")}}},
         "out": args.out, "num_samples": args.num_samples, "adapt_budget_steps": None if args.no_adapt else adapt_steps,
         "check_every": args.check_every,
         "adapt_samples": args.adapt_samples, "threads": args.threads,
@@ -260,13 +262,18 @@ def _f(x, fmt="{:.4f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+RECIPE_FLAGS = {"window_weights": "none", "solver_step_allocation": "equal", "learning_rate": 3e-5,
+                "last_window_fraction": 1.0, "student_starts": 0.0, "fidelity_check_every": 0}
+"""The delta run's settings the report spells out, with their values in runs made before each existed."""
+
+
 def markdown(r: dict) -> str:
     lines = [
         "# Transfer benchmark: the digits PeRFlow delta on models derived from the teacher", "",
         f"Command: `{r['command']}`", "",
-        f"Delta: `perflow train --config digits --max_steps {r['delta']['steps']} --window_weights "
-        f"{r['delta'].get('recipe', {}).get('window_weights', 'none')} --solver_step_allocation "
-        f"{r['delta'].get('recipe', {}).get('solver_step_allocation', 'equal')}` ({r['delta']['run']}, "
+        f"Delta: `perflow train --config digits --max_steps {r['delta']['steps']} "
+        + " ".join(f"--{k} {r['delta'].get('recipe', {}).get(k, v)}" for k, v in RECIPE_FLAGS.items())
+        + f"` ({r['delta']['run']}, "
         f"{r['delta']['metadata']}). Each row: `perflow delta report` on the variant ({r['num_samples']} samples, "
         "labels 0-9 cycled (the ControlNet: the held-out digits' labels with their 4x4 versions as control images), "
         "reference: the variant's own 100-step DDIM from the same noise)"

@@ -91,7 +91,7 @@ def test_trainer_and_scheduler_agree_at_every_resolution():
     from perflow.training.loop import boundaries_of
 
     fm = FlowMatchSchedule(**FLUX)
-    for settings in (dict(num_time_windows=4), dict(window_boundaries=[1.0, 0.9, 0.6, 0.0])):
+    for settings in (dict(num_time_windows=4, last_window_fraction=1.0), dict(window_boundaries=[1.0, 0.9, 0.6, 0.0])):
         cfg = make_config(None, {"perflow.prediction_type": "velocity", **{f"perflow.{k}": v for k, v in settings.items()}})
         sched = PeRFlowScheduler(**FLUX, window_boundaries=settings.get("window_boundaries"),
                                  num_time_windows=cfg.perflow.num_time_windows)

@@ -214,6 +214,25 @@ def _window_chain(denoiser, noise, boundaries, schedule, steps: list[int], predi
 
 
 @torch.no_grad()
+def teacher_chain_end(
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    boundaries: torch.Tensor,
+    schedule: NoiseSchedule | torch.Tensor,
+    num_solver_steps: int | Sequence[int],
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+) -> torch.Tensor:
+    """The end ``z_K`` of the teacher's chain of window solves from ``z_0 = noise`` at ``t = 1``:
+    ``z_{k+1} = Phi_{n_k}(z_k, t_k, t_{k+1})`` (:func:`perflow.solver.solve_window`), the sample a perfect
+    student's K-step sampler reproduces from the same noise. ``num_solver_steps``: ``n``, or one ``n_k`` per
+    window (:func:`steps_of_windows`). Costs ``sum_k n_k`` teacher evaluations of the batch."""
+    K = torch.as_tensor(boundaries).numel() - 1
+    n = steps_of_windows(num_solver_steps, K).expand(K).tolist()
+    return _window_chain(denoiser, noise, boundaries, schedule, n, prediction_type, clip_sample)[1][-1]
+
+
+@torch.no_grad()
 def window_error_gains(
     denoiser: Denoiser,
     noise: torch.Tensor,
@@ -401,6 +420,7 @@ __all__ = [
     "reflow_example",
     "reflow_loss",
     "sampler_window_starts",
+    "teacher_chain_end",
     "WINDOW_WEIGHTS",
     "window_end_weight",
     "window_error_gains",

@@ -136,6 +136,10 @@ _STATE_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "ema_optimization_step": ("a count", _is_count),
     "missing_captions": ("a count", _is_count),
     "nonfinite_skips": ("a count", _is_count),
+    "fidelity": ("a list of [step, error] pairs",
+                 lambda v: isinstance(v, list) and all(isinstance(x, list) and len(x) == 2 and all(map(_is_number, x)) for x in v)),
+    "best_step": ("a step count", lambda v: v is None or _is_count(v)),
+    "best_fidelity": ("a number", lambda v: v is None or _is_number(v)),
     "losses": ("a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v)),
     "bad_images": ("a list of names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
     "window_weights": ("a list of numbers", lambda v: v is None or (isinstance(v, list) and all(_is_number(x) for x in v))),
@@ -239,14 +243,16 @@ def _named_shadow(ema, names: list[str]) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     accelerator, output_dir: str | Path, step: int, state: dict[str, Any], ema, param_names: list[str],
     generator: torch.Generator, keep: int, run_ids: Iterable[str | None] = (None,),
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Save a checkpoint for optimizer step ``step`` (call on every rank); then delete the oldest of
-    the checkpoints whose ``run_id`` is in ``run_ids`` beyond the newest ``keep``."""
+    the checkpoints whose ``run_id`` is in ``run_ids`` beyond the newest ``keep``. ``extra``: more
+    safetensors files the main process writes (file name -> named tensors), e.g. the best checked student."""
     root = Path(output_dir) / "checkpoints"
     tmp = root / f".tmp-checkpoint-{step}"
     final = root / f"checkpoint-{step}"
     try:
-        _write_checkpoint(accelerator, tmp, state, ema, param_names, generator)
+        _write_checkpoint(accelerator, tmp, state, ema, param_names, generator, extra)
     except (*WRITE_ERRORS, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
         message = _io_message(err, root, _largest_file(tmp))  # before the partial files go: the space they hold counts
         shutil.rmtree(tmp, ignore_errors=True)
@@ -265,7 +271,8 @@ def save_checkpoint(
     return final
 
 
-def _write_checkpoint(accelerator, tmp: Path, state: dict[str, Any], ema, param_names: list[str], generator) -> None:
+def _write_checkpoint(accelerator, tmp: Path, state: dict[str, Any], ema, param_names: list[str], generator,
+                      extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     from safetensors.torch import save_file
 
     if accelerator.is_main_process:
@@ -278,6 +285,9 @@ def _write_checkpoint(accelerator, tmp: Path, state: dict[str, Any], ema, param_
     if accelerator.is_main_process and ema is not None:
         save_file(_named_shadow(ema, param_names), str(tmp / "ema.safetensors"))
         state = {**state, "ema_optimization_step": int(ema.optimization_step)}
+    if accelerator.is_main_process:
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, str(tmp / name))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}

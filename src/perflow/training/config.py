@@ -88,12 +88,12 @@ class PeRFlowConfig:
     """K, the number of time windows (equal windows unless ``window_boundaries`` is given)."""
     window_boundaries: list[float] | None = None
     """Explicit decreasing boundaries ``[1, ..., 0]`` (K + 1 values), overriding the placement below."""
-    last_window_fraction: float = 1.0
+    last_window_fraction: float = 0.6
     """Without ``window_boundaries``: K equal windows with the last one (ending at the clean sample) shortened to
     this fraction of its width, the window before it taking the rest (:func:`perflow.windows.short_last_boundaries`;
-    K = 4 and 0.6: ``[1, 0.75, 0.5, 0.15, 0]``); 1 (the default) gives equal windows. The last window is the one
-    students learn slowest; 0.6 lowers the 4-step paired MSE on all three study teachers, not the distribution
-    metric on faces (docs/study.md, sixth round)."""
+    K = 4 and 0.6, the default: ``[1, 0.75, 0.5, 0.15, 0]``); 1 gives equal windows (the paper's). The last window
+    is the one students learn slowest; 0.6 lowers the 4-step paired MSE on all three study teachers
+    (docs/study.md, sixth and ninth rounds)."""
     num_solver_steps: int | list[int] = 8
     """n, the teacher's DDIM steps per window (its solve of each window's ODE), or one per window: K integers,
     the first window the one at t = 1 (e.g. 20,4,4,4)."""
@@ -133,6 +133,12 @@ class PeRFlowConfig:
     """``mixed`` (each sample of a batch in its own window) or ``single`` (one window per batch, drawn as the time
     sampling draws windows; :func:`perflow.time_sampling.one_window_per_batch`). With different teacher steps per
     window a mixed batch's solve takes ``max n_k`` sequential teacher calls, a single-window batch ``n_k``."""
+    student_starts: float = 0.5
+    """Fraction of each batch whose window starts where the (EMA) student's own K-step sampler reaches that window's
+    start from the example's noise, instead of at the forward marginal (the target is the teacher's solve from
+    there): training on the states the sampler will meet, its earlier windows' errors included
+    (:mod:`perflow.training.fidelity`; docs/study.md, eighth and ninth rounds). Costs up to K - 1 student
+    evaluations without gradient per step; 0: every window starts at the forward marginal (the paper's)."""
 
 
 @dataclass
@@ -145,9 +151,10 @@ class OptimConfig:
     """Samples per process per micro-step (global batch = batch_size x processes x accumulation)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
-    learning_rate: float = 3e-5
-    """AdamW learning rate (after warm-up). 3e-5: at 1e-4 and above the photos teacher's student drifts away from
-    the teacher after a few hundred steps (docs/study.md)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate (after warm-up). At 1e-4 the study's photos student drifts away from the teacher after
+    a few hundred steps (docs/study.md, seventh round); the fidelity check with ``keep_best`` exports its best
+    point (ninth round). 3e-5 learns slower and drifts later."""
     lr_scheduler: str = "constant"
     """A diffusers scheduler name: constant, linear, cosine, ... (all with warm-up; constant with lr_warmup_steps is
     diffusers' constant_with_warmup)."""
@@ -183,6 +190,13 @@ class OptimConfig:
     max_nonfinite_skips: int = 0
     """Optimizer steps with a non-finite loss or gradient to skip (not applied, not counted) before the
     run stops; 0 stops at the first one."""
+    fidelity_check_every: int = 50
+    """Every N steps and at the last: the (EMA) student's K-step sample against the teacher's chain of window
+    solves from the same noise, on the first 5 batches of the data in seed order (mean squared error, logged as
+    ``fidelity``; :mod:`perflow.training.fidelity`); 0 disables. Costs ``5 K`` student evaluations of a batch per check."""
+    keep_best: bool = True
+    """Export the checked student with the lowest fidelity error instead of the last one (a run whose student
+    drifts away from the teacher's trajectories keeps its best point); needs ``fidelity_check_every``."""
 
 
 @dataclass
@@ -268,6 +282,7 @@ class TrainConfig:
             ("training.max_grad_norm", t.max_grad_norm, 0),
             ("training.huber_c", t.huber_c, 0),
             ("training.max_nonfinite_skips", t.max_nonfinite_skips, 0),
+            ("training.fidelity_check_every", t.fidelity_check_every, 0),
             ("data.num_workers", d.num_workers, 0),
             ("output.checkpoint_every", o.checkpoint_every, 0),
             ("output.validation_every", o.validation_every, 0),
@@ -296,6 +311,8 @@ class TrainConfig:
         names = [v.value for v in SchedulerType]
         if t.lr_scheduler not in names:
             raise ValueError(f"training.lr_scheduler {t.lr_scheduler!r} is not one of diffusers' schedulers {names}")
+        if not 0.0 <= p.student_starts <= 1.0:
+            raise ValueError(f"perflow.student_starts must be in [0, 1] (a fraction of each batch), got {p.student_starts}")
         if not 0.0 <= p.window_start_prob <= 1.0:
             raise ValueError(f"perflow.window_start_prob must be in [0, 1], got {p.window_start_prob}")
         if not 0.0 <= d.caption_dropout < 1.0:
@@ -315,7 +332,7 @@ class TrainConfig:
 
 
 RESUME_MAY_CHANGE = frozenset({
-    "training.max_steps", "training.max_nonfinite_skips",
+    "training.max_steps", "training.max_nonfinite_skips", "training.fidelity_check_every", "training.keep_best",
     "model.gradient_checkpointing", "model.allow_pickle",
     "data.num_workers", "data.on_bad_image",
     "output.output_dir", "output.resume", "output.overwrite", "output.checkpoint_every",

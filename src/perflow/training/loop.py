@@ -199,6 +199,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from .data import build_dataset, check_channels, check_dataset_size, close_loader, make_loader, teacher_labels
     from .export import perflow_scheduler
+    from .fidelity import BEST_FILE, BestStudent, FidelityCheck, ema_weights, sampler_states
 
     p, tr, out, dc = cfg.perflow, cfg.training, cfg.output, cfg.data
     device = accelerator.device
@@ -285,6 +286,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     generator = torch.Generator().manual_seed(tr.seed * 1_000_003 + 7919 * (accelerator.process_index + 1))
     global_step, micro_step, losses = 0, 0, []
     notes = RunNotes()
+    best = BestStudent()
     if start.resume_from is not None:
         state = load_checkpoint(accelerator, start.resume_from, ema, param_names, generator)
         if state.get("dataset_size") not in (None, len(ds)):
@@ -294,6 +296,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
                 "(--overwrite true, or another --output_dir)")
         global_step, micro_step, losses = state["global_step"], state["micro_step"], list(state.get("losses", []))
         notes.restore(state)
+        best.restore(state, _best_weights(start.resume_from, state, BEST_FILE) if accelerator.is_main_process else None)
         if accelerator.is_main_process:
             print(f"resumed from {start.resume_from} at step {global_step}")
 
@@ -306,6 +309,21 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
                                   init_kwargs={"tensorboard": {"purge_step": global_step + 1}})
     scheduler = perflow_scheduler(teacher_obj, p.prediction_type, boundaries, len(boundaries) - 1,
                                   student_output_type(cfg, teacher_obj))
+    check = None
+    if tr.fidelity_check_every and accelerator.is_main_process:  # the check runs on the main process only
+        check = FidelityCheck.build(
+            _calibration_batches(cfg, teacher_obj, ds, device, "fidelity check (teacher's chain)",
+                                 out.progress and accelerator.is_local_main_process, size=tr.batch_size),
+            boundaries, p.num_solver_steps, teacher_obj.prediction_type, teacher_obj.clip_sample, scheduler)
+    own_starts = None
+    if p.student_starts > 0:
+        k_step = copy.deepcopy(scheduler)  # the student's sampler at one step per window
+        k_step.set_timesteps(len(boundaries) - 1, device=device)
+
+        def own_starts(cond, noise, k):
+            with ema_weights(ema, raw_student) as model:
+                return sampler_states(model, cond, k_step, noise, k)
+
     mean_steps = p.num_solver_steps if isinstance(p.num_solver_steps, int) else sum(p.num_solver_steps) / len(p.num_solver_steps)
     evals_per_sample = mean_steps * (2 if (p.cfg_mode == "fixed" and p.guidance_scale != 1.0) else 1)
 
@@ -314,6 +332,31 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
 
     def log(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)
+
+    def info(msg: str) -> None:
+        tqdm.write(msg)  # stdout, as the run's other measurements
+
+    exported_ema = ema if out.save_ema else None  # the check measures the weights the run would export
+
+    def fidelity_check() -> None:
+        """Check the (EMA) student's K-step fidelity; keep it if it is the best so far."""
+        with ema_weights(exported_ema, raw_student) as model:
+            was_training = model.training
+            model.eval()
+            try:
+                err = check.error(model)
+            finally:
+                model.train(was_training)
+            kept = best.offer(global_step, err, model.named_parameters())
+        accelerator.log({"fidelity": err}, step=global_step)
+        info(f"fidelity at step {global_step}: {err:.4g} (K-step sample vs the teacher's chain; best {best.error:.4g} "
+            f"at step {best.step})" + (" kept" if kept else ""))
+
+    if check is not None and start.resume_from is None:
+        with ema_weights(exported_ema, raw_student) as model:
+            start_error = check.error(model)
+        info(f"fidelity of the untrained student: {start_error:.4g} (K-step sample vs the teacher's chain of window solves)")
+        best.history.append([0, start_error])
 
     last_checkpoint = start.resume_from
 
@@ -329,9 +372,10 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         state = {"global_step": global_step, "micro_step": micro_step, "epoch": epoch, "batch_index": index,
                  "dataset_size": len(ds), "losses": losses, "config": saved_config, "run_id": start.run_id,
                  "num_processes": accelerator.num_processes, "window_weights": recorded_weights,
-                 "solver_steps": p.num_solver_steps, **notes.state()}
+                 "solver_steps": p.num_solver_steps, **notes.state(), **best.state()}
+        extra = {BEST_FILE: best.weights} if best.weights is not None and accelerator.is_main_process else None
         return save_checkpoint(accelerator, output_dir, global_step, state, ema, param_names, generator,
-                               out.keep_checkpoints, start.run_ids)
+                               out.keep_checkpoints, start.run_ids, extra)
 
     start_time, start_step = time.perf_counter(), global_step
     acc_loss = torch.zeros((), device=device)
@@ -345,7 +389,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
             notes.add_batch(batch, log)
             with accelerator.accumulate(student):
                 loss = training_loss(batch, cfg, teacher_obj, student, boundaries, schedule, time_sampler, generator, device,
-                                     window_weights)
+                                     window_weights, own_starts)
                 accelerator.backward(loss)
                 acc_loss += loss.detach() / tr.gradient_accumulation_steps
                 finite = True
@@ -372,6 +416,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
                 stop.step = global_step
                 if ema is not None:
                     ema.step(raw_student.parameters())
+                if check is not None and (global_step % tr.fidelity_check_every == 0 or global_step == tr.max_steps):
+                    fidelity_check()
                 losses.append(step_loss)
                 bar.update(1)
                 if global_step % out.log_every == 0 or global_step == tr.max_steps:
@@ -399,6 +445,13 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
         if ema is not None and out.save_ema:
             final = copy.deepcopy(raw_student)
             ema.copy_to(final.parameters())
+        if tr.keep_best and best.weights is not None and best.step != global_step and accelerator.is_main_process:
+            final = copy.deepcopy(raw_student)
+            with torch.no_grad():
+                for name, param in final.named_parameters():
+                    param.copy_(best.weights[name].to(param.device, param.dtype))
+            log(f"exporting the student of step {best.step}, the best fidelity check ({best.error:.4g}; step "
+                f"{best.history[-1][0]}: {best.history[-1][1]:.4g}); training.keep_best false exports the last")
         final.eval().requires_grad_(False)
         if bad := nonfinite_names(final.named_parameters()):
             raise NonFiniteError(f"the final weights hold NaN/inf ({len(bad)} tensors, e.g. {bad[0]}); nothing exported")
@@ -407,6 +460,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
             summary = {"global_step": global_step, "final_loss": losses[-1] if losses else None, "seconds": seconds,
                        "samples_per_second": samples_per_second, "teacher_evals_per_sample": evals_per_sample,
                        "run_id": start.run_id, "window_weights": recorded_weights, "solver_steps": p.num_solver_steps, **notes.state(),
+                       **best.state(), "exported_step": best.step if tr.keep_best and best.step is not None else global_step,
                        "config": saved_config}
             files = _export(output_dir, final, teacher_obj, scheduler, cfg, reference, summary)
             for line in notes.report():
@@ -546,28 +600,29 @@ CALIBRATION_BATCHES = 5
 
 
 def _calibration_batches(cfg: TrainConfig, teacher: Teacher, dataset, device: torch.device, desc: str, progress: bool,
-                         num_processes: int = 1):
-    """``(teacher denoiser, noise, schedule)`` of each of the first :data:`CALIBRATION_BATCHES` batches of the data
+                         num_processes: int = 1, size: int | None = None):
+    """``(teacher denoiser, noise, schedule, student condition)`` of each of the first :data:`CALIBRATION_BATCHES` batches of the data
     in seed order (their conditions, no caption dropout), the noise drawn from ``training.seed``: the same
     batches and noise on every call and in every process. A batch is the run's global batch
     (``batch_size x num_processes x gradient_accumulation_steps``), so the measurement does not depend on how
-    a run splits it."""
+    a run splits it; ``size`` overrides it (the fidelity check uses one process's ``batch_size``, the memory a
+    training step already needs)."""
     from tqdm.auto import tqdm
 
     from .data import close_loader, make_loader
 
     tr = cfg.training
     generator = torch.Generator().manual_seed(tr.seed * 1_000_003 + 104729)
-    size = tr.batch_size * num_processes * tr.gradient_accumulation_steps
+    size = size or tr.batch_size * num_processes * tr.gradient_accumulation_steps
     loader, _ = make_loader(dataset, max(1, min(size, len(dataset))), 1, 0, tr.seed, 0, 0)  # a data set smaller than it: one batch
     bar = tqdm(total=CALIBRATION_BATCHES, desc=desc, unit="batch", disable=not progress)
     try:
         for i, batch in enumerate(loader):
             if i == CALIBRATION_BATCHES:
                 break
-            x0, den, _ = _teacher_batch(batch, cfg, teacher, generator, device, dropout=False)
+            x0, den, cond = _teacher_batch(batch, cfg, teacher, generator, device, dropout=False)
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
-            yield den, noise, teacher.schedule_for(x0)
+            yield den, noise, teacher.schedule_for(x0), cond.to(device, torch.float32)
             bar.update(1)
     finally:
         bar.close()
@@ -603,7 +658,7 @@ def solver_steps_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: tor
         return [int(n) for n in saved]
     errors = [window_solve_errors(den, noise, boundaries, schedule, p.num_solver_steps, teacher.prediction_type,
                                   teacher.clip_sample)
-              for den, noise, schedule in _calibration_batches(cfg, teacher, dataset, device, "teacher steps per window",
+              for den, noise, schedule, _ in _calibration_batches(cfg, teacher, dataset, device, "teacher steps per window",
                                                                progress, num_processes)]
     caps = window_index_spans(boundaries, teacher.schedule.num_train_timesteps) \
         if isinstance(teacher.schedule, DiscreteVPSchedule) else None
@@ -636,7 +691,7 @@ def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: t
         return torch.tensor(saved, dtype=torch.float64)
     gains = [window_error_gains(den, noise, boundaries, schedule, cfg.perflow.num_solver_steps,
                                 teacher.prediction_type, teacher.clip_sample)
-             for den, noise, schedule in _calibration_batches(cfg, teacher, dataset, device, "window loss weights", progress,
+             for den, noise, schedule, _ in _calibration_batches(cfg, teacher, dataset, device, "window loss weights", progress,
                                                                       num_processes)]
     return window_weights_from_gains(torch.stack(gains))
 
@@ -652,25 +707,39 @@ def training_loss(
     generator: torch.Generator,
     device: torch.device,
     window_weights: torch.Tensor | None = None,
+    own_starts: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Loss of one micro-batch (see the module docstring): caption dropout, the teacher's window solve
     (:func:`perflow.objective.reflow_example`) and :func:`perflow.objective.batch_loss` of the ``student``
     UNet. ``schedule`` is the teacher's (:class:`~perflow.schedule.DiscreteVPSchedule`); ``boundaries``
     from :func:`boundaries_of`; randomness from ``generator``; ``window_weights`` (``(K,)``, from
-    :func:`window_weights_of`) multiplies each sample's loss by its window's weight."""
+    :func:`window_weights_of`) multiplies each sample's loss by its window's weight.
+
+    ``own_starts(cond, noise, k)`` (with ``perflow.student_starts`` p > 0): the student's sampler state at the start
+    of window ``k_b`` from ``noise_b`` (:func:`perflow.training.fidelity.sampler_states`); ``t`` and the noise are
+    drawn as :func:`~perflow.objective.reflow_example` draws them, then a fraction p of the rows (drawn from
+    ``generator``) starts its window there."""
     from ..windows import window_index
 
     p, tr = cfg.perflow, cfg.training
     x0, den, cond_s = _teacher_batch(batch, cfg, teacher, generator, device)
+    cond32 = cond_s.to(device, torch.float32)
+    extra = {}
+    if own_starts is not None and p.student_starts > 0:
+        b = x0.shape[0]
+        t = time_sampler(b, generator, x0.device).to(device=x0.device, dtype=torch.float64)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        mask = torch.rand(b, generator=generator) < p.student_starts
+        k = torch.where(mask, window_index(t, boundaries).cpu(), 0)
+        extra = dict(t=t, noise=noise, starts=own_starts(cond32, noise, k), starts_mask=mask)
     ex = reflow_example(
         den, x0, boundaries, teacher.schedule_for(x0), p.num_solver_steps, p.prediction_type, teacher.prediction_type,
         generator=generator, time_sampler=time_sampler, model_output_type=student_output_type(cfg, teacher),
-        clip_sample=teacher.clip_sample,
+        clip_sample=teacher.clip_sample, **extra,
     )
     sample_weight = None
     if window_weights is not None:
         sample_weight = window_weights.to(ex.t.device)[window_index(ex.t, boundaries)]
-    cond32 = cond_s.to(device, torch.float32)
     return batch_loss(lambda z, ts: cond32.forward(student, z, ts), ex, tr.loss, tr.huber_c, tr.loss_weighting,
                       sample_weight)
 
@@ -678,7 +747,7 @@ def training_loss(
 @torch.no_grad()
 def _validate(cfg: TrainConfig, student, ema, teacher: Teacher, scheduler, path: Path) -> Path:
     """Sample the (EMA) student on the validation prompts and save a grid PNG."""
-    from .validation import image_grid, sample_student, save_png
+    from .fidelity import ema_weights
 
     o, p, dc = cfg.output, cfg.perflow, cfg.data
     prompts = o.validation_prompts if o.validation_prompts else teacher.default_prompts()
@@ -688,9 +757,15 @@ def _validate(cfg: TrainConfig, student, ema, teacher: Teacher, scheduler, path:
         w = 1.0
     elif w is None:  # CFG-fixed students are sampled without guidance; sync ones with the teacher's usual scale
         w = 1.0 if p.cfg_mode == "fixed" else teacher.validation_guidance
-    if ema is not None:
-        ema.store(student.parameters())
-        ema.copy_to(student.parameters())
+    with ema_weights(ema, student):
+        return _validation_grid(cfg, student, teacher, scheduler, path, prompts, w)
+
+
+def _validation_grid(cfg: TrainConfig, student, teacher: Teacher, scheduler, path: Path, prompts, w: float) -> Path:
+    """The grid PNG of ``student``'s samples on ``prompts`` at guidance ``w`` (:func:`_validate`)."""
+    from .validation import image_grid, sample_student, save_png
+
+    o, dc = cfg.output, cfg.data
     was_training = student.training
     student.eval()
     try:
@@ -705,8 +780,20 @@ def _validate(cfg: TrainConfig, student, ema, teacher: Teacher, scheduler, path:
         return save_png(image_grid(images), path)
     finally:
         student.train(was_training)
-        if ema is not None:
-            ema.restore(student.parameters())
+
+
+def _best_weights(path: Path, state: dict, name: str) -> dict[str, torch.Tensor] | None:
+    """The best checked student's weights a checkpoint holds (``name`` in it), None when it records none."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import CheckpointError, _damaged
+
+    if state.get("best_step") is None:
+        return None
+    try:
+        return load_file(str(path / name))
+    except Exception as err:  # noqa: BLE001 - a missing or damaged file names the checkpoint
+        raise CheckpointError(_damaged(path, f"{name} cannot be loaded: {type(err).__name__}")) from err
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
