@@ -84,6 +84,31 @@ def test_harness_gives_every_sampler_the_same_noise():
     assert mse[0] > mse[1] > mse[2]
 
 
+def test_harness_measures_straightness_in_the_students_own_windows():
+    """Flow straightness within windows uses the PeRFlow sampler's windows (its scheduler's boundaries), not 4 equal
+    ones: the within-window figure equals metrics.straightness over those boundaries."""
+    from perflow.builtin.gaussian_mixture import default_mixture
+    from perflow.evaluation import metrics
+    from perflow.evaluation.harness import Sampler, compare_samplers
+    from perflow.evaluation.samplers import baseline_scheduler, sample
+    from perflow.evaluation.toy2d import sd_alphas_cumprod, teacher_scheduler_config
+    from perflow.scheduler import PeRFlowScheduler
+
+    gmm = default_mixture()
+    fn = gmm.denoiser(sd_alphas_cumprod())
+    cfg = teacher_scheduler_config()
+    windows = [1.0, 0.75, 0.5, 0.15, 0.0]
+    make = lambda: PeRFlowScheduler.from_config(cfg, prediction_type="ddim_eps", window_boundaries=windows)  # noqa: E731
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    student = lambda z, t: fn(z, t.clamp(max=999))  # noqa: E731 - any flow will do; the scheduler starts at t T = 1000
+    res = compare_samplers([Sampler("p", student, make, "perflow")], Sampler("ref", fn, lambda: baseline_scheduler("ddim", cfg),
+                           "reference"), noise, steps=(4,), reference_steps=16, flow_steps=16, progress=False)
+    assert res.meta["straightness_windows"] == windows
+    traj = sample(student, make(), noise, 16, return_trajectory=True)
+    want = metrics.straightness(traj.trajectory, traj.times, torch.tensor(windows, dtype=torch.float64))
+    assert res.meta["straightness"]["p (16 steps)"]["within_windows"] == pytest.approx(want, rel=1e-9)
+
+
 def test_image_harness_on_a_tiny_sd_pipeline(tmp_path):
     """FID (a TorchScript feature net given by path), paired MSE and the PeRFlow scheduler on a tiny SD1.5."""
     from PIL import Image

@@ -108,12 +108,14 @@ def compare_samplers(
     Flow straightness (``result.meta["straightness"]``): for the teacher (its reference
     trajectory) and for every student (sampled again with ``flow_steps`` steps), the
     :func:`~perflow.evaluation.metrics.straightness` over the whole range and within the windows
-    ``flow_boundaries`` (default: PeRFlow's 4 equal windows). Baseline solvers share the teacher's flow.
+    ``flow_boundaries`` (default: the windows of the first ``perflow`` sampler's scheduler, else 4 equal windows).
+    Baseline solvers share the teacher's flow.
     """
     from perflow.windows import equal_boundaries
 
     if flow_boundaries is None:
-        flow_boundaries = equal_boundaries(4)
+        own = [getattr(s.make_scheduler(), "boundaries", None) for s in samplers if s.kind == "perflow"]
+        flow_boundaries = own[0].to(torch.float64).cpu() if own and own[0] is not None else equal_boundaries(4)
     from tqdm.auto import tqdm
 
     measure = measure if measure is not None else Metrics()
