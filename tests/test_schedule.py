@@ -197,7 +197,7 @@ def test_trainer_and_scheduler_resolve_the_same_boundaries(settings):
 
     from perflow.training.teachers import Teacher
 
-    # equal windows (the default's shorter last window: test_training.py::test_last_window_fraction_places_the_windows...)
+    # equal windows (a shorter last window: test_training.py::test_last_window_fraction_places_the_windows...)
     cfg = make_config(None, {"perflow.last_window_fraction": 1.0, **{f"perflow.{k}": v for k, v in settings.items()}})
     if cfg.perflow.prediction_type == "auto":  # the default: what the trainer resolves it to for a diffusion teacher
         cfg.perflow.prediction_type = Teacher.default_parameterization

@@ -140,9 +140,9 @@ def test_last_window_fraction_places_the_windows_the_student_is_trained_and_samp
     from perflow.scheduler import PeRFlowScheduler
 
     cfg = TrainConfig()
-    assert boundaries_of(cfg).tolist() == [1.0, 0.75, 0.5, 0.15, 0.0]  # the default: 0.6
-    cfg.perflow.last_window_fraction = 1.0
-    assert boundaries_of(cfg).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]  # equal windows
+    assert boundaries_of(cfg).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]  # the default: equal windows
+    cfg.perflow.last_window_fraction = 0.6
+    assert boundaries_of(cfg).tolist() == [1.0, 0.75, 0.5, 0.15, 0.0]
     cfg.perflow.window_boundaries = [1.0, 0.5, 0.2, 0.1, 0.0]
     assert boundaries_of(cfg).tolist() == [1.0, 0.5, 0.2, 0.1, 0.0]
     train("digits", teacher=tiny_class_teacher(), dataset=_digits(32), window_weights="none", last_window_fraction=0.6,

@@ -88,12 +88,13 @@ class PeRFlowConfig:
     """K, the number of time windows (equal windows unless ``window_boundaries`` is given)."""
     window_boundaries: list[float] | None = None
     """Explicit decreasing boundaries ``[1, ..., 0]`` (K + 1 values), overriding the placement below."""
-    last_window_fraction: float = 0.6
+    last_window_fraction: float = 1.0
     """Without ``window_boundaries``: K equal windows with the last one (ending at the clean sample) shortened to
     this fraction of its width, the window before it taking the rest (:func:`perflow.windows.short_last_boundaries`;
-    K = 4 and 0.6, the default: ``[1, 0.75, 0.5, 0.15, 0]``); 1 gives equal windows (the paper's). The last window
-    is the one students learn slowest; 0.6 lowers the 4-step paired MSE on all three study teachers
-    (docs/study.md, sixth and ninth rounds)."""
+    K = 4 and 0.6: ``[1, 0.75, 0.5, 0.15, 0]``); 1 (the default) gives equal windows. The last window is the one
+    students learn slowest; 0.6 lowers the 4-step paired MSE on all three study teachers in the study's loop
+    (docs/study.md, sixth round), but with lr 1e-4 and student_starts the trainer's digits student gets a heavy
+    tail of samples far from the teacher (ninth round)."""
     num_solver_steps: int | list[int] = 8
     """n, the teacher's DDIM steps per window (its solve of each window's ODE), or one per window: K integers,
     the first window the one at t = 1 (e.g. 20,4,4,4)."""
@@ -133,12 +134,12 @@ class PeRFlowConfig:
     """``mixed`` (each sample of a batch in its own window) or ``single`` (one window per batch, drawn as the time
     sampling draws windows; :func:`perflow.time_sampling.one_window_per_batch`). With different teacher steps per
     window a mixed batch's solve takes ``max n_k`` sequential teacher calls, a single-window batch ``n_k``."""
-    student_starts: float = 0.5
+    student_starts: float = 0.0
     """Fraction of each batch whose window starts where the (EMA) student's own K-step sampler reaches that window's
     start from the example's noise, instead of at the forward marginal (the target is the teacher's solve from
     there): training on the states the sampler will meet, its earlier windows' errors included
     (:mod:`perflow.training.fidelity`; docs/study.md, eighth and ninth rounds). Costs up to K - 1 student
-    evaluations without gradient per step; 0: every window starts at the forward marginal (the paper's)."""
+    evaluations without gradient per step; 0 (the default): every window starts at the forward marginal."""
 
 
 @dataclass
@@ -151,10 +152,10 @@ class OptimConfig:
     """Samples per process per micro-step (global batch = batch_size x processes x accumulation)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
-    learning_rate: float = 1e-4
-    """AdamW learning rate (after warm-up). At 1e-4 the study's photos student drifts away from the teacher after
-    a few hundred steps (docs/study.md, seventh round); the fidelity check with ``keep_best`` exports its best
-    point (ninth round). 3e-5 learns slower and drifts later."""
+    learning_rate: float = 3e-5
+    """AdamW learning rate (after warm-up). 3e-5: at 1e-4 the photos teacher's student drifts away from the teacher
+    after a few hundred steps (docs/study.md, seventh round), and the digits student gets a heavy tail of samples
+    far from the teacher (ninth round)."""
     lr_scheduler: str = "constant"
     """A diffusers scheduler name: constant, linear, cosine, ... (all with warm-up; constant with lr_warmup_steps is
     diffusers' constant_with_warmup)."""
