@@ -21,7 +21,7 @@ import copy
 
 import torch
 
-from recipe_study import denoiser, open_study, study_parser
+from recipe_study import denoiser, open_study, student_window_step, study_parser
 
 
 def main() -> None:
@@ -55,11 +55,7 @@ def main() -> None:
 
     @torch.no_grad()
     def k_step(noise, labels):
-        def step(z, j, rows):
-            ts = sched.timesteps[j]
-            out = denoiser(student, le, labels[rows] if labels is not None else None)(z, ts.expand(z.shape[0]))
-            return sched.step(out, ts, z).prev_sample
-        return sampler_window_starts(step, noise, torch.full((noise.shape[0],), K))
+        return sampler_window_starts(student_window_step(student, le, labels, sched), noise, torch.full((noise.shape[0],), K))
 
     cal = torch.Generator().manual_seed(args.seed * 1_000_003 + 104729)  # the trainer's calibration batches
     check = []

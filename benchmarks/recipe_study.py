@@ -91,6 +91,17 @@ def denoiser(unet, label_encoder, labels):
         return unet_denoiser(unet, Condition(label_encoder(labels.long())))
 
 
+def student_window_step(model, label_encoder, labels, scheduler):
+    """``window_step(z, j, rows)`` for :func:`perflow.objective.sampler_window_starts`: the model's PeRFlow step across
+    window ``j`` for the batch rows ``rows`` (their labels), ``scheduler`` set to one step per window."""
+    def window_step(z, j, rows):
+        ts = scheduler.timesteps[j]
+        with torch.no_grad():
+            out = denoiser(model, label_encoder, labels[rows] if labels is not None else None)(z, ts.expand(z.shape[0]))
+        return scheduler.step(out, ts, z).prev_sample
+    return window_step
+
+
 # ----------------------------------------------------------------------------- evaluation set
 
 
@@ -296,15 +307,6 @@ def run(args, s: dict) -> None:
     chain = PeRFlowScheduler.from_config(scheduler.config)  # the student's own K-step sampler (student_starts)
     chain.set_timesteps(K)
 
-    def student_step(model, labels):
-        """The student's PeRFlow step across window j for the batch rows ``rows`` (sampler_window_starts)."""
-        def window_step(z, j, rows):
-            ts = chain.timesteps[j]
-            with torch.no_grad():
-                out = denoiser(model, le, labels[rows] if labels is not None else None)(z, ts.expand(z.shape[0]))
-            return chain.step(out, ts, z).prev_sample
-        return window_step
-
     check_every = int(s["keep_best"])
     check_set, best = [], None  # best: (check error, step, EMA state dict)
     if check_every:
@@ -318,7 +320,7 @@ def run(args, s: dict) -> None:
         errs = []
         for noise, labels, ref in check_set:
             k = torch.full((noise.shape[0],), K)
-            errs.append((sampler_window_starts(student_step(model, labels), noise, k) - ref).square().mean().item())
+            errs.append((sampler_window_starts(student_window_step(model, le, labels, chain), noise, k) - ref).square().mean().item())
         return sum(errs) / len(errs)
 
     if s["x0_loss"] not in ("on", "off"):
@@ -360,7 +362,7 @@ def run(args, s: dict) -> None:
             k = torch.where(mask, window_index(t.double(), boundaries), 0)
 
             with torch.no_grad():
-                extra = dict(t=t, noise=noise, starts=sampler_window_starts(student_step(ema, labels), noise, k), starts_mask=mask)
+                extra = dict(t=t, noise=noise, starts=sampler_window_starts(student_window_step(ema, le, labels, chain), noise, k), starts_mask=mask)
         ex = reflow_example(teach, x0, boundaries, schedule, steps, s["prediction_type"],
                             teacher_type, generator=gen, time_sampler=time_sampler, model_output_type=mot,
                             clip_sample=clip, start_from_noise=str(s["start_from_noise"]).lower() == "true", **extra)

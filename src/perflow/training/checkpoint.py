@@ -365,6 +365,17 @@ def load_checkpoint(accelerator, path: Path, ema, param_names: list[str], genera
     return state
 
 
+def load_extra(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """The named tensors of a file :func:`save_checkpoint` wrote from ``extra`` (e.g. the best checked student); a
+    missing or unreadable file is a :class:`CheckpointError` naming the checkpoint and the file."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path / name))
+    except Exception as err:  # noqa: BLE001 - a missing or damaged file names the checkpoint
+        raise CheckpointError(_damaged(path, f"{name} cannot be loaded: {type(err).__name__}")) from err
+
+
 def _damaged(path: Path, problem: str) -> str:
     return (f"checkpoint {path} is damaged ({problem}); delete that folder and resume with --resume latest (the newest "
             "intact checkpoint), or start afresh with --overwrite true")

@@ -58,6 +58,15 @@ def student_window_step(student: torch.nn.Module, cond: Condition, scheduler):
     return window_step
 
 
+def k_step_scheduler(scheduler, num_windows: int, device: torch.device | str | None = None):
+    """A copy of the student's ``scheduler`` set to one sampling step per window (the K-step sampler)."""
+    import copy
+
+    sampler = copy.deepcopy(scheduler)
+    sampler.set_timesteps(num_windows, device=device)
+    return sampler
+
+
 @torch.no_grad()
 def sampler_states(student: torch.nn.Module, cond: Condition, scheduler, noise: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Row ``b``: the state the student's K-step sampler reaches at the start of window ``k_b`` from ``noise_b``
@@ -79,20 +88,24 @@ class FidelityCheck:
               clip_sample: float | None, scheduler) -> "FidelityCheck":
         """From ``(teacher denoiser, noise, schedule, student condition)`` batches (the trainer's calibration
         batches): each batch's teacher chain end at the run's steps per window."""
-        import copy
-
         K = torch.as_tensor(boundaries).numel() - 1
         batches = [(cond, noise, teacher_chain_end(den, noise, boundaries, schedule, num_solver_steps, prediction_type,
                                                    clip_sample))
                    for den, noise, schedule, cond in calibration]
-        sampler = copy.deepcopy(scheduler)
-        sampler.set_timesteps(K, device=batches[0][1].device if batches else None)
-        return cls(batches, sampler, K)
+        return cls(batches, k_step_scheduler(scheduler, K, batches[0][1].device if batches else None), K)
 
     @torch.no_grad()
     def error(self, student: torch.nn.Module) -> float:
         """Mean over the check's samples of the squared error of the student's K-step sample to the teacher's
-        chain end (mean over elements)."""
+        chain end (mean over elements), with the student in eval mode (its mode restored after)."""
+        was_training = student.training
+        student.eval()
+        try:
+            return self._error(student)
+        finally:
+            student.train(was_training)
+
+    def _error(self, student: torch.nn.Module) -> float:
         total, count = 0.0, 0
         for cond, noise, ref in self.batches:
             k = torch.full((noise.shape[0],), self.num_windows, dtype=torch.int64)
@@ -130,4 +143,5 @@ class BestStudent:
         self.weights = weights if self.step is not None else None
 
 
-__all__ = ["BEST_FILE", "BestStudent", "FidelityCheck", "ema_weights", "sampler_states", "student_window_step"]
+__all__ = ["BEST_FILE", "BestStudent", "FidelityCheck", "ema_weights", "k_step_scheduler", "sampler_states",
+           "student_window_step"]

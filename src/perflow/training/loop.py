@@ -196,10 +196,10 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     from tqdm.auto import tqdm
 
     from ..time_sampling import make_time_sampler
-    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint, load_extra, save_checkpoint
     from .data import build_dataset, check_channels, check_dataset_size, close_loader, make_loader, teacher_labels
     from .export import perflow_scheduler
-    from .fidelity import BEST_FILE, BestStudent, FidelityCheck, ema_weights, sampler_states
+    from .fidelity import BEST_FILE, BestStudent, FidelityCheck, ema_weights, k_step_scheduler, sampler_states
 
     p, tr, out, dc = cfg.perflow, cfg.training, cfg.output, cfg.data
     device = accelerator.device
@@ -296,7 +296,8 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
                 "(--overwrite true, or another --output_dir)")
         global_step, micro_step, losses = state["global_step"], state["micro_step"], list(state.get("losses", []))
         notes.restore(state)
-        best.restore(state, _best_weights(start.resume_from, state, BEST_FILE) if accelerator.is_main_process else None)
+        kept = state.get("best_step") is not None and accelerator.is_main_process
+        best.restore(state, load_extra(start.resume_from, BEST_FILE) if kept else None)
         if accelerator.is_main_process:
             print(f"resumed from {start.resume_from} at step {global_step}")
 
@@ -317,8 +318,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
             boundaries, p.num_solver_steps, teacher_obj.prediction_type, teacher_obj.clip_sample, scheduler)
     own_starts = None
     if p.student_starts > 0:
-        k_step = copy.deepcopy(scheduler)  # the student's sampler at one step per window
-        k_step.set_timesteps(len(boundaries) - 1, device=device)
+        k_step = k_step_scheduler(scheduler, len(boundaries) - 1, device)
 
         def own_starts(cond, noise, k):
             with ema_weights(ema, raw_student) as model:
@@ -341,12 +341,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     def fidelity_check() -> None:
         """Check the (EMA) student's K-step fidelity; keep it if it is the best so far."""
         with ema_weights(exported_ema, raw_student) as model:
-            was_training = model.training
-            model.eval()
-            try:
-                err = check.error(model)
-            finally:
-                model.train(was_training)
+            err = check.error(model)
             kept = best.offer(global_step, err, model.named_parameters())
         accelerator.log({"fidelity": err}, step=global_step)
         info(f"fidelity at step {global_step}: {err:.4g} (K-step sample vs the teacher's chain; best {best.error:.4g} "
@@ -780,20 +775,6 @@ def _validation_grid(cfg: TrainConfig, student, teacher: Teacher, scheduler, pat
         return save_png(image_grid(images), path)
     finally:
         student.train(was_training)
-
-
-def _best_weights(path: Path, state: dict, name: str) -> dict[str, torch.Tensor] | None:
-    """The best checked student's weights a checkpoint holds (``name`` in it), None when it records none."""
-    from safetensors.torch import load_file
-
-    from .checkpoint import CheckpointError, _damaged
-
-    if state.get("best_step") is None:
-        return None
-    try:
-        return load_file(str(path / name))
-    except Exception as err:  # noqa: BLE001 - a missing or damaged file names the checkpoint
-        raise CheckpointError(_damaged(path, f"{name} cannot be loaded: {type(err).__name__}")) from err
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
