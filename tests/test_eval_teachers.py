@@ -67,6 +67,20 @@ def test_digits_teacher_rows_metrics_and_best_spacing(digits_run):
     assert meta["teacher_conditioning"] == "class" and meta["num_real_reference"] == 359
     assert meta["sw_ref_floor"] > 0 and meta["command"].startswith("perflow eval --task teacher --teacher digits")
     assert "timestep spacing" in md and "sliced W2 to teacher ref" in md
+    # the per-sample errors: median and p99 columns, and every paired-MSE finding against a baseline gives the
+    # paired difference, whose mean is the difference of the two rows' means (so the errors kept for a baseline
+    # are those of the spacing its row reports)
+    for r in rows:
+        if r["kind"] != "reference":
+            assert 0 <= r["paired_mse_p50"] <= r["paired_mse_p99"], r
+    for n in (1, 4):
+        student = next(r for r in rows if r["sampler"] == "perflow (K=4)" and r["steps"] == n)
+        line = next(x for x in md.splitlines() if x.startswith(f"- perflow (K=4) at {n} steps: paired_mse"))
+        for base in ("teacher ddim", "teacher unipc"):
+            other = next(r for r in rows if r["sampler"] == base and r["steps"] == n)
+            diff = f"difference {student['paired_mse'] - other['paired_mse']:+.2g} ± "
+            assert (f"{base} (" in line) == (diff in line), (line, diff)
+        assert "over 20 paired samples" in line, line
 
 
 def test_sliced_w2_se_is_zero_for_identical_sets_and_positive_otherwise():

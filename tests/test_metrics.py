@@ -126,6 +126,15 @@ def test_paired_mse_and_accuracy():
     assert metrics.paired_mse(a, a + 0.5) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="equal shapes"):
         metrics.paired_mse(a, torch.zeros(3, 1, 2, 2))
+    x, y = torch.randn(5, 2, 3, 3, dtype=torch.float64), torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    e = metrics.paired_errors(x, y)
+    assert e.shape == (5,) and torch.allclose(e, ((x - y) ** 2).mean((1, 2, 3)), rtol=0, atol=1e-15)
+    assert metrics.paired_mse(x, y) == pytest.approx(((x - y) ** 2).mean().item(), rel=1e-14)
+    # the paired difference: mean of d = (1, 2, 3) is 2, its standard error std(d) / sqrt(3) = 1 / sqrt(3)
+    d, se = metrics.paired_difference(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3))
+    assert d == pytest.approx(2.0, rel=1e-15) and se == pytest.approx(3 ** -0.5, rel=1e-14)
+    with pytest.raises(ValueError, match=r"two \(B,\) tensors"):
+        metrics.paired_difference(torch.zeros(3), torch.zeros(4))
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
     assert metrics.label_accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
 

@@ -5,7 +5,10 @@ callable plus a scheduler factory), initial noise, a reference sampler (the teac
 100+ steps) and the metric hooks (:class:`Metrics`), and returns one row per (sampler, steps):
 
 - ``fd``: Fréchet distance of the samples' features to the real reference features;
-- ``paired_mse``: mean squared distance to the reference sampler's output from the same noise;
+- ``paired_mse``: mean squared distance to the reference sampler's output from the same noise, with the
+  median and 99th percentile of the per-sample errors (``paired_mse_p50``, ``paired_mse_p99``: a mean carried by
+  a few far samples shows as a p99 far above the median); the per-sample errors are kept
+  (``EvalResult.paired_errors``) so the findings can give each paired-MSE comparison its standard error;
 - ``accuracy``: for class-conditional models, the classifier's agreement with the labels.
 
 The evaluators specialise it: :func:`perflow.evaluation.digits.evaluate_digits` (built-in digits
@@ -44,6 +47,7 @@ class EvalResult:
     meta: dict
     previews: dict[str, torch.Tensor] = field(default_factory=dict)
     trajectories: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    paired_errors: dict[str, torch.Tensor] = field(default_factory=dict)  # "sampler@steps" -> (B,) per-sample errors
 
     def row(self, sampler: str, steps: int) -> dict:
         for r in self.rows:
@@ -78,7 +82,9 @@ class Metrics:
         if self.feature_fn is not None and self.real_features is not None:
             row["fd"] = metrics.frechet_distance_features(self.feature_fn(out), self.real_features)
         if reference is not None:
-            row["paired_mse"] = metrics.paired_mse(out, reference)
+            errors = metrics.paired_errors(out, reference)
+            q = torch.quantile(errors, torch.tensor([0.5, 0.99], dtype=torch.float64))
+            row.update(paired_mse=errors.mean().item(), paired_mse_p50=q[0].item(), paired_mse_p99=q[1].item())
         if self.classify_fn is not None and self.labels is not None:
             row["accuracy"] = metrics.label_accuracy(self.classify_fn(out), self.labels)
         return row
@@ -133,6 +139,7 @@ def compare_samplers(
         "paired_mse": 0.0,
     }]
     previews = {f"{reference.name}@{reference_steps}": ref_out[:num_previews].cpu()}
+    paired: dict[str, torch.Tensor] = {}
     trajectories = {}
     if keep_trajectories:
         trajectories[f"{reference.name}@{reference_steps}"] = (ref.trajectory[:, :keep_trajectories].cpu(), ref.times)
@@ -145,6 +152,7 @@ def compare_samplers(
             **measure.measure(out, ref_out),
         })
         previews[f"{s.name}@{n}"] = out[:num_previews].cpu()
+        paired[f"{s.name}@{n}"] = metrics.paired_errors(out, ref_out).cpu()
         if keep_trajectories:
             trajectories[f"{s.name}@{n}"] = (res.trajectory[:, :keep_trajectories].cpu(), res.times)
         bar.update()
@@ -167,4 +175,4 @@ def compare_samplers(
         "steps": list(steps), "reference_steps": reference_steps, "straightness": straight,
         "straightness_windows": [float(b) for b in flow_boundaries],
     }
-    return EvalResult(rows=rows, meta=meta, previews=previews, trajectories=trajectories)
+    return EvalResult(rows=rows, meta=meta, previews=previews, trajectories=trajectories, paired_errors=paired)

@@ -6,7 +6,8 @@
   :func:`frechet_distance_features` fits the Gaussians to two feature sets.
 - :func:`sliced_wasserstein`: ``SW_p`` between two point clouds (exact 1-D Wasserstein
   per random direction, by sorting / quantiles).
-- :func:`paired_mse`: mean squared distance between paired samples (same initial noise).
+- :func:`paired_mse`: mean squared distance between paired samples (same initial noise); :func:`paired_errors`
+  per sample, :func:`paired_difference` two samplers' difference with its standard error.
 - :func:`straightness`: how far a trajectory's velocity strays from its average velocity.
 """
 
@@ -104,12 +105,28 @@ def sliced_wasserstein(
     return wpp.mean().pow(1.0 / p).item()
 
 
-def paired_mse(samples: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over samples and elements of ``(sample - reference)^2`` for paired ``(B, ...)`` tensors
-    (the same initial noise and condition produced both)."""
+def paired_errors(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared error ``e_b = mean_i (sample_bi - reference_bi)^2`` of paired ``(B, ...)`` tensors
+    (the same initial noise and condition produced both), float64 ``(B,)``."""
     if samples.shape != reference.shape:
         raise ValueError(f"paired samples must have equal shapes, got {tuple(samples.shape)} and {tuple(reference.shape)}")
-    return (samples.to(torch.float64) - reference.to(torch.float64)).pow(2).mean().item()
+    return (samples.to(torch.float64) - reference.to(torch.float64)).pow(2).flatten(1).mean(1)
+
+
+def paired_mse(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over samples and elements of ``(sample - reference)^2``: ``mean_b e_b`` of :func:`paired_errors`."""
+    return paired_errors(samples, reference).mean().item()
+
+
+def paired_difference(errors: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """``(mean_b d_b, std_b d_b / sqrt(B))`` of ``d_b = errors_b - other_b``: the difference of two samplers'
+    paired MSE on the same noises and its standard error. Pairing removes the spread the noises share (a sample
+    hard for one sampler is hard for the other), so it is the error bar on "A is closer to the reference than B"."""
+    if errors.shape != other.shape or errors.dim() != 1:
+        raise ValueError(f"per-sample errors must be two (B,) tensors, got {tuple(errors.shape)} and {tuple(other.shape)}")
+    d = errors.to(torch.float64) - other.to(torch.float64)
+    se = d.std().item() / d.numel() ** 0.5 if d.numel() > 1 else float("nan")
+    return d.mean().item(), se
 
 
 def straightness(trajectory: torch.Tensor, times: torch.Tensor, boundaries: torch.Tensor | None = None) -> float:
@@ -162,7 +179,9 @@ __all__ = [
     "frechet_distance_features",
     "random_directions",
     "sliced_wasserstein",
+    "paired_errors",
     "paired_mse",
+    "paired_difference",
     "straightness",
     "label_accuracy",
 ]

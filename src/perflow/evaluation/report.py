@@ -17,6 +17,8 @@ COLUMNS = (
     ("nfe", "model evals", "{}"),
     ("fd", "FD to real (lower)", "{:.3f}"),
     ("paired_mse", "MSE to teacher ref (lower)", "{:.4f}"),
+    ("paired_mse_p50", "its median", "{:.4f}"),
+    ("paired_mse_p99", "its p99", "{:.4f}"),
     ("sw", "sliced W2 to data (lower)", "{:.4f}"),
     ("sw_ref", "sliced W2 to teacher ref (lower)", "{:.4f}"),
     ("sw_ref_se", "±", "{:.4f}"),
@@ -91,16 +93,32 @@ def verdicts(result: EvalResult) -> list[str]:
                 if worse:
                     lines.append(
                         f"{p} at {n} steps: {metric} {pr[metric]:.4g} is NOT better than "
-                        + ", ".join(f"{o} ({result.row(o, n)[metric]:.4g})" for o in worse)
+                        + ", ".join(f"{o} ({result.row(o, n)[metric]:.4g}{_paired(result, p, o, n, metric)})" for o in worse)
                     )
                 else:
-                    lines.append(f"{p} at {n} steps: {metric} {pr[metric]:.4g} is better than every baseline at {n} model evaluations")
+                    rivals = [o for o in others if _has(result, o, n, metric)]
+                    closest = min(rivals, key=lambda o: result.row(o, n)[metric]) if rivals else None
+                    paired = _paired(result, p, closest, n, metric) if closest else ""
+                    margin = f" (closest: {closest} {result.row(closest, n)[metric]:.4g}{paired})" if paired else ""
+                    lines.append(f"{p} at {n} steps: {metric} {pr[metric]:.4g} is better than every baseline at {n} model evaluations{margin}")
         if _has(result, p, 4, "paired_mse") and _has(result, p, 8, "paired_mse"):
             a, b = result.row(p, 4), result.row(p, 8)
             for metric in [m for m in VERDICT_METRICS if m in a and m in b]:
                 trend = "improves" if b[metric] < a[metric] else "does NOT improve"
                 lines.append(f"{p} {trend} from 4 to 8 steps on {metric}: {a[metric]:.4g} -> {b[metric]:.4g}")
     return lines
+
+
+def _paired(result: EvalResult, sampler: str, other: str, steps: int, metric: str) -> str:
+    """``"; difference +0.0011 ± 0.0004 over 256 paired samples"`` for a paired-MSE comparison whose per-sample
+    errors were kept (:func:`perflow.evaluation.metrics.paired_difference`), else ``""``."""
+    a, b = (result.paired_errors.get(f"{s}@{steps}") for s in (sampler, other))
+    if metric != "paired_mse" or a is None or b is None or a.shape != b.shape:
+        return ""
+    from .metrics import paired_difference
+
+    d, se = paired_difference(a, b)
+    return f"; difference {d:+.2g} ± {se:.2g} over {a.numel()} paired samples"
 
 
 def _has(result: EvalResult, sampler: str, steps: int, metric: str) -> bool:

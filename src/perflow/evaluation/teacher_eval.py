@@ -413,7 +413,7 @@ def keep_best_spacing(result: EvalResult, baselines, spacings, metric: str = "pa
     """Replace the rows of every ``(baseline, steps)`` by the spacing with the lowest ``metric``.
 
     The kept row is named ``teacher <baseline>``, with ``spacing`` (the winner) and
-    ``spacing_<metric>`` (every spacing's value); previews follow."""
+    ``spacing_<metric>`` (every spacing's value); previews and per-sample errors follow."""
     rows = []
     for r in result.rows:
         if r["kind"] != "baseline":
@@ -424,8 +424,11 @@ def keep_best_spacing(result: EvalResult, baselines, spacings, metric: str = "pa
         best = min(tried, key=tried.get)
         if r["sampler"] == _spaced(base, best):
             rows.append({**r, "sampler": f"teacher {base}", "spacing": best, f"spacing_{metric}": tried})
-            result.previews[f"teacher {base}@{r['steps']}"] = result.previews[f"{r['sampler']}@{r['steps']}"]
+            for kept in (result.previews, result.paired_errors):
+                if f"{r['sampler']}@{r['steps']}" in kept:
+                    kept[f"teacher {base}@{r['steps']}"] = kept[f"{r['sampler']}@{r['steps']}"]
     result.previews = {k: v for k, v in result.previews.items() if " [" not in k}
+    result.paired_errors = {k: v for k, v in result.paired_errors.items() if " [" not in k}
     result.rows = rows
 
 
