@@ -8,7 +8,10 @@ percentiles and the maximum of the per-sample errors on both sets: when a few sa
 (a heavy tail), a mean over 160 samples selects noisily.
 
 The student comes from ``benchmarks/recipe_study.py --save``; give it the windows and teacher steps per window
-it trained with (the study prints them). Example (docs/study.md, ninth round)::
+it trained with (the study prints them). ``--handover`` adds a table of where the far samples are made: for
+``j = 0..K-1`` the teacher's chain solves windows ``0..j-1`` and the student's K-step sampler the rest, on the
+check set, so the tail that vanishes once the teacher does window ``j - 1`` was made there. Example (docs/study.md,
+ninth round)::
 
     python benchmarks/recipe_study.py --teacher photos --steps 300 --eval-every 300 --threads 1 \\
         --set learning_rate=1e-4 boundaries=1,0.75,0.5,0.15,0 student_starts=0.5 --save /tmp/photos300.pt
@@ -25,7 +28,7 @@ from recipe_study import denoiser, open_study, student_window_step, study_parser
 
 
 def main() -> None:
-    from perflow.objective import sampler_window_starts, teacher_chain_end
+    from perflow.objective import sampler_window_starts, steps_of_windows, teacher_chain_end
     from perflow.parameterization import resolve_model_output_type
     from perflow.schedule import DiscreteVPSchedule
     from perflow.scheduler import PeRFlowScheduler
@@ -38,6 +41,8 @@ def main() -> None:
     ap.add_argument("--solver-steps", default="8", help="the teacher's DDIM steps per window (one, or K values)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batches", type=int, default=None, help="check-set batches (default: the trainer's 5)")
+    ap.add_argument("--handover", action="store_true", help="also: the teacher's chain for the first j windows, then the student")
     args = ap.parse_args()
     unet, le, config, teacher_type, draw, data = open_study(args)
     schedule = DiscreteVPSchedule.from_config(config)
@@ -57,20 +62,46 @@ def main() -> None:
     def k_step(noise, labels):
         return sampler_window_starts(student_window_step(student, le, labels, sched), noise, torch.full((noise.shape[0],), K))
 
+    def student_from(z, j, labels):  # the student's sampler across windows j..K-1
+        step = student_window_step(student, le, labels, sched)
+        rows = torch.arange(z.shape[0])
+        for jj in range(j, K):
+            z = step(z, jj, rows)
+        return z
+
     cal = torch.Generator().manual_seed(args.seed * 1_000_003 + 104729)  # the trainer's calibration batches
-    check = []
-    for _ in range(CALIBRATION_BATCHES):
+    check, handover = [], [[] for _ in range(K)]
+    n = steps_of_windows(steps if len(steps) > 1 else steps[0], K).expand(K).tolist()
+    for _ in range(args.batches or CALIBRATION_BATCHES):
         x, labels = draw(cal, args.batch_size)
         noise = torch.randn(x.shape, generator=cal)
-        ref = teacher_chain_end(denoiser(unet, le, labels), noise, b, schedule, steps if len(steps) > 1 else steps[0],
-                                teacher_type, clip)
-        check.append((k_step(noise, labels) - ref).square().flatten(1).mean(1))
+        with torch.no_grad():
+            def chain(j):  # the teacher's chain of window solves through window j - 1 (the noise for j = 0)
+                return teacher_chain_end(denoiser(unet, le, labels), noise, b[:j + 1], schedule, n[:j], teacher_type,
+                                         clip) if j else noise
+            ref = chain(K)
+            check.append((k_step(noise, labels) - ref).square().flatten(1).mean(1))
+            if args.handover:
+                for j in range(K):
+                    handover[j].append((student_from(chain(j), j, labels) - ref).square().flatten(1).mean(1))
     study = (k_step(data["noise"], data["labels"]) - data["ref"]).square().flatten(1).mean(1)
     print("| set | samples | mean | median | p90 | p99 | max |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, v in (("fidelity check (teacher's chain)", torch.cat(check)), ("study (100-step DDIM)", study)):
         q = torch.quantile(v.double(), torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
         print(f"| {name} | {v.numel()} | {v.mean():.5f} | {q[0]:.5f} | {q[1]:.5f} | {q[2]:.5f} | {v.max():.5f} |")
+    if args.handover:
+        far = torch.cat(check) > 0.05
+        print(f"\nOn the check set, the teacher's chain through window j - 1, then the student ({int(far.sum())} samples "
+              f"above 0.05 with the student alone):\n")
+        print("| teacher's windows | student's windows | mean | median | p99 | max | of the far samples: mean |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for j in range(K):
+            v = torch.cat(handover[j])
+            q = torch.quantile(v.double(), torch.tensor([0.5, 0.99], dtype=torch.float64))
+            tail = f"{v[far].mean():.5f}" if far.any() else "-"
+            print(f"| 0..{j - 1} | {j}..{K - 1} | {v.mean():.5f} | {q[0]:.5f} | {q[1]:.5f} | {v.max():.5f} | {tail} |"
+                  .replace("| 0..-1 |", "| none |"))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ DEFAULTS = dict(
     start_from_noise="false",  # true: the first window starts from pure noise (the sampler's start)
     aligned_weight=0.0,  # ProReflow's aligned velocity loss (arXiv 2503.04824): + lambda mean_b (1 - cos(v_hat, v))
     student_starts=0.0,  # fraction of examples whose window starts at the EMA student's own K-step sampling state
+    chain_loss="off",  # replace | add: the window end carried to t = 0 by the EMA student's own sampler (tenth round)
     x0_loss="off",  # on: the loss is |x0_T(z_e_hat, t_e) - x0_T(z_e, t_e)|^2, the window ends seen through the teacher's x0 prediction
     window_weights="auto",  # auto (the teacher's error gains, the trainer's default) | none | inv_abar (1 / abar(t_e)) | comma list
     keep_best=0,  # N > 0: every N steps the EMA student's K-step error to the teacher's window chain on the calibration batches; the best student is the one evaluated
@@ -217,6 +218,30 @@ def x0_space_loss(teach, ex, raw, schedule, teacher_type, sample_weight):
     return d.mean()
 
 
+def chain_term(ema, le, labels, chain, ex, raw, boundaries):
+    """``mean_i (R_k(z_e_hat) - R_k(z_e))^2`` per example: the student's predicted window end and the teacher's,
+    each carried to ``t = 0`` through the windows after the example's window ``k`` by the frozen EMA student's own
+    K-step PeRFlow sampler ``R_k`` (``chain``, one step per window; the identity in the last window). Gradients flow
+    through the EMA student's network into ``z_e_hat``, so an error counts by how much the sampler that will use
+    the student carries it into the final sample (its Jacobian), not by its size at the window end."""
+    from perflow.parameterization import window_end_from_output
+    from perflow.windows import window_index
+
+    a = window_end_from_output(ex.student_output(raw).float(), ex.z_t, ex.t, ex.window)
+    b = ex.z_e.float()
+    k = window_index(ex.t.double(), boundaries)
+    for j in range(1, boundaries.numel() - 1):
+        rows = torch.nonzero(k < j).flatten()
+        if not rows.numel():
+            continue
+        ts = chain.timesteps[j]
+        f = denoiser(ema, le, labels[rows] if labels is not None else None)
+        a = a.index_put((rows,), chain.step(f(a[rows], ts.expand(rows.numel())), ts, a[rows]).prev_sample.float())
+        with torch.no_grad():
+            b = b.index_put((rows,), chain.step(f(b[rows], ts.expand(rows.numel())), ts, b[rows]).prev_sample.float())
+    return (a - b).square().flatten(1).mean(1)
+
+
 def run(args, s: dict) -> None:
     from perflow.evaluation import metrics
     from perflow.evaluation.samplers import sample
@@ -323,6 +348,8 @@ def run(args, s: dict) -> None:
             errs.append((sampler_window_starts(student_window_step(model, le, labels, chain), noise, k) - ref).square().mean().item())
         return sum(errs) / len(errs)
 
+    if s["chain_loss"] not in ("off", "replace", "add"):
+        raise SystemExit(f"chain_loss must be off, replace or add, got {s['chain_loss']!r}")
     if s["x0_loss"] not in ("on", "off"):
         raise SystemExit(f"x0_loss must be on or off, got {s['x0_loss']!r}")
     train_time = 0.0  # wall-clock seconds of the training steps (inflated when other jobs share the CPU)
@@ -375,6 +402,13 @@ def run(args, s: dict) -> None:
         else:
             loss = batch_loss(lambda z, ts: raw, ex, s["loss"], float(s["huber_c"]), weighting=s["loss_weighting"],
                               sample_weight=sw)
+        if s["chain_loss"] != "off":  # the window end's error as the student's own sampler carries it to t = 0
+            d = chain_term(ema, le, labels, chain, ex, raw, boundaries)
+            if s["chain_loss"] == "replace":
+                loss = d.mean()
+            else:  # add: the window-end loss plus the carried error of the windows before the last
+                inner = window_index(ex.t.double(), boundaries) < K - 1
+                loss = loss + (d * inner).mean()
         lam = float(s["aligned_weight"])
         if lam:
             from perflow.parameterization import velocity_from_output
