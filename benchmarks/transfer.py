@@ -17,7 +17,7 @@ report is also written for the 400-step thick-stroke variant (the one of ``plug_
 and after adaptation.
 
     perflow train --config digits --max_steps 600 --window_weights none --solver_step_allocation equal \
-        --learning_rate 3e-5 --last_window_fraction 1 --student_starts 0 --fidelity_check_every 0 \
+        --learning_rate 3e-5 --last_window_fraction 1 --student_starts 0 --fidelity_check_every 0 --ema_ramp true \
         --output_dir runs/perflow_digits_600 --tracker none
     python benchmarks/transfer.py --perflow-run runs/perflow_digits_600 --threads 1
 """
@@ -263,7 +263,7 @@ def _f(x, fmt="{:.4f}") -> str:
 
 
 RECIPE_FLAGS = {"window_weights": "none", "solver_step_allocation": "equal", "learning_rate": 3e-5,
-                "last_window_fraction": 1.0, "student_starts": 0.0, "fidelity_check_every": 0}
+                "last_window_fraction": 1.0, "student_starts": 0.0, "fidelity_check_every": 0, "ema_ramp": True}
 """The delta run's settings the report spells out, with their values in runs made before each existed."""
 
 

@@ -214,3 +214,19 @@ def test_window_starts_from_the_students_sampler_in_the_training_loss(monkeypatc
         torch.testing.assert_close(starts[row], want, rtol=1e-4, atol=2e-5)  # float32: a row alone vs in a batch
     loss(0.5, own)
     assert 0 < int(seen["starts_mask"].sum()) < 16
+
+
+def test_student_ema_holds_its_decay_from_the_second_step_unless_ramped():
+    """training.ema_ramp false (the default, the recipe study's EMA): the decay is ema_decay from the second
+    optimizer step on; true: diffusers' ramp min(ema_decay, (1 + s) / (10 + s)) with s = step - 1."""
+    from perflow.training.config import OptimConfig
+    from perflow.training.loop import student_ema
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    flat = student_ema(params, OptimConfig(ema_decay=0.99))
+    assert OptimConfig().ema_ramp is False
+    assert flat.get_decay(1) == 0.0 and all(flat.get_decay(s) == 0.99 for s in (2, 10, 350, 5000))
+    ramp = student_ema(params, OptimConfig(ema_decay=0.99, ema_ramp=True))
+    assert ramp.get_decay(2) == pytest.approx(2 / 11, rel=1e-15) and ramp.get_decay(351) == pytest.approx(351 / 360, rel=1e-15)
+    assert ramp.get_decay(5000) == 0.99
+    assert student_ema(params, OptimConfig(ema_decay=0.0)) is None

@@ -70,7 +70,8 @@ def adapt_delta(
     ``window_weights`` defaults to ``none`` here (pass it in ``overrides`` to change that): the recipe's
     ``auto`` measures the weights at the start of every ``train`` call, i.e. at every check, and on the
     digits teacher that measurement alone costs about as much CPU as 10 adaptation steps. Likewise
-    ``solver_step_allocation`` defaults to ``equal`` here (what the committed transfer benchmark measured).
+    ``solver_step_allocation`` defaults to ``equal`` and ``ema_ramp`` to ``true`` here (what the committed transfer
+    benchmark measured).
     """
     from perflow.evaluation.teacher_eval import TeacherEvalConfig, evaluate_teacher
     from perflow.evaluation.transfer import TransferConfig, read_delta, resolve_target, transfer_report
@@ -86,7 +87,7 @@ def adapt_delta(
     out = check_output_path(output_dir, folder=True).resolve()  # an unusable folder: one line, before any work
     state_path = out / STATE_FILE
     eval_kwargs = dict(eval_kwargs or {})
-    overrides = {"window_weights": "none", "solver_step_allocation": "equal", **overrides}
+    overrides = {"window_weights": "none", "solver_step_allocation": "equal", "ema_ramp": True, **overrides}
     settings = {"delta": _describe(delta), "target": _describe(target),
                 "delta_scale": float(eval_kwargs.get("delta_scale", 1.0)), "config": str(config),
                 "check_every": check_every, "num_samples": num_samples, "reference_steps": reference_steps,

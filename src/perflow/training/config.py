@@ -186,6 +186,10 @@ class OptimConfig:
     """``no``, ``fp16`` or ``bf16``; the student's master weights stay float32."""
     ema_decay: float = 0.99
     """EMA decay of the student's weights (0 disables EMA)."""
+    ema_ramp: bool = False
+    """false: ``ema_decay`` from the second step on (the first copies the student, one step from the teacher's
+    weights; the recipe study's EMA); true: diffusers' ``EMAModel`` ramp, decay ``min(ema_decay, (1 + s) / (10 + s))`` at step ``s``
+    (0.975 at step 350; ``ema_decay`` 0.99 is reached only at step 890)."""
     seed: int = 0
     """Seed of the student's data order, noise, times and caption dropout (exactly reproducible on CPU)."""
     max_nonfinite_skips: int = 0

@@ -37,7 +37,7 @@ from ..objective import batch_loss, reflow_example
 from ..parameterization import resolve_model_output_type
 from ..schedule import NoiseSchedule, as_schedule
 from ..windows import resolve_boundaries, short_last_boundaries
-from .config import TrainConfig
+from .config import OptimConfig, TrainConfig
 from .config_io import make_config
 from .data import BadImageError
 from ..io import write_text
@@ -192,7 +192,6 @@ def train(
 
 def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, teacher, dataset, callback) -> TrainResult:
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     from ..time_sampling import make_time_sampler
@@ -279,7 +278,7 @@ def _train(cfg: TrainConfig, accelerator, start: RunStart, stop: StopSignals, te
     )
     student, opt, lr_sched = accelerator.prepare(student, opt, lr_sched)
     raw_student = accelerator.unwrap_model(student)
-    ema = EMAModel(raw_student.parameters(), decay=tr.ema_decay) if tr.ema_decay > 0 else None
+    ema = student_ema(raw_student.parameters(), tr)
     if ema is not None:
         ema.to(device)
 
@@ -689,6 +688,17 @@ def window_weights_of(cfg: TrainConfig, teacher: Teacher, dataset, boundaries: t
              for den, noise, schedule, _ in _calibration_batches(cfg, teacher, dataset, device, "window loss weights", progress,
                                                                       num_processes)]
     return window_weights_from_gains(torch.stack(gains))
+
+
+def student_ema(parameters, tr: OptimConfig):
+    """diffusers' ``EMAModel`` of the student's ``parameters`` (None with ``training.ema_decay`` 0): the decay
+    ``ema_decay`` from the second optimizer step on, or with ``training.ema_ramp`` diffusers' ramp
+    ``min(ema_decay, (1 + s) / (10 + s))`` (``min_decay = ema_decay`` clamps that ramp away)."""
+    from diffusers.training_utils import EMAModel
+
+    if tr.ema_decay <= 0:
+        return None
+    return EMAModel(parameters, decay=tr.ema_decay, min_decay=0.0 if tr.ema_ramp else tr.ema_decay)
 
 
 def training_loss(
