@@ -381,18 +381,17 @@ def run(args, s: dict) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         x0, labels = draw(gen, int(s["batch_size"]))
         teach = denoiser(unet, le, labels)
-        extra = {}
-        if p_starts:  # draw t and noise as reflow_example would, then replace some window starts
-            t = time_sampler(x0.shape[0], gen, x0.device)
-            noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
-            mask = torch.rand(x0.shape[0], generator=gen_starts) < p_starts
-            k = torch.where(mask, window_index(t.double(), boundaries), 0)
+        start_states = None
+        if p_starts:  # some windows start at the EMA student's own sampler states
 
-            with torch.no_grad():
-                extra = dict(t=t, noise=noise, starts=sampler_window_starts(student_window_step(ema, le, labels, chain), noise, k), starts_mask=mask)
+            @torch.no_grad()
+            def start_states(noise, t):
+                mask = torch.rand(x0.shape[0], generator=gen_starts) < p_starts
+                k = torch.where(mask, window_index(t, boundaries), 0)
+                return sampler_window_starts(student_window_step(ema, le, labels, chain), noise, k), mask
         ex = reflow_example(teach, x0, boundaries, schedule, steps, s["prediction_type"],
                             teacher_type, generator=gen, time_sampler=time_sampler, model_output_type=mot,
-                            clip_sample=clip, start_from_noise=str(s["start_from_noise"]).lower() == "true", **extra)
+                            clip_sample=clip, start_from_noise=str(s["start_from_noise"]).lower() == "true", start_states=start_states)
         sw = None
         if window_w is not None:
             sw = window_w[window_index(ex.t, boundaries)].float()

@@ -197,9 +197,14 @@ def test_window_starts_from_the_students_sampler_in_the_training_loss(monkeypatc
     seen = {}
     real = loop.reflow_example
 
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
+    def spy(*args, **kwargs):  # record what the loss's start_states gives reflow_example for the drawn noise and t
+        inner = kwargs["start_states"]
+
+        def recorded(noise, t):
+            starts, mask = inner(noise, t) if inner is not None else (None, None)
+            seen.update(noise=noise, t=t, starts=starts, starts_mask=mask)
+            return starts, mask
+        return real(*args, **{**kwargs, "start_states": recorded if inner is not None else None})
 
     monkeypatch.setattr(loop, "reflow_example", spy)
     value = loss(1.0, own)

@@ -372,3 +372,15 @@ def test_reflow_example_starts_replace_the_marginal_where_masked():
     torch.testing.assert_close(ex.z_e, solve_window(den, ex.z_s, ex.t_s, ex.t_e, 4, abar), rtol=0, atol=0)
     every = reflow_example(den, x0, b, abar, 4, "ddim_eps", noise=noise, t=t, starts=starts)  # no mask: every row
     assert torch.equal(every.z_s, starts)
+    # start_states: the same starts from a function of the drawn noise and times, called once they are drawn
+    given = {}
+
+    def start_states(n, tt):
+        given.update(noise=n, t=tt)
+        return starts, mask
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    drawn = reflow_example(den, x0, b, abar, 4, "ddim_eps", generator=g1, start_states=start_states)
+    fixed = reflow_example(den, x0, b, abar, 4, "ddim_eps", generator=g2, starts=starts, starts_mask=mask)
+    assert torch.equal(drawn.z_s, fixed.z_s) and torch.equal(drawn.z_e, fixed.z_e) and torch.equal(given["t"], fixed.t)
+    with pytest.raises(ValueError, match="starts or start_states"):
+        reflow_example(den, x0, b, abar, 4, "ddim_eps", noise=noise, t=t, starts=starts, start_states=start_states)

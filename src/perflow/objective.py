@@ -20,7 +20,7 @@ functions, so there is one implementation of the objective.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -93,6 +93,7 @@ def reflow_example(
     start_from_noise: bool = False,
     starts: torch.Tensor | None = None,
     starts_mask: torch.Tensor | None = None,
+    start_states: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> ReflowExample:
     """Build one piecewise-reflow batch from clean samples ``x0`` (B, ...) and a teacher denoiser.
 
@@ -116,7 +117,9 @@ def reflow_example(
     ``starts`` (B, ...) and ``starts_mask`` (B,) bool (default: every row): where the mask is true, the window starts at
     ``z_s = starts`` (e.g. the state the student's own K-step sampler reaches at that window's start,
     :func:`sampler_window_starts`) instead of the forward marginal; the target is the teacher's solve
-    from there.
+    from there. ``start_states(noise, t) -> (starts, starts_mask)`` gives them from the batch's noise and times once
+    those are drawn (e.g. the student's own sampler states for a random part of the batch), so a caller that needs
+    them does not repeat this function's draws.
     """
     check_model_output_type(model_output_type, prediction_type)
     schedule = as_schedule(schedule)
@@ -126,6 +129,10 @@ def reflow_example(
     t = t.to(device=x0.device, dtype=torch.float64)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    if start_states is not None:
+        if starts is not None:
+            raise ValueError("give starts or start_states, not both")
+        starts, starts_mask = start_states(noise, t)
     window = window_of(t, boundaries, schedule, prediction_type)
     z_s = schedule.marginal(x0, noise, window.t_s)
     if start_from_noise:

@@ -721,26 +721,23 @@ def training_loss(
     :func:`window_weights_of`) multiplies each sample's loss by its window's weight.
 
     ``own_starts(cond, noise, k)`` (with ``perflow.student_starts`` p > 0): the student's sampler state at the start
-    of window ``k_b`` from ``noise_b`` (:func:`perflow.training.fidelity.sampler_states`); ``t`` and the noise are
-    drawn as :func:`~perflow.objective.reflow_example` draws them, then a fraction p of the rows (drawn from
+    of window ``k_b`` from ``noise_b`` (:func:`perflow.training.fidelity.sampler_states`); once
+    :func:`~perflow.objective.reflow_example` has drawn ``t`` and the noise, a fraction p of the rows (drawn from
     ``generator``) starts its window there."""
     from ..windows import window_index
 
     p, tr = cfg.perflow, cfg.training
     x0, den, cond_s = _teacher_batch(batch, cfg, teacher, generator, device)
     cond32 = cond_s.to(device, torch.float32)
-    extra = {}
+    start_states = None
     if own_starts is not None and p.student_starts > 0:
-        b = x0.shape[0]
-        t = time_sampler(b, generator, x0.device).to(device=x0.device, dtype=torch.float64)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        mask = torch.rand(b, generator=generator) < p.student_starts
-        k = torch.where(mask, window_index(t, boundaries).cpu(), 0)
-        extra = dict(t=t, noise=noise, starts=own_starts(cond32, noise, k), starts_mask=mask)
+        def start_states(noise: torch.Tensor, t: torch.Tensor):
+            mask = torch.rand(noise.shape[0], generator=generator) < p.student_starts
+            return own_starts(cond32, noise, torch.where(mask, window_index(t, boundaries).cpu(), 0)), mask
     ex = reflow_example(
         den, x0, boundaries, teacher.schedule_for(x0), p.num_solver_steps, p.prediction_type, teacher.prediction_type,
         generator=generator, time_sampler=time_sampler, model_output_type=student_output_type(cfg, teacher),
-        clip_sample=teacher.clip_sample, **extra,
+        clip_sample=teacher.clip_sample, start_states=start_states,
     )
     sample_weight = None
     if window_weights is not None:
