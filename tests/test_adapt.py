@@ -184,3 +184,130 @@ def test_a_first_chunk_that_fails_does_not_lock_the_folder(tmp_path):
     assert json.loads((tmp_path / "adapt.json").read_text())["checks"][-1]["step"] == 0
     done = _adapt(tmp_path, budget_steps=2)
     assert [c["step"] for c in done.checks] == [0, 2]
+
+
+class _RandomPixels(torch.utils.data.Dataset):
+    """``base``'s items (conditions) with random images in place of its zeros."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        item = dict(self.base[index])
+        item["pixel_values"] = torch.rand(item["pixel_values"].shape, generator=torch.Generator().manual_seed(index)) * 2 - 1
+        return item
+
+
+def test_data_free_adaptation_reads_no_images(tmp_path):
+    """``data_free``: every window starts at the student's own sampler state (``student_starts 1``), so the clean
+    images are never read: the same conditions with random images in place of the zeros give the same delta,
+    bit for bit; the training items are the evaluation's conditions (all classes, cycled)."""
+    from perflow.training.adapt import adapt_delta, conditions_dataset
+
+    teacher = tiny_class_teacher(seed=1)
+    items = conditions_dataset(teacher, size=64)
+    assert len(items) == 64 and [items[i]["label"] for i in range(12)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert items[3]["pixel_values"].shape == (1, 8, 8) and not items[3]["pixel_values"].any()
+    assert [conditions_dataset(teacher, labels=[7, 2], size=3)[i]["label"] for i in range(3)] == [7, 2, 7]
+
+    def run(out, **kw):
+        return adapt_delta(_delta(), Target(teacher=tiny_class_teacher(seed=1), name="t"), out, config="digits",
+                           budget_steps=2, check_every=2, num_samples=20, reference_steps=8, eval_kwargs=EVAL,
+                           progress=False, **kw, **TRAIN)
+
+    free = run(tmp_path / "free", data_free=True)
+    assert json.loads((tmp_path / "free" / "adapt.json").read_text())["settings"]["data_free"] is True
+    noisy = run(tmp_path / "noisy", dataset=_RandomPixels(conditions_dataset(teacher)), student_starts=1.0)
+    assert [c["step"] for c in free.checks] == [0, 2] and free.checks == noisy.checks
+    a, b = load_file(str(free.delta)), load_file(str(noisy.delta))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a)  # it trained
+    with pytest.raises(ValueError, match="reads no images"):
+        run(tmp_path / "x", data_free=True, dataset=_digits(64))
+    with pytest.raises(ValueError, match="student_starts 1, not 0.5"):
+        run(tmp_path / "y", data_free=True, student_starts=0.5)
+
+
+def test_conditions_dataset_follows_the_teachers_conditioning():
+    from perflow.training.adapt import conditions_dataset
+    from perflow.training.data import ConditionsDataset
+    from perflow.training.teachers import as_teacher
+    from perflow.tiny import tiny_sd15_pipeline
+
+    sd = as_teacher(tiny_sd15_pipeline())
+    with pytest.raises(ValueError, match="give --prompts"):
+        conditions_dataset(sd)
+    items = conditions_dataset(sd, prompts=["a cat", "a dog"], size=4)
+    assert [items[i]["caption"] for i in range(3)] == ["a cat", "a dog", "a cat"] and "label" not in items[0]
+    assert items[0]["pixel_values"].shape == (3, sd.resolution(None, "r"), sd.resolution(None, "r"))
+    with pytest.raises(ValueError, match="labels or captions, not both"):
+        ConditionsDataset(4, 1, 8, labels=[1], captions=["a"])
+    plain = ConditionsDataset(2, 3, 4)  # an unconditional teacher: images only
+    assert set(plain[1]) == {"pixel_values"}
+
+
+def _controlnet_target(seed: int = 1):
+    """A tiny class-conditional teacher (other weights than the delta's base) driven by a ControlNet that acts."""
+    from diffusers import ControlNetModel
+
+    from perflow.targets import ControlledUNet
+
+    teacher = tiny_class_teacher(seed=seed)
+    torch.manual_seed(5)
+    cn = ControlNetModel.from_unet(teacher.unet, conditioning_channels=1, conditioning_embedding_out_channels=(16,))
+    with torch.no_grad():  # from_unet zero-initialises the output convolutions: make the ControlNet act
+        for p in cn.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher.unet = ControlledUNet(teacher.unet, cn.eval().requires_grad_(False))
+    controls = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    return Target(teacher=teacher, name="tiny + ControlNet", control_images=controls)
+
+
+def test_controlnet_condition_runs_the_controlnet_as_the_controlled_unet_does():
+    """Training on a ControlNet target keeps the UNet alone as the model: the condition runs the ControlNet and adds
+    its residuals, the same output as the report's ControlledUNet; the training teacher's conditions carry the
+    batch's control images, also in the null condition, and survive a move to another dtype."""
+    from perflow.targets import controlnet_training_teacher, with_control
+
+    target = _controlnet_target()
+    controlled = target.teacher.unet
+    trainer = controlnet_training_teacher(target.teacher)
+    assert trainer.unet is controlled.unet and "controlnet" in trainer.modules() and target.teacher.unet is controlled
+    batch = {"pixel_values": torch.zeros(3, 1, 8, 8), "label": torch.tensor([1, 4, 7]), "control_image": target.control_images[:3]}
+    cond = trainer.condition(batch)
+    z, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        ours = cond.forward(controlled.unet, z, t)
+        reference = with_control(target.teacher.condition(batch), batch["control_image"]).forward(controlled, z, t)
+        plain = target.teacher.condition(batch).forward(controlled.unet, z, t)
+    assert torch.equal(ours, reference) and not torch.allclose(ours, plain)  # the ControlNet acts
+    null = trainer.uncond(cond)
+    assert torch.equal(null.controlnet_cond, batch["control_image"]) and type(null) is type(cond)
+    assert type(cond.to(dtype=torch.float64)).controlnet is controlled.controlnet
+    with pytest.raises(ValueError, match="control image"):
+        trainer.condition({k: v for k, v in batch.items() if k != "control_image"})
+
+
+def test_a_delta_is_adapted_to_a_controlnet_target_data_free(tmp_path):
+    """The UNet is trained with the ControlNet frozen in the loop, on the target's control images: the adapted delta
+    covers the UNet only, the ControlNet is untouched, and the check samples target + delta with the ControlNet.
+    With images it is refused (a ControlNet's training items are its control images)."""
+    from perflow.training.adapt import adapt_delta
+
+    target = _controlnet_target()
+    cn_before = {k: v.clone() for k, v in target.teacher.unet.controlnet.state_dict().items()}
+    with pytest.raises(ValueError, match="data-free"):
+        adapt_delta(_delta(), target, tmp_path / "x", config="digits", budget_steps=2, check_every=2, num_samples=20,
+                    reference_steps=8, dataset=_digits(64), eval_kwargs=EVAL, progress=False, **TRAIN)
+    res = adapt_delta(_delta(), target, tmp_path / "cn", config="digits", budget_steps=4, check_every=2, num_samples=20,
+                      reference_steps=8, data_free=True, eval_kwargs=EVAL, progress=False, **TRAIN)
+    assert [c["step"] for c in res.checks][:2] == [0, 2] and res.delta is not None
+    adapted = load_file(str(res.delta))
+    unet_keys = set(target.teacher.unet.unet.state_dict())
+    assert set(adapted) <= unet_keys and any(adapted[k].abs().max() > 0 for k in adapted)
+    assert all(torch.equal(v, cn_before[k]) for k, v in target.teacher.unet.controlnet.state_dict().items())
+    student = load_file(str(tmp_path / "cn" / "run" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(student) == unet_keys  # the exported student is the UNet alone

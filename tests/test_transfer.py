@@ -161,13 +161,12 @@ def test_a_lora_is_fused_as_diffusers_loads_it_alpha_and_key_forms_included(sd, 
         torch.testing.assert_close(target.teacher.unet.state_dict()[f"{name}.weight"], want, rtol=1e-5, atol=1e-6)
 
 
-def test_report_on_a_controlnet_pipeline_uses_the_controlnet(sd, tmp_path):
+def _controlnet_pipe(tmp_path):
+    """A tiny ``StableDiffusionControlNetPipeline`` folder on the base (a ControlNet that acts) and a folder of
+    three control images."""
     from diffusers import StableDiffusionControlNetPipeline
     from PIL import Image
 
-    from perflow.targets import load_target
-
-    root, _ = sd
     pipe = tiny_sd15_pipeline(0)
     cn = tiny_controlnet(pipe.unet)
     with torch.no_grad():  # from_unet zero-initialises the output convolutions: make the ControlNet act
@@ -181,7 +180,15 @@ def test_report_on_a_controlnet_pipeline_uses_the_controlnet(sd, tmp_path):
     images.mkdir()
     for i in range(3):
         Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(images / f"{i}.png")
-    target = load_target(str(tmp_path / "cn_pipe"), control_images=str(images))
+    return tmp_path / "cn_pipe", images
+
+
+def test_report_on_a_controlnet_pipeline_uses_the_controlnet(sd, tmp_path):
+    from perflow.targets import load_target
+
+    root, _ = sd
+    folder, images = _controlnet_pipe(tmp_path)
+    target = load_target(str(folder), control_images=str(images))
     ctrl = target.control_images[:2]
     z, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
     ehs = torch.randn(2, 16, 32)
@@ -192,6 +199,32 @@ def test_report_on_a_controlnet_pipeline_uses_the_controlnet(sd, tmp_path):
     result = _report(delta=str(root / "delta.safetensors"), target=target, prompts=["a photo of a cat"], steps=(4,),
                      baselines=("ddim",))
     assert result.meta["target"].endswith("+ ControlNet") and result.row("target + delta", 4)["paired_mse"] > 0
+
+
+def test_cli_adapts_a_delta_to_a_controlnet_pipeline_data_free(sd, tmp_path, capsys):
+    """``perflow delta adapt --data-free`` on a ControlNet pipeline folder: the UNet is trained with the ControlNet in
+    the loop on the control images and prompts alone (no image folder), and the adapted delta covers the UNet only.
+    Without ``--data-free`` it is refused in one line."""
+    from safetensors.torch import load_file
+
+    from perflow.cli import main
+
+    root, base = sd
+    folder, images = _controlnet_pipe(tmp_path)
+    args = ["delta", "adapt", "--delta", str(root / "delta.safetensors"), "--target", str(folder), "--control-images",
+            str(images), "--prompts", "a photo of a cat", "a red digit", "--resolution", "16", "--num-samples", "20",
+            "--reference-steps", "8", "--budget-steps", "2", "--check-every", "2", "--threads", "1",
+            "--set", "batch_size=4", "--set", "num_solver_steps=1", "--set", "tracker=none",
+            "--set", "fidelity_check_every=0", "--set", "lr_warmup_steps=0"]
+    code = main(args + ["--output-dir", str(tmp_path / "refused")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and "--data-free" in err[-1] and "Traceback" not in "\n".join(err), err
+    code = main(args + ["--output-dir", str(tmp_path / "adapted"), "--data-free"])
+    assert code in (0, 1), capsys.readouterr().err
+    state = json.loads((tmp_path / "adapted" / "adapt.json").read_text())
+    assert state["settings"]["data_free"] is True and [c["step"] for c in state["checks"]] == [0, 2]  # it trained
+    adapted = load_file(str(tmp_path / "adapted" / "run" / "delta.safetensors"))
+    assert set(adapted) <= set(base.unet.state_dict()) and any(v.abs().max() > 0 for v in adapted.values())
 
 
 # ---- mismatches: one line, exit 2 -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -78,6 +78,79 @@ class ControlledUNet(nn.Module):
         )
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
                          down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=return_dict)
+
+
+@dataclass
+class ControlNetCondition(ControlCondition):
+    """A :class:`ControlCondition` whose :meth:`forward` runs the ControlNet itself and then the model, a plain
+    UNet, with its residuals added as :class:`ControlledUNet` (and diffusers' ControlNet pipeline) add them: the
+    form training on a ControlNet target uses, where the student is the UNet alone and the ControlNet stays
+    frozen outside the delta. The ControlNet and its scale are class attributes of the subclass
+    :func:`control_condition_type` makes, so every operation of a condition (``to``, ``cat``, ``where``,
+    ``select``, ``dataclasses.replace``) keeps them."""
+
+    controlnet: ClassVar[nn.Module | None] = None
+    conditioning_scale: ClassVar[float] = 1.0
+
+    def forward(self, model: nn.Module, z: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if self.controlnet_cond is None or self.controlnet is None:
+            raise ValueError("a ControlNet target needs a control image with every condition (control_images)")
+        kwargs = Condition.unet_kwargs(self)
+        dtype = next(self.controlnet.parameters()).dtype
+        cast = {k: v.to(dtype) for k, v in kwargs.get("added_cond_kwargs", {}).items()} or None
+        with torch.no_grad():  # frozen, and its inputs (z, t, condition) do not depend on the student
+            down, mid = self.controlnet(
+                z.to(dtype), timestep, encoder_hidden_states=kwargs["encoder_hidden_states"].to(dtype),
+                controlnet_cond=self.controlnet_cond.to(dtype), conditioning_scale=self.conditioning_scale,
+                added_cond_kwargs=cast, return_dict=False,
+            )
+        return model(z, timestep, **kwargs, down_block_additional_residuals=[d.to(z.dtype) for d in down],
+                     mid_block_additional_residual=mid.to(z.dtype), return_dict=False)[0]
+
+
+def control_condition_type(controlnet: nn.Module, conditioning_scale: float = 1.0) -> type:
+    """The :class:`ControlNetCondition` subclass bound to ``controlnet`` at ``conditioning_scale``."""
+    return type("BoundControlNetCondition", (ControlNetCondition,),
+                {"controlnet": controlnet, "conditioning_scale": float(conditioning_scale)})
+
+
+class _ControlNetTeacher:
+    """Mixed into a teacher's class by :func:`controlnet_training_teacher`: its conditions carry the batch's
+    control images and run the ControlNet (:class:`ControlNetCondition`); the null condition keeps them, as
+    diffusers' ControlNet pipeline keeps the control image in the unconditional half of CFG."""
+
+    _condition_type: type
+    _controlnet: nn.Module
+
+    def _attach(self, cond: Condition, images: torch.Tensor) -> Condition:
+        plain = {f.name: getattr(cond, f.name) for f in dataclasses.fields(Condition)}
+        return self._condition_type(**plain, controlnet_cond=images)
+
+    def condition(self, batch: dict) -> Condition:
+        if "control_image" not in batch:
+            raise ValueError("a ControlNet target trains on items with a control image (`control_image`): adapt it "
+                             "data-free, with its --control-images")
+        return self._attach(super().condition(batch), batch["control_image"])
+
+    def uncond(self, cond: Condition) -> Condition:
+        return self._attach(super().uncond(cond), cond.controlnet_cond)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {**super().modules(), "controlnet": self._controlnet}
+
+
+def controlnet_training_teacher(teacher: Any) -> Any:
+    """A copy of ``teacher`` (its ``unet`` a :class:`ControlledUNet`) that trains the UNet alone: ``unet`` is the
+    plain UNet (what the student copies and the delta covers) and every condition runs the frozen ControlNet
+    (:class:`ControlNetCondition`) from the batch's ``control_image``."""
+    wrapped = teacher.unet
+    if not isinstance(wrapped, ControlledUNet):
+        raise TypeError(f"{getattr(teacher, 'name', 'the teacher')!r} has no ControlNet")
+    out = copy.copy(teacher)
+    out.__class__ = type(f"ControlNet{type(teacher).__name__}", (_ControlNetTeacher, type(teacher)), {})
+    out.unet, out._controlnet = wrapped.unet, wrapped.controlnet
+    out._condition_type = control_condition_type(wrapped.controlnet, wrapped.conditioning_scale)
+    return out
 
 
 def base_unet(unet: nn.Module) -> nn.Module:

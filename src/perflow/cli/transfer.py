@@ -96,7 +96,8 @@ DPM-Solver++, UniPC, best timestep spacing, measured once at the start), or at -
 Writes OUTPUT/run/delta.safetensors (student - target: a delta for that target), OUTPUT/adapt.json
 (the baseline and every check) and the run's checkpoints. Interrupted (Ctrl-C, SIGTERM, a kill),
 it continues with the same command plus --resume, bit for bit.
-Training data: the recipe's (--config), changed with --set data.source=imagefolder --set data.path=DIR.
+Training data: the recipe's (--config), changed with --set data.source=imagefolder --set data.path=DIR;
+without the target's own images, --data-free (docs/delta.md).
 """
 
 
@@ -112,6 +113,9 @@ def add_adapt_parser(sub) -> None:
     a.add_argument("--check-every", type=int, default=25, help="steps between fidelity checks (and checkpoints)")
     a.add_argument("--num-samples", type=int, default=128, help="samples of each check")
     a.add_argument("--reference-steps", type=int, default=100, help="the target's DDIM steps of the reference")
+    a.add_argument("--data-free", action="store_true",
+                   help="adapt without images (no data.path): every window starts where the student's own sampler "
+                        "reaches it from noise (student_starts 1); only the conditions (--labels, --prompts) are read")
     a.add_argument("--resume", action="store_true", help="continue the adaptation in --output-dir")
     a.set_defaults(func=run_adapt)
 
@@ -151,7 +155,7 @@ def run_adapt(args) -> int:
             result = adapt_delta(args.delta, args.target, args.output_dir, config=args.config, budget_steps=args.budget_steps,
                                  check_every=args.check_every, num_samples=args.num_samples,
                                  reference_steps=args.reference_steps, resume=args.resume, eval_kwargs=eval_kwargs,
-                                 **overrides)
+                                 data_free=args.data_free, **overrides)
     except TrainingInterrupted as stop:
         line = stop.describe(again)
         if stop.checkpoint is None:

@@ -10,6 +10,12 @@ chunk the exported student is sampled at 4 steps and its paired MSE to the targe
 that target. The run trains on the delta's own windows and parameterization (its recorded boundaries, or K
 equal windows, and prediction type; :func:`delta_windows`), whatever the recipe's placement.
 
+Without the target's training data (a downloaded LoRA or checkpoint), ``data_free=True`` (CLI ``--data-free``)
+starts every window where the student's own K-step sampler reaches it from noise (``student_starts 1``), which
+reads no clean image; the training items are then only the conditions (:func:`conditions_dataset`). A
+ControlNet target adapts data-free, on its control images: the UNet is trained with the frozen ControlNet in
+the loop (:func:`perflow.targets.controlnet_training_teacher`) and the adapted delta covers the UNet alone.
+
 Files in ``output_dir``: ``adapt.json`` (settings, the baseline, every check), ``init/`` (target +
 delta, the student's start) and ``run/`` (the trainer's output folder: checkpoints, ``unet/``,
 ``scheduler/``, ``delta.safetensors``). An interrupted adaptation continues with ``resume=True``
@@ -54,6 +60,7 @@ def adapt_delta(
     num_samples: int = 128,
     reference_steps: int = 100,
     dataset: Any = None,
+    data_free: bool = False,
     resume: bool = False,
     eval_kwargs: dict | None = None,
     callback: Callable[[int, float], None] | None = None,
@@ -72,11 +79,16 @@ def adapt_delta(
     digits teacher that measurement alone costs about as much CPU as 10 adaptation steps. Likewise
     ``solver_step_allocation`` defaults to ``equal`` and ``ema_ramp`` to ``true`` here (what the committed transfer
     benchmark measured).
+
+    ``data_free``: adapt without images (a downloaded LoRA or checkpoint whose training data the user does not
+    have): every window starts where the student's own K-step sampler reaches it from noise
+    (``student_starts 1``, set here), which reads no clean sample, and the training items are only the
+    conditions (:func:`conditions_dataset`: the labels or prompts of ``eval_kwargs``, all classes by default).
     """
     from perflow.evaluation.teacher_eval import TeacherEvalConfig, evaluate_teacher
     from perflow.evaluation.transfer import TransferConfig, read_delta, resolve_target, transfer_report
     from perflow.io import write_text
-    from perflow.targets import ControlledUNet, check_delta_fits
+    from perflow.targets import ControlledUNet, check_delta_fits, controlnet_training_teacher
 
     from .loop import train
 
@@ -88,11 +100,20 @@ def adapt_delta(
     state_path = out / STATE_FILE
     eval_kwargs = dict(eval_kwargs or {})
     overrides = {"window_weights": "none", "solver_step_allocation": "equal", "ema_ramp": True, **overrides}
+    if data_free:
+        if dataset is not None or any(k == "data" or k.startswith("data.") for k in overrides):
+            raise ValueError("data-free adaptation reads no images: drop the training data (dataset, data.*) or data_free")
+        if float(overrides.get("student_starts", 1.0)) != 1.0:
+            raise ValueError("data-free adaptation starts every window at the student's own sampler state: it needs "
+                             f"student_starts 1, not {overrides['student_starts']}")
+        overrides["student_starts"] = 1.0
     settings = {"delta": _describe(delta), "target": _describe(target),
                 "delta_scale": float(eval_kwargs.get("delta_scale", 1.0)), "config": str(config),
                 "check_every": check_every, "num_samples": num_samples, "reference_steps": reference_steps,
                 "overrides": {k: str(v) for k, v in sorted(overrides.items())},
                 "eval": {k: str(v) for k, v in sorted(eval_kwargs.items())}}
+    if data_free:
+        settings["data_free"] = True  # only when set: an adapt.json written before the option still resumes
     state = _read_state(state_path)
     if state is not None and len(state["checks"]) == 1 and not state["checks"][0]["beats"] \
             and not (out / "run" / "checkpoints").is_dir() and (state["settings"] != settings or not resume):
@@ -109,11 +130,18 @@ def adapt_delta(
                          "use its settings (adapt.json) or another --output-dir")
     tgt = resolve_target(TransferConfig(delta=delta, target=target, **{k: v for k, v in eval_kwargs.items()
                                                                           if k in _TARGET_KEYS}))
-    if isinstance(tgt.teacher.unet, ControlledUNet):
-        raise ValueError("adapting a delta to a ControlNet target is not supported: adapt it to the ControlNet's base "
-                         "UNet (the target without --controlnet), then use the adapted delta with the ControlNet")
+    controlled = isinstance(tgt.teacher.unet, ControlledUNet)
+    if controlled and not data_free:
+        raise ValueError("a delta is adapted to a ControlNet target data-free (--data-free, data_free=True): its "
+                         "control images (--control-images) and conditions are the training items")
+    if controlled and tgt.control_images is None:
+        raise ValueError("a ControlNet target needs its control images (--control-images) to adapt to")
     tensors, meta = read_delta(delta, eval_kwargs.get("delta_extra"))
     check_delta_fits(tensors, meta, tgt.teacher.unet, tgt.base)
+    if data_free:
+        dataset = conditions_dataset(tgt.teacher, labels=eval_kwargs.get("labels"), prompts=eval_kwargs.get("prompts"),
+                                     resolution=eval_kwargs.get("resolution"), controls=tgt.control_images)
+    train_teacher = controlnet_training_teacher(tgt.teacher) if controlled else tgt.teacher
     started = time.perf_counter()
     if state is None:
         report_kw = {k: v for k, v in eval_kwargs.items() if k not in _TARGET_KEYS and k != "delta_extra"}
@@ -136,15 +164,15 @@ def adapt_delta(
         step = min(checks[-1]["step"] + check_every, budget_steps)
         run_dir = out / "run"
         resume_run = "latest" if (run_dir / "checkpoints").is_dir() else None
-        train(config, teacher=tgt.teacher, dataset=dataset, callback=callback, **{
+        train(config, teacher=train_teacher, dataset=dataset, callback=callback, **{
             **train_overrides, "max_steps": step, "output_dir": str(run_dir), "resume": resume_run,
             "student_init": str(out / "init"), "checkpoint_every": check_every, "save_pipeline": False,
             "save_delta": True, "validation_every": 0, "progress": progress,
         })
         row = evaluate_teacher(TeacherEvalConfig(
-            teacher=tgt.teacher, perflow=str(run_dir), steps=(4,), baselines=(), num_samples=num_samples,
-            reference_steps=reference_steps, **{k: v for k, v in eval_kwargs.items() if k in _EVAL_KEYS}),
-            progress=False).rows
+            teacher=tgt.teacher, perflow=_adapted_student(tgt, run_dir) if controlled else str(run_dir), steps=(4,),
+            baselines=(), num_samples=num_samples, reference_steps=reference_steps, control_images=tgt.control_images,
+            **{k: v for k, v in eval_kwargs.items() if k in _EVAL_KEYS}), progress=False).rows
         mse = next(r["paired_mse"] for r in row if r["kind"] == "perflow")
         checks.append({"step": step, "paired_mse": mse, "beats": mse < state["baseline"]["paired_mse"]})
         state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - started
@@ -154,6 +182,25 @@ def adapt_delta(
     return AdaptResult(output_dir=out, delta=(out / "run" / "delta.safetensors") if steps else None, steps=steps,
                        reached=checks[-1]["beats"], baseline=state["baseline"], checks=checks,
                        seconds=state.get("seconds", 0.0))
+
+
+def conditions_dataset(teacher: Any, labels: list[int] | None = None, prompts: list[str] | None = None,
+                       resolution: int | None = None, controls: Any = None, size: int = 1024) -> Any:
+    """The training items of a data-free run on ``teacher``: zero images at its resolution (``resolution`` or its
+    own) with the conditions the evaluation samples (:func:`perflow.evaluation.teacher_eval.sample_conditions`:
+    ``labels`` cycled, all classes by default; ``prompts`` cycled, required for a text teacher; none for an
+    unconditional one), and a ControlNet target's control images ``controls`` cycled alongside, ``size`` items
+    (:class:`perflow.training.data.ConditionsDataset`)."""
+    from perflow.evaluation.teacher_eval import TeacherEvalConfig, conditioning, sample_conditions
+
+    from .data import ConditionsDataset
+    from .loop import image_channels
+
+    conds = sample_conditions(teacher, TeacherEvalConfig(teacher=teacher, labels=labels, prompts=prompts, num_samples=size))
+    kind = conditioning(teacher)
+    return ConditionsDataset(size, image_channels(teacher), teacher.resolution(resolution, "--resolution"),
+                             labels=conds if kind == "class" else None, captions=conds if kind == "text" else None,
+                             controls=controls)
 
 
 def delta_windows(meta: dict) -> dict:
@@ -223,16 +270,27 @@ def _describe(thing: Any) -> str:
     return str(getattr(thing, "name", type(thing).__name__))
 
 
+def _adapted_student(target, run_dir: Path):
+    """The run's student as the target runs it: target + the run's delta (a ControlNet target's UNet, the
+    ControlNet unchanged), sampled with the run's PeRFlow scheduler."""
+    from perflow.delta import load_delta
+    from perflow.evaluation.transfer import accelerated_student
+
+    return accelerated_student(target, *load_delta(run_dir / "delta.safetensors"))
+
+
 def _save_init(target, delta: dict, meta: dict, folder: Path, scale: float = 1.0) -> None:
-    """``folder``: a diffusers UNet folder of target + ``scale`` delta (the student's start), written atomically."""
+    """``folder``: a diffusers UNet folder of target + ``scale`` delta (the student's start), written atomically
+    (a ControlNet target's UNet: the ControlNet is not trained)."""
     import copy
 
     from perflow.delta import merge_delta
     from perflow.io import atomic_folder
+    from perflow.targets import base_unet
 
-    unet = merge_delta(copy.deepcopy(target.teacher.unet), delta, scale=scale, metadata=meta)
+    unet = merge_delta(copy.deepcopy(base_unet(target.teacher.unet)), delta, scale=scale, metadata=meta)
     with atomic_folder(folder, overwrite=True) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
 
 
-__all__ = ["AdaptResult", "adapt_delta", "STATE_FILE"]
+__all__ = ["AdaptResult", "adapt_delta", "conditions_dataset", "STATE_FILE"]

@@ -369,6 +369,36 @@ class TarShardDataset(_ImageDataset):
         return item
 
 
+class ConditionsDataset(Dataset):
+    """Training items without images, for data-free PeRFlow (every window starting at the student's own sampler
+    state, ``perflow.student_starts 1``, which reads no ``x0``): ``pixel_values`` zeros ``(C, H, W)`` and the
+    conditions cycled over ``size`` items: ``label`` from ``labels``, ``caption`` from ``captions``, or neither
+    (an unconditional teacher), and ``control_image`` from ``controls`` ``(M, C, H, W)`` (a ControlNet target;
+    item ``i`` takes row ``i mod M``, as the evaluation cycles them)."""
+
+    def __init__(self, size: int, channels: int, resolution: int, labels: list[int] | None = None,
+                 captions: list[str] | None = None, controls: torch.Tensor | None = None):
+        if labels is not None and captions is not None:
+            raise ValueError("give class labels or captions, not both")
+        if size < 1 or (labels is not None and not labels) or (captions is not None and not captions):
+            raise ValueError("a conditions dataset needs at least one item and one label or caption to cycle")
+        self.size, self.shape = int(size), (int(channels), int(resolution), int(resolution))
+        self.labels, self.captions, self.controls = labels, captions, controls
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"pixel_values": torch.zeros(self.shape)}
+        if self.labels is not None:
+            item["label"] = int(self.labels[index % len(self.labels)])
+        if self.captions is not None:
+            item["caption"] = str(self.captions[index % len(self.captions)])
+        if self.controls is not None:
+            item["control_image"] = self.controls[index % self.controls.shape[0]]
+        return item
+
+
 class _DropEpoch(Dataset):
     """Adapts a plain map-style dataset to the ``(index, epoch)`` keys of the sampler."""
 
@@ -442,6 +472,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         batch["bad_images"] = bad
     if all("label" in i for i in items):
         batch["label"] = torch.as_tensor([int(i["label"]) for i in items], dtype=torch.long)
+    if all("control_image" in i for i in items):  # a ControlNet target's conditioning images (C, H, W)
+        batch["control_image"] = torch.stack([torch.as_tensor(i["control_image"]) for i in items]).float()
     for key in ("original_size", "crop_top_left"):
         if all(key in i for i in items):
             batch[key] = torch.as_tensor([tuple(i[key]) for i in items], dtype=torch.long)  # (B, 2)
