@@ -6,13 +6,16 @@ Derived models ("variants") of the built-in digits teacher, each made here:
 - full fine-tunes on thick-stroke digits of increasing strength (``--strengths`` steps:lr), with the
   relative size ``||variant - teacher|| / ||delta||`` of each;
 - a diffusers ``ControlNetModel`` trained on the teacher (frozen) with a low-resolution (4x4, nearest
-  upsampled) version of the digit as its conditioning image, used with the accelerated UNet.
+  upsampled) version of the digit as its conditioning image, used with the accelerated UNet; and the same
+  ControlNet on the first LoRA at full strength (a style LoRA and a ControlNet together, as users combine them).
 
 For each, :func:`perflow.evaluation.transfer.transfer_report` (``perflow delta report``): target + delta
 with the PeRFlow scheduler at 4 and 8 steps against the target's own DDIM / DPM-Solver++ / UniPC (best
 timestep spacing) at the same evaluations, all against the target's own 100-step DDIM output from the same
 noise and labels; then :func:`perflow.training.adapt.adapt_delta` (``perflow delta adapt``) with a budget of
-``--adapt-fraction`` of the original PeRFlow run's steps, on the variant's own style of data. The full
+``--adapt-fraction`` of the original PeRFlow run's steps, on the variant's own style of data (``--adapt-data own``)
+or without images (``--adapt-data free``, ``perflow delta adapt --data-free``; a ControlNet target always adapts
+data-free, on its control images). The full
 report is also written for the 400-step thick-stroke variant (the one of ``plug_and_play.py``) before
 and after adaptation.
 
@@ -129,6 +132,12 @@ def make_variants(teacher, args, delta: dict) -> list[dict]:
         out.append({"name": name, "kind": "controlnet", "teacher": ct, "rel_size": None, "control_images": low_res(test),
                     "labels": [int(y) for y in test_labels], "final_loss": sum(losses[-50:]) / len(losses[-50:]),
                     "seconds": time.time() - t0, "style": "thin"})
+        lora = next((v for v in out if v["kind"] == "lora" and ", scale" not in v["name"]), None)
+        if lora is not None:  # the style LoRA at full strength with the ControlNet
+            both = copy.copy(lora["teacher"])
+            both.unet = ControlledUNet(lora["teacher"].unet, cn).eval()
+            out.append({**out[-1], "name": f"{lora['name']} + the ControlNet", "teacher": both,
+                        "rel_size": lora["rel_size"], "seconds": 0.0, "style": "thick"})
     return out
 
 
@@ -171,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapt-fraction", type=float, default=0.1, help="adaptation budget, a fraction of the run's steps")
     p.add_argument("--check-every", type=int, default=20)
     p.add_argument("--adapt-samples", type=int, default=128, help="samples of each adaptation check")
+    p.add_argument("--adapt-data", choices=("own", "free"), default="own",
+                   help="adaptation's training states: the variant's own style of digits, or data-free (no images: "
+                        "perflow delta adapt --data-free); ControlNet targets always adapt data-free")
     p.add_argument("--no-adapt", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -214,15 +226,17 @@ def main(argv: list[str] | None = None) -> int:
         if v["name"] == thick_reference:
             rec["report_before"] = report.to_json_dict()
             write_bytes(Path(args.out + "_thick_before.png"), (work / f"report-{len(records)}" / "transfer_grid.png").read_bytes())
-        if not args.no_adapt and v["kind"] not in ("controlnet", "teacher"):
+        if not args.no_adapt and v["kind"] != "teacher":
             t0 = time.time()
+            free = args.adapt_data == "free" or v["kind"] == "controlnet"
             res = adapt_delta((delta, meta), target, work / f"adapt-{len(records)}", config=recipe,
                               budget_steps=adapt_steps, check_every=args.check_every, num_samples=args.adapt_samples,
-                              dataset=thick_dataset() if v["style"] == "thick" else None,
-                              eval_kwargs={"classifier": str(WEIGHTS_DIR), "seed": args.seed}, progress=False,
-                              tracker="none")
+                              dataset=thick_dataset() if v["style"] == "thick" and not free else None, data_free=free,
+                              eval_kwargs={"classifier": str(WEIGHTS_DIR), "seed": args.seed,
+                                           **({"labels": labels} if labels else {})},
+                              progress=False, tracker="none")
             first = next((c for c in res.checks if c["beats"]), None)
-            rec["adapt"] = {"budget_steps": adapt_steps, "checks": res.checks, "baseline": res.baseline, "reached": res.reached,
+            rec["adapt"] = {"budget_steps": adapt_steps, "data_free": free, "checks": res.checks, "baseline": res.baseline, "reached": res.reached,
                             "steps_to_reach": None if first is None else first["step"],
                             "fraction_of_original": None if first is None else first["step"] / budget,
                             "seconds": round(time.time() - t0, 1)}
@@ -235,8 +249,6 @@ def main(argv: list[str] | None = None) -> int:
                 rec["report_after"] = after.to_json_dict()
                 rec["after"] = summarise(after)
                 write_bytes(Path(args.out + "_thick_after.png"), (work / "report-thick-after" / "transfer_grid.png").read_bytes())
-        elif v["kind"] == "controlnet":
-            rec["adapt"] = {"not_run": "adaptation of a ControlNet target is not supported (perflow delta adapt refuses it)"}
         records.append(rec)
         print(f"{v['name']}: {rec['verdict']}", flush=True)
 
@@ -247,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                   "recipe": {**recipe["training"], **{k: recipe["perflow"].get(k, RECIPE_FLAGS[k]) for k in
                                                       ("solver_step_allocation", "last_window_fraction", "student_starts")}}},
         "out": args.out, "num_samples": args.num_samples, "adapt_budget_steps": None if args.no_adapt else adapt_steps,
+        "adapt_data": args.adapt_data,
         "check_every": args.check_every,
         "adapt_samples": args.adapt_samples, "threads": args.threads,
         "torch": torch.__version__, "seconds": round(time.time() - t_start, 1), "variants": records,
@@ -280,7 +293,10 @@ def markdown(r: dict) -> str:
         + ("" if r["adapt_budget_steps"] is None else
            f", and `perflow delta adapt` with a budget of {r['adapt_budget_steps']} PeRFlow steps "
            f"({100 * r['adapt_budget_steps'] / r['delta']['steps']:.0f} % of the original run), checked every "
-           f"{r['check_every']} steps on {r['adapt_samples']} samples, trained on the variant's own style of digits")
+           f"{r['check_every']} steps on {r['adapt_samples']} samples, "
+           + ("data-free (`--data-free`: every window starting at the student's own sampler state, no images)"
+              if r.get("adapt_data") == "free" else "trained on the variant's own style of digits")
+           + " (a ControlNet target data-free, on its control images)")
         + ". LoRA rows with a scale: the LoRA at that scale (W + s B A). "
         "`best own` = the variant's best of DDIM / DPM-Solver++ / UniPC at that number of evaluations, each at its best "
         "timestep spacing (chosen on the same samples, which favours them). MSE = paired MSE to the reference; "
@@ -296,7 +312,7 @@ def markdown(r: dict) -> str:
             adapt = "-"
         elif r["adapt_budget_steps"] is None:
             adapt = "not run (--no-adapt)"
-        elif "not_run" in a:
+        elif "not_run" in a:  # results written before ControlNet targets could be adapted
             adapt = "not run (ControlNet adaptation not supported)"
         elif v["transfers"]:
             adapt = "0 (not needed)"
